@@ -1,0 +1,907 @@
+//! The configuration file: its YAML shape, and validation into [`Config`].
+//!
+//! Parsing and validation are pure: they take the file's text and a way to
+//! ask whether an interface exists, and return a [`Config`] or one
+//! [`ConfigError`] that names the file, the field and the fix. Nothing is
+//! attached or written before a configuration has passed here, and a reload
+//! that fails here leaves the running configuration as it was.
+//!
+//! ```yaml
+//! interfaces:
+//!   - name: eth0            # where client traffic enters the node
+//!     mode: auto            # auto | xdp | tc
+//! conntrack:
+//!   connections: 262144     # connections tracked (LRU)
+//! services:
+//!   - name: web
+//!     vip: 10.0.0.100:80    # virtual IPv4 address and TCP port
+//!     affinity: client      # client | connection
+//!     canary_weight: 10     # percent of new clients sent to the canary
+//!     stable:
+//!       backends: [10.0.2.1:8080, 10.0.2.2:8080]
+//!     canary:
+//!       backends: [10.0.3.1:8080]
+//!     segments:             # client CIDRs pinned to a group, whatever the weight
+//!       - cidr: 10.1.5.0/24
+//!         group: canary
+//! ```
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    str::FromStr,
+};
+
+use kanari_common::maps::{
+    BASIS_POINTS, DEFAULT_CONNTRACK_CONNECTIONS, Group, MAX_BACKENDS_PER_GROUP, MAX_SEGMENTS,
+    MAX_SERVICES,
+};
+use serde::Deserialize;
+
+/// Bounds of `conntrack.connections`.
+pub const MIN_CONNTRACK_CONNECTIONS: u32 = 1024;
+pub const MAX_CONNTRACK_CONNECTIONS: u32 = 16 * 1024 * 1024;
+
+/// A configuration that passed validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub interfaces: Vec<Interface>,
+    pub conntrack_connections: u32,
+    pub services: Vec<Service>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub mode: AttachMode,
+}
+
+/// How the ingress program is attached to an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// XDP in the driver where the interface supports it, else TC.
+    #[default]
+    Auto,
+    /// XDP in the driver; an error where the interface does not support it.
+    Xdp,
+    /// TC ingress (tcx on kernels >= 6.6, clsact before).
+    Tc,
+}
+
+/// What a new connection's group is decided by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    /// The client address: a client sees one version across connections.
+    #[default]
+    Client,
+    /// The connection's 5-tuple: finer split, no per-client consistency.
+    Connection,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub vip: SocketAddrV4,
+    pub affinity: Affinity,
+    /// Basis points, 0..=10000.
+    pub canary_weight: u32,
+    pub salt: u32,
+    pub stable: Vec<SocketAddrV4>,
+    pub canary: Vec<SocketAddrV4>,
+    pub segments: Vec<SegmentRule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentRule {
+    pub cidr: Cidr,
+    pub group: Group,
+}
+
+/// An IPv4 prefix with no host bits set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = prefix_mask(self.prefix_len);
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+}
+
+fn prefix_mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - len as u32)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = s.split_once('/').ok_or_else(|| {
+            format!("`{s}` is not a CIDR; expected ADDRESS/PREFIX, e.g. 10.1.5.0/24")
+        })?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| {
+            format!("`{addr}` in `{s}` is not an IPv4 address; expected e.g. 10.1.5.0/24")
+        })?;
+        let prefix_len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("prefix length `{len}` in `{s}` must be 0 to 32"))?;
+        let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
+        if net != addr {
+            return Err(format!("`{s}` has host bits set; write {net}/{prefix_len}"));
+        }
+        Ok(Cidr { addr, prefix_len })
+    }
+}
+
+/// A configuration that cannot be used, with where and how to fix it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {field}: {message}")]
+pub struct ConfigError {
+    /// The file, with `:line:column` when the parser knows it.
+    pub file: String,
+    /// The field, as a path from the top (`services[0].vip`), or `(file)`.
+    pub field: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+// ---- The file as written --------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    interfaces: Vec<RawInterface>,
+    #[serde(default)]
+    conntrack: RawConntrack,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    name: String,
+    #[serde(default)]
+    mode: AttachMode,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConntrack {
+    #[serde(default = "default_conntrack")]
+    connections: u32,
+}
+
+impl Default for RawConntrack {
+    fn default() -> Self {
+        Self {
+            connections: default_conntrack(),
+        }
+    }
+}
+
+fn default_conntrack() -> u32 {
+    DEFAULT_CONNTRACK_CONNECTIONS
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    vip: Endpoint,
+    #[serde(default)]
+    affinity: Affinity,
+    #[serde(default)]
+    canary_weight: Weight,
+    #[serde(default)]
+    salt: Option<u32>,
+    stable: RawGroup,
+    #[serde(default)]
+    canary: RawGroup,
+    #[serde(default)]
+    segments: Vec<RawSegment>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    #[serde(default)]
+    backends: Vec<Endpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSegment {
+    cidr: CidrField,
+    group: GroupField,
+}
+
+/// `IPv4:port`, with errors that say which half is wrong.
+#[derive(Clone, Copy)]
+struct Endpoint(SocketAddrV4);
+
+impl<'de> Deserialize<'de> for Endpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_endpoint(&s)
+            .map(Endpoint)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse_endpoint(s: &str) -> Result<SocketAddrV4, String> {
+    if let Ok(sa) = s.parse::<SocketAddrV4>() {
+        if sa.port() == 0 {
+            return Err(format!("`{s}` has port 0; expected a port from 1 to 65535"));
+        }
+        return Ok(sa);
+    }
+    if s.parse::<Ipv4Addr>().is_ok() {
+        return Err(format!(
+            "`{s}` has no port; expected IPv4:port, e.g. {s}:80"
+        ));
+    }
+    match s.rsplit_once(':') {
+        Some((ip, port)) if ip.parse::<Ipv4Addr>().is_ok() => Err(format!(
+            "`{port}` in `{s}` is not a port; expected 1 to 65535"
+        )),
+        Some((ip, _)) => Err(format!(
+            "`{ip}` in `{s}` is not an IPv4 address; expected e.g. 10.0.0.100:80"
+        )),
+        None => Err(format!(
+            "`{s}` is not an IPv4 address and port; expected e.g. 10.0.0.100:80"
+        )),
+    }
+}
+
+/// A percentage: `10`, `0.5`, `"12.5%"`. Stored in basis points.
+#[derive(Clone, Copy, Default)]
+struct Weight(u32);
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let percent = match Raw::deserialize(d)? {
+            Raw::Number(n) => n,
+            Raw::Text(t) => t.trim().trim_end_matches('%').trim().parse::<f64>().map_err(|_| {
+                serde::de::Error::custom(format!("`{t}` is not a percentage; expected a number from 0 to 100, e.g. 10 or \"12.5%\""))
+            })?,
+        };
+        percent_to_basis_points(percent)
+            .map(Weight)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Converts a percentage to basis points: 0 to 100, at most two decimals.
+pub fn percent_to_basis_points(percent: f64) -> Result<u32, String> {
+    if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
+        return Err(format!("{percent} is outside 0 to 100 (percent)"));
+    }
+    let bp = percent * 100.0;
+    if (bp - bp.round()).abs() > 1e-6 {
+        return Err(format!(
+            "{percent} has more than two decimals; the split is in steps of 0.01 %"
+        ));
+    }
+    Ok(bp.round() as u32)
+}
+
+struct CidrField(Cidr);
+
+impl<'de> Deserialize<'de> for CidrField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(CidrField).map_err(serde::de::Error::custom)
+    }
+}
+
+struct GroupField(Group);
+
+impl<'de> Deserialize<'de> for GroupField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "stable" => Ok(GroupField(Group::Stable)),
+            "canary" => Ok(GroupField(Group::Canary)),
+            _ => Err(serde::de::Error::custom(format!(
+                "`{s}` is not a group; expected `stable` or `canary`"
+            ))),
+        }
+    }
+}
+
+// ---- Loading and validation -----------------------------------------------------------------
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path, interface_exists: &dyn Fn(&str) -> bool) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        field: "(file)".into(),
+        message: format!("cannot read it: {e}"),
+    })?;
+    parse(&file, &text, interface_exists)
+}
+
+/// Parses and validates a configuration's text; `file` names it in errors.
+pub fn parse(
+    file: &str,
+    text: &str,
+    interface_exists: &dyn Fn(&str) -> bool,
+) -> Result<Config, ConfigError> {
+    let raw: RawConfig = {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = match e.path().to_string() {
+                p if p == "." => "(top level)".to_string(),
+                p => p,
+            };
+            let inner = e.into_inner();
+            let file = match inner.location() {
+                Some(l) => format!("{file}:{}:{}", l.line(), l.column()),
+                None => file.to_string(),
+            };
+            ConfigError {
+                file,
+                field,
+                message: yaml_message(&inner),
+            }
+        })?
+    };
+    validate(raw, interface_exists).map_err(|(field, message)| ConfigError {
+        file: file.to_string(),
+        field,
+        message,
+    })
+}
+
+/// The parser's message without the location it appends (the location goes in the file part).
+fn yaml_message(e: &serde_yaml_ng::Error) -> String {
+    let msg = e.to_string();
+    let msg = match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg,
+    };
+    // serde_yaml_ng prefixes its own path ("services[0]: ..."); ours is more complete.
+    match msg.split_once(": ") {
+        Some((head, rest)) if !head.contains(' ') && (head.contains('.') || head.contains('[')) => {
+            rest.to_string()
+        }
+        _ => msg,
+    }
+}
+
+type FieldError = (String, String);
+
+fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, FieldError> {
+    Err((field.into(), message.into()))
+}
+
+/// The salt of a service without one in the file: FNV-1a of its name, so a
+/// restart or a reload keeps every client in its group.
+pub fn default_salt(name: &str) -> u32 {
+    name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    })
+}
+
+fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<Config, FieldError> {
+    if raw.interfaces.is_empty() {
+        return err(
+            "interfaces",
+            "at least one interface is required: the one where client traffic enters, e.g. `- name: eth0`",
+        );
+    }
+    let mut names = BTreeSet::new();
+    let mut interfaces = Vec::new();
+    for (i, it) in raw.interfaces.into_iter().enumerate() {
+        let field = format!("interfaces[{i}].name");
+        if it.name.is_empty()
+            || it.name.len() > 15
+            || it.name.contains('/')
+            || it.name.contains(char::is_whitespace)
+        {
+            return err(
+                field,
+                format!(
+                    "`{}` is not an interface name (1 to 15 characters, no `/` or spaces)",
+                    it.name
+                ),
+            );
+        }
+        if !names.insert(it.name.clone()) {
+            return err(
+                field,
+                format!(
+                    "interface `{}` is listed twice; list each interface once",
+                    it.name
+                ),
+            );
+        }
+        if !interface_exists(&it.name) {
+            return err(
+                field,
+                format!(
+                    "interface `{}` does not exist on this host; `ip link` lists the interfaces",
+                    it.name
+                ),
+            );
+        }
+        interfaces.push(Interface {
+            name: it.name,
+            mode: it.mode,
+        });
+    }
+
+    let connections = raw.conntrack.connections;
+    if !(MIN_CONNTRACK_CONNECTIONS..=MAX_CONNTRACK_CONNECTIONS).contains(&connections) {
+        return err(
+            "conntrack.connections",
+            format!(
+                "{connections} is outside {MIN_CONNTRACK_CONNECTIONS} to {MAX_CONNTRACK_CONNECTIONS}"
+            ),
+        );
+    }
+
+    if raw.services.len() > MAX_SERVICES as usize {
+        return err(
+            "services",
+            format!(
+                "{} services; at most {MAX_SERVICES} are supported",
+                raw.services.len()
+            ),
+        );
+    }
+    let mut service_names = BTreeMap::new();
+    let mut vips = BTreeMap::new();
+    let mut services = Vec::new();
+    let mut segments_total = 0usize;
+    for (i, s) in raw.services.into_iter().enumerate() {
+        let at = |f: &str| format!("services[{i}].{f}");
+        if s.name.is_empty()
+            || s.name.len() > 63
+            || !s
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return err(
+                at("name"),
+                format!(
+                    "`{}` is not a service name: 1 to 63 of a-z, A-Z, 0-9, `-`, `_`, `.`",
+                    s.name
+                ),
+            );
+        }
+        if let Some(j) = service_names.insert(s.name.clone(), i) {
+            return err(
+                at("name"),
+                format!(
+                    "`{}` is also the name of services[{j}]; names must be unique",
+                    s.name
+                ),
+            );
+        }
+        let vip = s.vip.0;
+        if let Some(j) = vips.insert(vip, i) {
+            return err(
+                at("vip"),
+                format!("{vip} is also the VIP of services[{j}]; each VIP:port is one service"),
+            );
+        }
+        let stable: Vec<_> = s.stable.backends.iter().map(|e| e.0).collect();
+        let canary: Vec<_> = s.canary.backends.iter().map(|e| e.0).collect();
+        if stable.is_empty() {
+            return err(
+                at("stable.backends"),
+                "at least one stable backend is required",
+            );
+        }
+        for (group, list) in [("stable", &stable), ("canary", &canary)] {
+            if list.len() > MAX_BACKENDS_PER_GROUP {
+                return err(
+                    at(&format!("{group}.backends")),
+                    format!(
+                        "{} backends; at most {MAX_BACKENDS_PER_GROUP} per group",
+                        list.len()
+                    ),
+                );
+            }
+            let mut seen = BTreeSet::new();
+            for (k, b) in list.iter().enumerate() {
+                if !seen.insert(*b) {
+                    return err(
+                        at(&format!("{group}.backends[{k}]")),
+                        format!("{b} is listed twice"),
+                    );
+                }
+                if *b == vip {
+                    return err(
+                        at(&format!("{group}.backends[{k}]")),
+                        format!(
+                            "{b} is the service's own VIP; a backend must be a different address or port"
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(k) = canary.iter().position(|b| stable.contains(b)) {
+            return err(
+                at(&format!("canary.backends[{k}]")),
+                format!(
+                    "{} is also a stable backend; a backend belongs to one group",
+                    canary[k]
+                ),
+            );
+        }
+        let weight = s.canary_weight.0;
+        if weight > 0 && canary.is_empty() {
+            return err(
+                at("canary_weight"),
+                format!(
+                    "{}% for the canary, but canary.backends is empty; add canary backends or set 0",
+                    weight as f64 / 100.0
+                ),
+            );
+        }
+        let mut segments: Vec<SegmentRule> = Vec::new();
+        for (k, seg) in s.segments.iter().enumerate() {
+            let rule = SegmentRule {
+                cidr: seg.cidr.0,
+                group: seg.group.0,
+            };
+            if let Some(j) = segments.iter().position(|r| r.cidr == rule.cidr) {
+                return err(
+                    at(&format!("segments[{k}].cidr")),
+                    format!("{} is also segments[{j}]", rule.cidr),
+                );
+            }
+            if rule.group == Group::Canary && canary.is_empty() {
+                return err(
+                    at(&format!("segments[{k}].group")),
+                    format!(
+                        "{} is pinned to the canary, but canary.backends is empty",
+                        rule.cidr
+                    ),
+                );
+            }
+            segments.push(rule);
+        }
+        segments_total += segments.len();
+        if segments_total > MAX_SEGMENTS as usize {
+            return err(
+                at("segments"),
+                format!("more than {MAX_SEGMENTS} segments over all services"),
+            );
+        }
+        debug_assert!(weight <= BASIS_POINTS);
+        services.push(Service {
+            salt: s.salt.unwrap_or_else(|| default_salt(&s.name)),
+            name: s.name,
+            vip,
+            affinity: s.affinity,
+            canary_weight: weight,
+            stable,
+            canary,
+            segments,
+        });
+    }
+    Ok(Config {
+        interfaces,
+        conntrack_connections: connections,
+        services,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interfaces:
+  - name: eth0
+  - name: eth1
+    mode: tc
+conntrack:
+  connections: 65536
+services:
+  - name: web
+    vip: 10.0.0.100:80
+    canary_weight: 12.5
+    stable:
+      backends: [10.0.2.1:8080, 10.0.2.2:8080]
+    canary:
+      backends: [10.0.3.1:8080]
+    segments:
+      - cidr: 10.1.5.0/24
+        group: canary
+  - name: api
+    vip: 10.0.0.101:443
+    affinity: connection
+    canary_weight: "5%"
+    salt: 7
+    stable:
+      backends: [10.0.2.1:8443]
+    canary:
+      backends: [10.0.3.1:8443]
+"#;
+
+    fn exists(name: &str) -> bool {
+        name.starts_with("eth")
+    }
+
+    fn parse_err(text: &str) -> ConfigError {
+        parse("k.yaml", text, &exists).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults_filled_in() {
+        let c = parse("k.yaml", GOOD, &exists).unwrap();
+        assert_eq!(c.conntrack_connections, 65536);
+        assert_eq!(c.interfaces[0].mode, AttachMode::Auto);
+        assert_eq!(c.interfaces[1].mode, AttachMode::Tc);
+        let web = &c.services[0];
+        assert_eq!(web.canary_weight, 1250);
+        assert_eq!(web.affinity, Affinity::Client);
+        assert_eq!(web.salt, default_salt("web"));
+        assert_eq!(web.segments[0].cidr.to_string(), "10.1.5.0/24");
+        assert_eq!(web.segments[0].group, Group::Canary);
+        let api = &c.services[1];
+        assert_eq!(api.canary_weight, 500);
+        assert_eq!(api.salt, 7);
+        assert_eq!(api.affinity, Affinity::Connection);
+        assert_eq!(api.canary.len(), 1);
+    }
+
+    #[test]
+    fn default_conntrack_size() {
+        let c = parse("k.yaml", "interfaces: [{name: eth0}]\n", &exists).unwrap();
+        assert_eq!(c.conntrack_connections, DEFAULT_CONNTRACK_CONNECTIONS);
+        assert!(c.services.is_empty());
+    }
+
+    /// Each bad input gives one error naming the field and saying what is expected.
+    #[test]
+    fn bad_inputs_name_the_field_and_the_fix() {
+        let svc = |extra: &str| {
+            format!(
+                "interfaces: [{{name: eth0}}]\nservices:\n  - name: web\n    vip: 10.0.0.100:80\n    stable: {{backends: [10.0.2.1:8080]}}\n{extra}"
+            )
+        };
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                "interfaces: [name: eth0\n".into(),
+                "interfaces",
+                "expected ',' or ']'",
+            ),
+            (
+                "interfaces: [{name: eth0, speed: 10}]\n".into(),
+                "interfaces[0].speed",
+                "unknown field `speed`",
+            ),
+            (
+                "interfaces: [{name: eth0, mode: ebpf}]\n".into(),
+                "interfaces[0].mode",
+                "unknown variant `ebpf`",
+            ),
+            (
+                "interfaces: []\n".into(),
+                "interfaces",
+                "at least one interface",
+            ),
+            (
+                "interfaces: [{name: wlan9}]\n".into(),
+                "interfaces[0].name",
+                "does not exist",
+            ),
+            (
+                "interfaces: [{name: eth0}, {name: eth0}]\n".into(),
+                "interfaces[1].name",
+                "listed twice",
+            ),
+            (
+                "interfaces: [{name: eth0}]\nconntrack: {connections: 10}\n".into(),
+                "conntrack.connections",
+                "outside",
+            ),
+            (
+                svc("").replace("10.0.0.100:80", "10.0.0.100"),
+                "services[0].vip",
+                "has no port",
+            ),
+            (
+                svc("").replace("10.0.0.100:80", "10.0.0.300:80"),
+                "services[0].vip",
+                "not an IPv4 address",
+            ),
+            (
+                svc("").replace("10.0.0.100:80", "10.0.0.100:http"),
+                "services[0].vip",
+                "not a port",
+            ),
+            (
+                svc("").replace("10.0.2.1:8080", "backend-1:8080"),
+                "services[0].stable.backends[0]",
+                "not an IPv4 address",
+            ),
+            (
+                svc("").replace("10.0.2.1:8080", "fd00::1:8080"),
+                "services[0].stable.backends[0]",
+                "not an IPv4 address",
+            ),
+            (
+                svc("    canary_weight: 101\n    canary: {backends: [10.0.3.1:80]}\n"),
+                "services[0].canary_weight",
+                "outside 0 to 100",
+            ),
+            (
+                svc("    canary_weight: -1\n    canary: {backends: [10.0.3.1:80]}\n"),
+                "services[0].canary_weight",
+                "outside 0 to 100",
+            ),
+            (
+                svc("    canary_weight: 1.234\n    canary: {backends: [10.0.3.1:80]}\n"),
+                "services[0].canary_weight",
+                "two decimals",
+            ),
+            (
+                svc("    canary_weight: lots\n"),
+                "services[0].canary_weight",
+                "not a percentage",
+            ),
+            (
+                svc("    canary_weight: 10\n"),
+                "services[0].canary_weight",
+                "canary.backends is empty",
+            ),
+            (
+                svc("    affinity: sticky\n"),
+                "services[0].affinity",
+                "unknown variant `sticky`",
+            ),
+            (
+                svc("    canary: {backends: [10.0.2.1:8080]}\n"),
+                "services[0].canary.backends[0]",
+                "also a stable backend",
+            ),
+            (
+                svc("").replace("[10.0.2.1:8080]", "[10.0.0.100:80]"),
+                "services[0].stable.backends[0]",
+                "own VIP",
+            ),
+            (
+                svc("").replace("[10.0.2.1:8080]", "[10.0.2.1:8080, 10.0.2.1:8080]"),
+                "services[0].stable.backends[1]",
+                "listed twice",
+            ),
+            (
+                svc("").replace("[10.0.2.1:8080]", "[]"),
+                "services[0].stable.backends",
+                "at least one stable backend",
+            ),
+            (
+                svc("    segments: [{cidr: 10.1.5.1/24, group: stable}]\n"),
+                "services[0].segments[0].cidr",
+                "write 10.1.5.0/24",
+            ),
+            (
+                svc("    segments: [{cidr: 10.1.5.0/33, group: stable}]\n"),
+                "services[0].segments[0].cidr",
+                "0 to 32",
+            ),
+            (
+                svc("    segments: [{cidr: 10.1.5.0, group: stable}]\n"),
+                "services[0].segments[0].cidr",
+                "not a CIDR",
+            ),
+            (
+                svc("    segments: [{cidr: 10.1.5.0/24, group: beta}]\n"),
+                "services[0].segments[0].group",
+                "`stable` or `canary`",
+            ),
+            (
+                svc("    segments: [{cidr: 10.1.5.0/24, group: canary}]\n"),
+                "services[0].segments[0].group",
+                "canary.backends is empty",
+            ),
+            (
+                svc(
+                    "    segments: [{cidr: 10.1.5.0/24, group: stable}, {cidr: 10.1.5.0/24, group: stable}]\n",
+                ),
+                "services[0].segments[1].cidr",
+                "also segments[0]",
+            ),
+            (
+                svc(
+                    "  - name: web\n    vip: 10.0.0.101:80\n    stable: {backends: [10.0.2.1:8080]}\n",
+                ),
+                "services[1].name",
+                "names must be unique",
+            ),
+            (
+                svc(
+                    "  - name: web2\n    vip: 10.0.0.100:80\n    stable: {backends: [10.0.2.1:8080]}\n",
+                ),
+                "services[1].vip",
+                "also the VIP of services[0]",
+            ),
+            (
+                svc("").replace("name: web", "name: \"web site\""),
+                "services[0].name",
+                "not a service name",
+            ),
+            (
+                "interfaces: [{name: eth0}]\nservices: [{name: web, vip: 10.0.0.1:80}]\n".into(),
+                "services[0]",
+                "missing field `stable`",
+            ),
+            (
+                "interfaces: [{name: eth0}]\nservces: []\n".into(),
+                "servces",
+                "unknown field `servces`",
+            ),
+        ];
+        for (text, field, needle) in cases {
+            let e = parse_err(&text);
+            assert_eq!(e.field, field, "for:\n{text}\ngot: {e}");
+            assert!(
+                e.message.contains(needle),
+                "for:\n{text}\nexpected `{needle}` in: {e}"
+            );
+            assert!(e.to_string().starts_with("k.yaml"), "{e}");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_carry_line_and_column() {
+        let e = parse_err("interfaces:\n  - name: eth0\n   mode: [\n");
+        assert!(e.file.starts_with("k.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn percentages_convert_to_basis_points() {
+        assert_eq!(percent_to_basis_points(0.0), Ok(0));
+        assert_eq!(percent_to_basis_points(0.01), Ok(1));
+        assert_eq!(percent_to_basis_points(10.0), Ok(1000));
+        assert_eq!(percent_to_basis_points(33.33), Ok(3333));
+        assert_eq!(percent_to_basis_points(100.0), Ok(10000));
+        assert!(percent_to_basis_points(100.01).is_err());
+        assert!(percent_to_basis_points(f64::NAN).is_err());
+    }
+
+    #[test]
+    fn cidr_contains() {
+        let c: Cidr = "10.1.5.0/24".parse().unwrap();
+        assert!(c.contains(Ipv4Addr::new(10, 1, 5, 200)));
+        assert!(!c.contains(Ipv4Addr::new(10, 1, 6, 1)));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(192, 168, 1, 1)));
+    }
+}

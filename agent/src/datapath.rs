@@ -1,0 +1,302 @@
+//! The kernel side, seen from the agent: loads the eBPF object, attaches its
+//! programs to interfaces, and applies [`MapOp`]s to the maps.
+//!
+//! Everything this module attaches is owned by [`Datapath`]: dropping it
+//! detaches every program and frees every map (pinning for restart survival
+//! lives in [`crate::pins`] and comes later).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc::{self, SchedClassifierLinkId},
+        xdp::XdpLinkId,
+    },
+    util::KernelVersion,
+};
+use kanari_common::maps::{
+    BackendSet, Counter, CtEntry, FlowKey, Segment, SegmentKey, Service, ServiceKey, names,
+    programs,
+};
+
+use crate::{
+    config::{AttachMode, Interface},
+    plan::MapOp,
+};
+
+/// The eBPF object, built by `build.rs` from `bpf/ebpf`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kanari"));
+
+/// How the ingress path ended up attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// XDP in the driver, with TC ingress beside it for packets whose
+    /// checksum state only the skb knows.
+    Xdp,
+    /// TC ingress only.
+    Tc,
+}
+
+impl Attached {
+    pub fn name(self) -> &'static str {
+        match self {
+            Attached::Xdp => "xdp",
+            Attached::Tc => "tc",
+        }
+    }
+}
+
+struct Links {
+    mode: AttachMode,
+    attached: Attached,
+    xdp: Option<XdpLinkId>,
+    tc_ingress: SchedClassifierLinkId,
+    tc_egress: SchedClassifierLinkId,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    links: BTreeMap<String, Links>,
+}
+
+impl Datapath {
+    /// Loads the maps and programs into the kernel (nothing attached yet).
+    pub fn load(conntrack_connections: u32) -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!(
+                "this kanari binary carries no eBPF object (it was built with AYA_BUILD_SKIP=1); \
+                 rebuild it with `cargo xtask build`"
+            );
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::CONNTRACK, conntrack_connections.saturating_mul(2))
+            .load(OBJECT)
+            .context("loading the eBPF maps and programs into the kernel")?;
+        program::<Xdp>(&mut ebpf, programs::XDP_INGRESS)?
+            .load()
+            .with_context(|| format!("the kernel refused program {}", programs::XDP_INGRESS))?;
+        for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
+            let p: &mut SchedClassifier = program(&mut ebpf, name)?;
+            p.load()
+                .with_context(|| format!("the kernel refused program {name}"))?;
+        }
+        Ok(Self {
+            ebpf,
+            links: BTreeMap::new(),
+        })
+    }
+
+    /// The loaded object, for tests that run its programs with `BPF_PROG_TEST_RUN`.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Interfaces with programs attached, and how.
+    pub fn attached(&self) -> impl Iterator<Item = (&str, Attached)> {
+        self.links.iter().map(|(n, l)| (n.as_str(), l.attached))
+    }
+
+    /// Makes the attached interfaces exactly `wanted`: attaches new ones,
+    /// re-attaches those whose mode changed, detaches the rest. Returns how each
+    /// new attachment was made.
+    pub fn attach_all(&mut self, wanted: &[Interface]) -> Result<Vec<(String, Attached)>> {
+        let stale: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(name, l)| !wanted.iter().any(|w| &w.name == *name && w.mode == l.mode))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            self.detach(&name)?;
+        }
+        let mut made = Vec::new();
+        for it in wanted {
+            if !self.links.contains_key(&it.name) {
+                let attached = self.attach(it)?;
+                made.push((it.name.clone(), attached));
+            }
+        }
+        Ok(made)
+    }
+
+    fn attach(&mut self, it: &Interface) -> Result<Attached> {
+        let name = it.name.as_str();
+        if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+            // Before tcx, TC programs hang off a clsact qdisc.
+            if let Err(e) = tc::qdisc_add_clsact(name)
+                && !matches!(&e, tc::TcError::IoError(io) if io.kind() == std::io::ErrorKind::AlreadyExists)
+            {
+                return Err(e).with_context(|| format!("adding the clsact qdisc to {name}"));
+            }
+        }
+        let tc_ingress = program::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS)?
+            .attach(name, TcAttachType::Ingress)
+            .with_context(|| format!("attaching TC ingress to {name}"))?;
+        let tc_egress = match program::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS)?
+            .attach(name, TcAttachType::Egress)
+            .with_context(|| format!("attaching TC egress to {name}"))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = program::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS)?
+                    .detach(tc_ingress);
+                return Err(e);
+            }
+        };
+        let xdp = match it.mode {
+            AttachMode::Tc => None,
+            AttachMode::Xdp | AttachMode::Auto => {
+                match program::<Xdp>(&mut self.ebpf, programs::XDP_INGRESS)?
+                    .attach(name, XdpMode::Driver)
+                {
+                    Ok(l) => Some(l),
+                    Err(e) if it.mode == AttachMode::Auto => {
+                        tracing::info!(interface = name, error = %e, "no native XDP here; steering in TC");
+                        None
+                    }
+                    Err(e) => {
+                        let _ = program::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS)?
+                            .detach(tc_ingress);
+                        let _ = program::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS)?
+                            .detach(tc_egress);
+                        return Err(anyhow!(e)).with_context(|| {
+                            format!("attaching XDP in driver mode to {name} (mode: xdp); use `mode: tc` or `mode: auto` where the driver has no XDP")
+                        });
+                    }
+                }
+            }
+        };
+        let attached = if xdp.is_some() {
+            Attached::Xdp
+        } else {
+            Attached::Tc
+        };
+        self.links.insert(
+            it.name.clone(),
+            Links {
+                mode: it.mode,
+                attached,
+                xdp,
+                tc_ingress,
+                tc_egress,
+            },
+        );
+        Ok(attached)
+    }
+
+    /// Detaches kanari's programs from one interface.
+    pub fn detach(&mut self, name: &str) -> Result<()> {
+        let Some(l) = self.links.remove(name) else {
+            return Ok(());
+        };
+        if let Some(x) = l.xdp {
+            program::<Xdp>(&mut self.ebpf, programs::XDP_INGRESS)?
+                .detach(x)
+                .with_context(|| format!("detaching XDP from {name}"))?;
+        }
+        program::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS)?
+            .detach(l.tc_ingress)
+            .with_context(|| format!("detaching TC ingress from {name}"))?;
+        program::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS)?
+            .detach(l.tc_egress)
+            .with_context(|| format!("detaching TC egress from {name}"))?;
+        Ok(())
+    }
+
+    /// Applies map writes in order.
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
+        for op in ops {
+            match op {
+                MapOp::WriteBackendSet { slot, set } => {
+                    let mut m: Array<&mut MapData, BackendSet> =
+                        map_mut(&mut self.ebpf, names::BACKENDS)?;
+                    m.set(*slot, set.as_ref(), 0)
+                        .with_context(|| format!("writing backend set slot {slot}"))?;
+                }
+                MapOp::WriteService { key, value } => {
+                    let mut m: HashMap<&mut MapData, ServiceKey, Service> =
+                        map_mut(&mut self.ebpf, names::SERVICES)?;
+                    m.insert(key, value, 0).context("writing a service")?;
+                }
+                MapOp::DeleteService { key } => {
+                    let mut m: HashMap<&mut MapData, ServiceKey, Service> =
+                        map_mut(&mut self.ebpf, names::SERVICES)?;
+                    m.remove(key).context("removing a service")?;
+                }
+                MapOp::WriteSegment {
+                    key,
+                    prefix_len,
+                    group,
+                } => {
+                    let mut m: LpmTrie<&mut MapData, SegmentKey, Segment> =
+                        map_mut(&mut self.ebpf, names::SEGMENTS)?;
+                    m.insert(
+                        &Key::new(*prefix_len, *key),
+                        Segment {
+                            group: *group as u32,
+                        },
+                        0,
+                    )
+                    .context("writing a segment")?;
+                }
+                MapOp::DeleteSegment { key, prefix_len } => {
+                    let mut m: LpmTrie<&mut MapData, SegmentKey, Segment> =
+                        map_mut(&mut self.ebpf, names::SEGMENTS)?;
+                    m.remove(&Key::new(*prefix_len, *key))
+                        .context("removing a segment")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The data-path counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let m: PerCpuArray<&MapData, u64> = map(&self.ebpf, names::COUNTERS)?;
+        Counter::ALL
+            .iter()
+            .map(|c| Ok((*c, m.get(&(*c as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// Every conntrack entry (for tests and diagnostics; walks the whole map).
+    pub fn conntrack(&self) -> Result<Vec<(FlowKey, CtEntry)>> {
+        let m: HashMap<&MapData, FlowKey, CtEntry> = map(&self.ebpf, names::CONNTRACK)?;
+        m.iter().map(|r| r.context("reading conntrack")).collect()
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
+    p.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf
+        .map_mut(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
+    T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn map<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf
+        .map(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
+    T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}

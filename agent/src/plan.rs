@@ -1,0 +1,472 @@
+//! From a validated [`Config`] and what the maps hold now to the map writes
+//! that make them hold the configuration — pure, so its guarantees are tested
+//! on plain data:
+//!
+//! - a weight change is exactly one write (the service value);
+//! - a new backend list goes to the idle generation slot of its group first,
+//!   then the service value switches to it in one write: the kernel never
+//!   sees a half-written list;
+//! - service and backend ids stay the same across reloads while the service
+//!   (its VIP) and the backend stay in the configuration, whatever their order
+//!   in the file, so counters keep their meaning;
+//! - segments are written before the service flag that makes the kernel look
+//!   them up, and removed after it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
+
+use kanari_common::{
+    maps::{
+        Backend, BackendSet, Group, MAX_BACKENDS_PER_GROUP, MAX_SERVICES,
+        SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_SEGMENTS, SegmentKey, Service, ServiceKey,
+        backend_set_slot,
+    },
+    wire,
+};
+
+use crate::config::{Affinity, Cidr, Config};
+
+/// Backend ids are unique over all services: ids index per-backend counters.
+pub const MAX_BACKEND_IDS: u32 = MAX_SERVICES * 2 * MAX_BACKENDS_PER_GROUP as u32;
+
+/// One write to the kernel maps.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MapOp {
+    WriteBackendSet {
+        slot: u32,
+        set: Box<BackendSet>,
+    },
+    WriteService {
+        key: ServiceKey,
+        value: Service,
+    },
+    DeleteService {
+        key: ServiceKey,
+    },
+    WriteSegment {
+        key: SegmentKey,
+        prefix_len: u32,
+        group: Group,
+    },
+    DeleteSegment {
+        key: SegmentKey,
+        prefix_len: u32,
+    },
+}
+
+/// What the maps hold for one service, as last written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppliedService {
+    pub name: String,
+    pub key: ServiceKey,
+    pub value: Service,
+    /// The backends of each group in slot order, with their ids.
+    pub backends: [Vec<(SocketAddrV4, u32)>; 2],
+    /// The generation of each group's live slot.
+    pub generation: [u32; 2],
+    pub segments: BTreeMap<Cidr, Group>,
+}
+
+/// What the maps hold, as last written by [`plan`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Applied {
+    pub services: BTreeMap<SocketAddrV4, AppliedService>,
+}
+
+impl Applied {
+    fn service_ids(&self) -> BTreeSet<u32> {
+        self.services.values().map(|s| s.value.id).collect()
+    }
+
+    fn backend_ids(&self) -> BTreeMap<(SocketAddrV4, Group, SocketAddrV4), u32> {
+        let mut ids = BTreeMap::new();
+        for (vip, s) in &self.services {
+            for g in [Group::Stable, Group::Canary] {
+                for (b, id) in &s.backends[g as usize] {
+                    ids.insert((*vip, g, *b), *id);
+                }
+            }
+        }
+        ids
+    }
+
+    /// The service a VIP belongs to, and the group and id of a backend.
+    pub fn service(&self, vip: SocketAddrV4) -> Option<&AppliedService> {
+        self.services.get(&vip)
+    }
+}
+
+fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
+    (0..limit).find(|i| !used.contains(i))
+}
+
+fn segment_key(service_id: u32, cidr: Cidr) -> (SegmentKey, u32) {
+    (
+        SegmentKey::new(service_id, wire::addr(cidr.addr)),
+        SegmentKey::SERVICE_BITS + cidr.prefix_len as u32,
+    )
+}
+
+/// The writes that make the maps hold `config`, and what they will hold then.
+///
+/// Fails only when ids run out, which validation's limits prevent.
+pub fn plan(applied: &Applied, config: &Config) -> Result<(Vec<MapOp>, Applied), String> {
+    let mut ops = Vec::new();
+    let mut next = Applied::default();
+
+    // Ids of services and backends that stay keep their ids; the rest are free.
+    let wanted_vips: BTreeSet<_> = config.services.iter().map(|s| s.vip).collect();
+    let mut used_service_ids: BTreeSet<u32> = applied
+        .services
+        .iter()
+        .filter(|(vip, _)| wanted_vips.contains(vip))
+        .map(|(_, s)| s.value.id)
+        .collect();
+    let old_backend_ids = applied.backend_ids();
+    let wanted_backends: BTreeSet<_> = config
+        .services
+        .iter()
+        .flat_map(|s| {
+            let stable = s.stable.iter().map(move |b| (s.vip, Group::Stable, *b));
+            let canary = s.canary.iter().map(move |b| (s.vip, Group::Canary, *b));
+            stable.chain(canary)
+        })
+        .collect();
+    let mut used_backend_ids: BTreeSet<u32> = old_backend_ids
+        .iter()
+        .filter(|(k, _)| wanted_backends.contains(k))
+        .map(|(_, id)| *id)
+        .collect();
+    debug_assert!(used_service_ids.len() <= applied.service_ids().len());
+
+    for svc in &config.services {
+        let old = applied.services.get(&svc.vip);
+        let id = match old {
+            Some(o) => o.value.id,
+            None => {
+                let id =
+                    lowest_free(&used_service_ids, MAX_SERVICES).ok_or("no free service id")?;
+                used_service_ids.insert(id);
+                id
+            }
+        };
+        let key = ServiceKey::tcp(wire::addr(*svc.vip.ip()), wire::port(svc.vip.port()));
+
+        let mut backends: [Vec<(SocketAddrV4, u32)>; 2] = [Vec::new(), Vec::new()];
+        let mut generation = old.map_or([0, 0], |o| o.generation);
+        let mut slots = [0u32; 2];
+        for g in [Group::Stable, Group::Canary] {
+            let list = match g {
+                Group::Stable => &svc.stable,
+                Group::Canary => &svc.canary,
+            };
+            for b in list {
+                let id = match old_backend_ids.get(&(svc.vip, g, *b)) {
+                    Some(id) => *id,
+                    None => {
+                        let id = lowest_free(&used_backend_ids, MAX_BACKEND_IDS)
+                            .ok_or("no free backend id")?;
+                        used_backend_ids.insert(id);
+                        id
+                    }
+                };
+                backends[g as usize].push((*b, id));
+            }
+            let unchanged = old.is_some_and(|o| o.backends[g as usize] == backends[g as usize]);
+            if !unchanged {
+                // A fresh service starts in generation 0; a changed list goes to the idle one.
+                if old.is_some() {
+                    generation[g as usize] ^= 1;
+                }
+                let mut set = BackendSet::EMPTY;
+                set.len = backends[g as usize].len() as u32;
+                for (slot, (b, bid)) in set.backends.iter_mut().zip(&backends[g as usize]) {
+                    *slot = Backend {
+                        addr: wire::addr(*b.ip()),
+                        port: wire::port(b.port()),
+                        _pad: 0,
+                        id: *bid,
+                    };
+                }
+                ops.push(MapOp::WriteBackendSet {
+                    slot: backend_set_slot(id, g, generation[g as usize]),
+                    set: Box::new(set),
+                });
+            }
+            slots[g as usize] = backend_set_slot(id, g, generation[g as usize]);
+        }
+
+        let segments: BTreeMap<Cidr, Group> =
+            svc.segments.iter().map(|r| (r.cidr, r.group)).collect();
+        let old_segments = old.map(|o| &o.segments);
+        for (cidr, group) in &segments {
+            if old_segments.and_then(|s| s.get(cidr)) != Some(group) {
+                let (key, prefix_len) = segment_key(id, *cidr);
+                ops.push(MapOp::WriteSegment {
+                    key,
+                    prefix_len,
+                    group: *group,
+                });
+            }
+        }
+
+        let mut flags = 0;
+        if svc.affinity == Affinity::Connection {
+            flags |= SERVICE_F_CONNECTION_AFFINITY;
+        }
+        if !segments.is_empty() {
+            flags |= SERVICE_F_SEGMENTS;
+        }
+        let value = Service {
+            id,
+            canary_weight: svc.canary_weight,
+            salt: svc.salt,
+            flags,
+            backend_sets: slots,
+        };
+        if old.map(|o| o.value) != Some(value) {
+            ops.push(MapOp::WriteService { key, value });
+        }
+
+        if let Some(old_segments) = old_segments {
+            for cidr in old_segments.keys().filter(|c| !segments.contains_key(c)) {
+                let (key, prefix_len) = segment_key(id, *cidr);
+                ops.push(MapOp::DeleteSegment { key, prefix_len });
+            }
+        }
+
+        next.services.insert(
+            svc.vip,
+            AppliedService {
+                name: svc.name.clone(),
+                key,
+                value,
+                backends,
+                generation,
+                segments,
+            },
+        );
+    }
+
+    for (vip, old) in &applied.services {
+        if wanted_vips.contains(vip) {
+            continue;
+        }
+        ops.push(MapOp::DeleteService { key: old.key });
+        for cidr in old.segments.keys() {
+            let (key, prefix_len) = segment_key(old.value.id, *cidr);
+            ops.push(MapOp::DeleteSegment { key, prefix_len });
+        }
+    }
+    Ok((ops, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn cfg(services: &str) -> Config {
+        config::parse(
+            "t.yaml",
+            &format!("interfaces: [{{name: eth0}}]\nservices:\n{services}"),
+            &|_| true,
+        )
+        .unwrap()
+    }
+
+    const WEB: &str = "  - name: web\n    vip: 10.0.0.100:80\n    canary_weight: 10\n    stable: {backends: [10.0.2.1:80, 10.0.2.2:80]}\n    canary: {backends: [10.0.3.1:80]}\n";
+    const API: &str =
+        "  - name: api\n    vip: 10.0.0.101:80\n    stable: {backends: [10.0.2.1:81]}\n";
+
+    fn first(c: &Config) -> (Vec<MapOp>, Applied) {
+        plan(&Applied::default(), c).unwrap()
+    }
+
+    #[test]
+    fn first_plan_writes_sets_then_the_service() {
+        let (ops, applied) = first(&cfg(WEB));
+        assert_eq!(ops.len(), 3, "{ops:#?}");
+        let MapOp::WriteBackendSet { slot, set } = &ops[0] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!((*slot, set.len), (backend_set_slot(0, Group::Stable, 0), 2));
+        assert_eq!(
+            set.backends[1].addr,
+            wire::addr("10.0.2.2".parse().unwrap())
+        );
+        assert_eq!(set.backends[1].port, wire::port(80));
+        let MapOp::WriteBackendSet { slot, set } = &ops[1] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!((*slot, set.len), (backend_set_slot(0, Group::Canary, 0), 1));
+        let MapOp::WriteService { value, .. } = &ops[2] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(value.canary_weight, 1000);
+        assert_eq!(
+            value.backend_sets,
+            [
+                backend_set_slot(0, Group::Stable, 0),
+                backend_set_slot(0, Group::Canary, 0)
+            ]
+        );
+        // Backend ids are distinct.
+        let ids: BTreeSet<u32> = applied
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().flatten().map(|b| b.1))
+            .collect();
+        assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn a_weight_change_is_one_service_write() {
+        let (_, applied) = first(&cfg(WEB));
+        let (ops, next) = plan(
+            &applied,
+            &cfg(&WEB.replace("canary_weight: 10", "canary_weight: 100")),
+        )
+        .unwrap();
+        assert_eq!(ops.len(), 1, "{ops:#?}");
+        let MapOp::WriteService { value, .. } = &ops[0] else {
+            panic!()
+        };
+        assert_eq!(value.canary_weight, 10000);
+        assert_eq!(
+            value.backend_sets,
+            applied.services.values().next().unwrap().value.backend_sets
+        );
+        // And applying the same config again writes nothing.
+        let (ops, _) = plan(
+            &next,
+            &cfg(&WEB.replace("canary_weight: 10", "canary_weight: 100")),
+        )
+        .unwrap();
+        assert!(ops.is_empty(), "{ops:#?}");
+    }
+
+    #[test]
+    fn a_new_backend_list_goes_to_the_idle_slot_then_the_service_switches() {
+        let (_, applied) = first(&cfg(WEB));
+        let changed = WEB.replace("[10.0.3.1:80]", "[10.0.3.1:80, 10.0.3.2:80]");
+        let (ops, next) = plan(&applied, &cfg(&changed)).unwrap();
+        assert_eq!(ops.len(), 2, "{ops:#?}");
+        let MapOp::WriteBackendSet { slot, set } = &ops[0] else {
+            panic!()
+        };
+        assert_eq!(*slot, backend_set_slot(0, Group::Canary, 1));
+        assert_eq!(set.len, 2);
+        let MapOp::WriteService { value, .. } = &ops[1] else {
+            panic!()
+        };
+        assert_eq!(value.backend_sets[1], backend_set_slot(0, Group::Canary, 1));
+        assert_eq!(value.backend_sets[0], backend_set_slot(0, Group::Stable, 0));
+        // The kept backend keeps its id.
+        let old = &applied.services.values().next().unwrap().backends[1][0];
+        assert_eq!(next.services.values().next().unwrap().backends[1][0], *old);
+        // The next change flips back to generation 0.
+        let (ops, _) = plan(&next, &cfg(WEB)).unwrap();
+        let MapOp::WriteBackendSet { slot, .. } = &ops[0] else {
+            panic!()
+        };
+        assert_eq!(*slot, backend_set_slot(0, Group::Canary, 0));
+    }
+
+    #[test]
+    fn ids_survive_reordering_and_are_reused_after_removal() {
+        let both = format!("{WEB}{API}");
+        let (_, applied) = first(&cfg(&both));
+        let web_id = applied
+            .services
+            .values()
+            .find(|s| s.name == "web")
+            .unwrap()
+            .value
+            .id;
+        let api_id = applied
+            .services
+            .values()
+            .find(|s| s.name == "api")
+            .unwrap()
+            .value
+            .id;
+        let (ops, reordered) = plan(&applied, &cfg(&format!("{API}{WEB}"))).unwrap();
+        assert!(ops.is_empty(), "{ops:#?}");
+        assert_eq!(reordered, applied);
+
+        let (ops, only_api) = plan(&applied, &cfg(API)).unwrap();
+        assert_eq!(
+            ops,
+            vec![MapOp::DeleteService {
+                key: applied
+                    .services
+                    .values()
+                    .find(|s| s.name == "web")
+                    .unwrap()
+                    .key
+            }]
+        );
+        assert_eq!(only_api.services.values().next().unwrap().value.id, api_id);
+        let other = WEB
+            .replace("10.0.0.100:80", "10.0.0.102:80")
+            .replace("name: web", "name: other");
+        let (_, again) = plan(&only_api, &cfg(&format!("{API}{other}"))).unwrap();
+        assert_eq!(
+            again
+                .services
+                .values()
+                .find(|s| s.name == "other")
+                .unwrap()
+                .value
+                .id,
+            web_id
+        );
+    }
+
+    #[test]
+    fn segments_are_written_before_the_flag_and_removed_after_it() {
+        let (_, applied) = first(&cfg(WEB));
+        let with = format!("{WEB}    segments: [{{cidr: 10.1.5.0/24, group: canary}}]\n");
+        let (ops, next) = plan(&applied, &cfg(&with)).unwrap();
+        assert_eq!(ops.len(), 2, "{ops:#?}");
+        let MapOp::WriteSegment {
+            key,
+            prefix_len,
+            group,
+        } = &ops[0]
+        else {
+            panic!()
+        };
+        assert_eq!((*prefix_len, *group), (32 + 24, Group::Canary));
+        assert_eq!(key.addr, wire::addr("10.1.5.0".parse().unwrap()));
+        let MapOp::WriteService { value, .. } = &ops[1] else {
+            panic!()
+        };
+        assert_ne!(value.flags & SERVICE_F_SEGMENTS, 0);
+
+        let (ops, _) = plan(&next, &cfg(WEB)).unwrap();
+        assert!(
+            matches!(ops[0], MapOp::WriteService { value, .. } if value.flags & SERVICE_F_SEGMENTS == 0),
+            "{ops:#?}"
+        );
+        assert!(
+            matches!(ops[1], MapOp::DeleteSegment { prefix_len: 56, .. }),
+            "{ops:#?}"
+        );
+    }
+
+    #[test]
+    fn connection_affinity_sets_its_flag() {
+        let (ops, _) = first(&cfg(&WEB.replace(
+            "canary_weight: 10\n",
+            "canary_weight: 10\n    affinity: connection\n",
+        )));
+        let Some(MapOp::WriteService { value, .. }) = ops.last() else {
+            panic!()
+        };
+        assert_ne!(value.flags & SERVICE_F_CONNECTION_AFFINITY, 0);
+    }
+}
