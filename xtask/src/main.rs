@@ -1,0 +1,566 @@
+//! `cargo xtask`: kanari's project commands. Each one first makes sure the
+//! machine has what it needs (see `bootstrap`), so they work on a fresh machine.
+//!
+//! How the eBPF toolchain is put together is described in `../shared/toolchain.md`:
+//! the eBPF crate is built by a `nightly` with `rust-src`, and linked by a
+//! `bpf-linker` built against that nightly's own libLLVM.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    os::unix::{fs::symlink, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    sync::LazyLock,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the end-to-end tests (and the demo) use.
+const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping"];
+
+/// The toolchain channel that builds the eBPF crate; never a dated one.
+const NIGHTLY: &str = "nightly";
+
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask", about = "kanari's project commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building, linting and testing need (nightly + rust-src, clippy, rustfmt,
+    /// bpf-linker, the tests' Debian packages); does nothing for what is already there.
+    Bootstrap,
+    /// Build the agent, eBPF programs included, and print the binary's path.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test, end-to-end ones included (as root); arguments after `--` go to `cargo test`.
+    Test {
+        /// Extra arguments for `cargo test`, e.g. `-- -p kanari-common` or `-- -- --nocapture`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Check formatting and run clippy (host crates on stable, the eBPF crate on nightly).
+    Lint,
+    /// Run the demo (as root): `target/debug/kanari-demo --kanari <agent> [ARGS]...`.
+    Demo {
+        /// Arguments for kanari-demo (`cargo xtask demo -- --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::Bootstrap => bootstrap(true, TEST_PACKAGES),
+        Cmd::Build { release } => build(release),
+        Cmd::Test { args } => test(&args),
+        Cmd::Lint => lint(),
+        Cmd::Demo { args } => demo(&args),
+    };
+    // Printed by hand: anyhow's `Debug` would add a backtrace under RUST_BACKTRACE=1.
+    let Err(err) = result else {
+        return ExitCode::SUCCESS;
+    };
+    eprintln!("error: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    ExitCode::FAILURE
+}
+
+fn build(release: bool) -> Result<()> {
+    bootstrap(false, &[])?;
+    let mut cargo = cargo();
+    cargo.args(["build", "--package", "kanari"]);
+    if release {
+        cargo.arg("--release");
+    }
+    run(&mut cargo)?;
+    let profile = if release { "release" } else { "debug" };
+    println!(
+        "build: {}",
+        target_dir().join(profile).join("kanari").display()
+    );
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    require_root(
+        "test",
+        "the end-to-end tests create network namespaces and load eBPF programs",
+    )?;
+    let started = Instant::now();
+    bootstrap(false, TEST_PACKAGES)?;
+    let bin = build_test_bins()?;
+    let mut cargo_test = cargo();
+    cargo_test.arg("test");
+    // `--workspace` would override a `-p` in `args` (cargo then tests everything).
+    let cargo_args = args.split(|arg| arg == "--").next().unwrap_or_default();
+    if !cargo_args
+        .iter()
+        .any(|arg| arg.starts_with("-p") || arg.starts_with("--package"))
+    {
+        cargo_test.args(["--workspace", "--exclude", "kanari-ebpf"]);
+    }
+    let result = run(cargo_test
+        .args(args)
+        .env("KANARI_BIN", bin.join("kanari"))
+        .env("KANARI_TEST_BACKEND_BIN", bin.join("kanari-test-backend")));
+    let elapsed = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(()) => println!("test: passed in {elapsed:.1}s"),
+        Err(_) => println!("test: failed after {elapsed:.1}s"),
+    }
+    result
+}
+
+/// Runs every check, then fails listing those that failed.
+fn lint() -> Result<()> {
+    bootstrap(true, &[])?;
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "kanari-ebpf",
+        "--all-targets",
+    ]);
+    clippy.args(["--", "-D", "warnings"]);
+    let mut ebpf_clippy = nightly("cargo");
+    ebpf_clippy.current_dir(root());
+    ebpf_clippy.args(["clippy", "--package", "kanari-ebpf", "--release"]);
+    ebpf_clippy.args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"]);
+    ebpf_clippy.args(["--", "-D", "warnings"]);
+    let failed: Vec<String> = [fmt, clippy, ebpf_clippy]
+        .iter_mut()
+        .filter_map(|check| run(check).err().map(|err| err.to_string()))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "lint found problems:\n  {}",
+        failed.join("\n  ")
+    );
+    println!("lint: clean");
+    Ok(())
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    require_root(
+        "demo",
+        "the demo creates network namespaces and loads eBPF programs",
+    )?;
+    bootstrap(false, TEST_PACKAGES)?;
+    let bin = build_test_bins()?;
+    let mut demo = command(bin.join("kanari-demo"));
+    demo.arg("--kanari").arg(bin.join("kanari")).args(args);
+    // Only returns if the exec failed; otherwise the demo's exit status is ours.
+    let err = demo.exec();
+    Err(err).with_context(|| format!("cannot start `{}`", display(&demo)))
+}
+
+/// Builds the agent and the test binaries (debug); returns the directory they are in.
+fn build_test_bins() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "kanari",
+        "--package",
+        "kanari-tests",
+        "--bins",
+    ]))?;
+    Ok(target_dir().join("debug"))
+}
+
+// ---- bootstrap -------------------------------------------------------------
+
+/// Makes sure the eBPF toolchain (and, with `lint_tools`, clippy and rustfmt) and
+/// the Debian `packages` are installed.
+fn bootstrap(lint_tools: bool, packages: &[&str]) -> Result<()> {
+    nightly_toolchain()?;
+    component(Some(NIGHTLY), "rust-src")?;
+    if lint_tools {
+        component(Some(NIGHTLY), "clippy")?;
+        component(None, "clippy")?;
+        component(None, "rustfmt")?;
+    }
+    bpf_linker()?;
+    debian_packages(packages)
+}
+
+/// One bootstrap step: `check` says what is wrong (`None`: nothing), `install` fixes it.
+fn step(
+    name: &str,
+    hint: &str,
+    check: impl Fn() -> Result<Option<String>>,
+    install: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let fail = |err: anyhow::Error| err.context(format!("bootstrap: {name} failed; {hint}"));
+    let Some(problem) = check().map_err(fail)? else {
+        println!("bootstrap: {name} ... already installed");
+        return Ok(());
+    };
+    println!("bootstrap: {name} ... {problem}, installing");
+    install()
+        .and_then(|()| match check()? {
+            None => Ok(()),
+            Some(problem) => bail!("still {problem} after installing"),
+        })
+        .map_err(fail)?;
+    println!("bootstrap: {name} ... done");
+    Ok(())
+}
+
+fn nightly_toolchain() -> Result<()> {
+    step(
+        "nightly toolchain",
+        "check network access, or run `rustup toolchain install nightly --profile minimal` (rustup: https://rustup.rs)",
+        || Ok((!succeeds(nightly("rustc").arg("-vV"))).then(|| "missing".to_owned())),
+        || {
+            run(command("rustup")
+                .args(["toolchain", "install", NIGHTLY, "--profile", "minimal"])
+                .env("RUSTUP_AUTO_INSTALL", "1"))
+        },
+    )
+}
+
+/// A rustup component for `toolchain` (`None`: the toolchain running this cargo).
+fn component(toolchain: Option<&str>, name: &str) -> Result<()> {
+    let for_toolchain = |cmd: &mut Command| {
+        if let Some(toolchain) = toolchain {
+            cmd.args(["--toolchain", toolchain])
+                .env_remove("RUSTUP_TOOLCHAIN");
+        }
+    };
+    let which = match toolchain {
+        Some(toolchain) => toolchain.to_owned(),
+        None => env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "the default toolchain".to_owned()),
+    };
+    let add = format!(
+        "rustup component add {name}{}",
+        toolchain
+            .map(|t| format!(" --toolchain {t}"))
+            .unwrap_or_default()
+    );
+    step(
+        &format!("{name} for {which}"),
+        &format!("check network access, or run `{add}`"),
+        || {
+            let mut list = command("rustup");
+            list.args(["component", "list", "--installed"]);
+            for_toolchain(&mut list);
+            let installed = output(&mut list)?;
+            let prefix = format!("{name}-");
+            let found = installed
+                .lines()
+                .any(|line| line == name || line.starts_with(&prefix));
+            Ok((!found).then(|| "missing".to_owned()))
+        },
+        || {
+            let mut add = command("rustup");
+            add.args(["component", "add", name]);
+            for_toolchain(&mut add);
+            run(&mut add)
+        },
+    )
+}
+
+/// `bpf-linker`, built against the nightly's libLLVM (see `../shared/toolchain.md`).
+fn bpf_linker() -> Result<()> {
+    let (sysroot, major) = nightly_llvm()?;
+    step(
+        &format!("bpf-linker for LLVM {major}"),
+        "building it needs network access and a C linker (cc); the failing command is below",
+        || bpf_linker_problem(major),
+        || {
+            let prefix = PathBuf::from(env::var_os("HOME").context("HOME is not set")?)
+                .join(format!(".local/share/kanari/llvm-{major}"));
+            let lib = sysroot.join("lib");
+            let libllvm = fs::read_dir(&lib)
+                .with_context(|| format!("reading {}", lib.display()))?
+                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                .find(|path| {
+                    path.file_name().is_some_and(|n| {
+                        n.to_string_lossy()
+                            .starts_with(&format!("libLLVM.so.{major}."))
+                    })
+                })
+                .with_context(|| format!("no libLLVM.so.{major}.* in {}", lib.display()))?;
+            let link = prefix.join("lib/libLLVM.so");
+            fs::create_dir_all(prefix.join("lib"))
+                .with_context(|| format!("creating {}", prefix.display()))?;
+            if link.symlink_metadata().is_ok() {
+                fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+            }
+            symlink(&libllvm, &link)
+                .with_context(|| format!("linking {} to {}", link.display(), libllvm.display()))?;
+            println!(
+                "bootstrap: bpf-linker for LLVM {major} ... building with cargo install (about a minute)"
+            );
+            // --force: replaces a bpf-linker that is there but broken or built for another LLVM.
+            let mut rustflags = OsString::from("-C link-arg=-Wl,-rpath,");
+            rustflags.push(&lib);
+            run(cargo()
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--force",
+                    "--no-default-features",
+                ])
+                .args(["--features", &format!("llvm-{major}")])
+                .env("LLVM_PREFIX", &prefix)
+                .env("RUSTFLAGS", rustflags)
+                .env_remove("CARGO_ENCODED_RUSTFLAGS"))
+        },
+    )
+}
+
+/// The nightly's sysroot and LLVM major version.
+fn nightly_llvm() -> Result<(PathBuf, u32)> {
+    let sysroot = PathBuf::from(output(nightly("rustc").args(["--print", "sysroot"]))?.trim());
+    let version = output(nightly("rustc").arg("-vV"))?;
+    let major = version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next()?.parse().ok())
+        .with_context(|| {
+            format!("no `LLVM version: N.x` line in `rustc +nightly -vV`:\n{version}")
+        })?;
+    Ok((sysroot, major))
+}
+
+/// What is wrong with the `bpf-linker` on PATH, if anything.
+fn bpf_linker_problem(major: u32) -> Result<Option<String>> {
+    let Some(path) = env::split_paths(&*CHILD_PATH)
+        .map(|dir| dir.join("bpf-linker"))
+        .find(|p| p.is_file())
+    else {
+        return Ok(Some("missing".to_owned()));
+    };
+    if !succeeds(Command::new(&path).arg("--version")) {
+        return Ok(Some(format!("{} fails to run", path.display())));
+    }
+    // A bpf-linker linked to a libLLVM of another major cannot read this nightly's bitcode.
+    let Ok(ldd) = output(Command::new("ldd").arg(&path)) else {
+        return Ok(None); // static, or no ldd: it runs, take it.
+    };
+    let linked = ldd
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .find_map(|soname| Some((soname, llvm_major_of(soname)?)));
+    Ok(match linked {
+        Some((soname, linked)) if linked != major => Some(format!(
+            "{} is linked to LLVM {linked} ({soname})",
+            path.display()
+        )),
+        _ => None,
+    })
+}
+
+/// The LLVM major of a library name such as `libLLVM.so.22.1-rust-1.97.0-nightly`.
+fn llvm_major_of(soname: &str) -> Option<u32> {
+    let rest = soname.strip_prefix("libLLVM")?;
+    let digits = rest.trim_start_matches(|c: char| !c.is_ascii_digit());
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+fn debian_packages(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let missing = || -> Vec<&str> {
+        let installed = |pkg: &str| {
+            output(command("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+                .is_ok_and(|status| status.contains("install ok installed"))
+        };
+        packages
+            .iter()
+            .copied()
+            .filter(|pkg| !installed(pkg))
+            .collect()
+    };
+    step(
+        &format!("Debian packages ({})", packages.join(" ")),
+        &format!(
+            "run as root, or install them yourself: apt-get install {}",
+            packages.join(" ")
+        ),
+        || {
+            let missing = missing();
+            Ok((!missing.is_empty()).then(|| format!("missing {}", missing.join(" "))))
+        },
+        || {
+            ensure!(is_root(), "installing packages needs root");
+            let apt = |args: &[&str]| {
+                run(command("apt-get")
+                    .args(args)
+                    .env("DEBIAN_FRONTEND", "noninteractive"))
+            };
+            let install = [
+                &["install", "-y", "--no-install-recommends"][..],
+                &missing(),
+            ]
+            .concat();
+            apt(&install).or_else(|_| {
+                println!("bootstrap: apt-get install failed, running apt-get update and retrying");
+                apt(&["update"])?;
+                apt(&install)
+            })
+        },
+    )
+}
+
+// ---- helpers ---------------------------------------------------------------
+
+/// The workspace root: xtask's parent directory.
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+}
+
+fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root().join(dir), // join keeps an absolute dir as is
+        None => root().join("target"),
+    }
+}
+
+/// PATH for child processes: ours, plus cargo's bin directory (where
+/// `cargo install` puts bpf-linker), which aya-build needs.
+static CHILD_PATH: LazyLock<OsString> = LazyLock::new(|| {
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")));
+    if let Some(bin) = cargo_home.map(|home| home.join("bin"))
+        && !dirs.contains(&bin)
+    {
+        dirs.push(bin);
+    }
+    env::join_paths(dirs).unwrap_or(path)
+});
+
+/// A command that runs with [`CHILD_PATH`].
+fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env("PATH", &*CHILD_PATH);
+    cmd
+}
+
+/// The cargo running this xtask, in the workspace root.
+fn cargo() -> Command {
+    let mut cmd = command(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// `program` from the nightly toolchain, whatever toolchain runs this xtask.
+fn nightly(program: &str) -> Command {
+    let mut cmd = command("rustup");
+    cmd.args(["run", NIGHTLY, program])
+        // Set by the stable cargo/rustup running us; left in place they would
+        // make nightly's cargo(-clippy) call the stable toolchain.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
+    cmd
+}
+
+/// Runs `cmd`, failing with its command line unless it exits with 0.
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+    ensure!(status.success(), "`{}` failed ({status})", display(cmd));
+    Ok(())
+}
+
+/// Runs `cmd` and returns its stdout, failing with its command line and stderr.
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(anyhow!(
+            "`{}` failed ({}): {}",
+            display(cmd),
+            out.status,
+            stderr.trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether `cmd` runs and exits with 0 (its output is discarded).
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// `cmd` as a shell-like line, with the environment it sets (PATH aside).
+fn display(cmd: &Command) -> String {
+    let envs = cmd
+        .get_envs()
+        .filter(|(key, _)| *key != "PATH")
+        .filter_map(|(key, value)| {
+            value.map(|value| format!("{}={}", key.to_string_lossy(), value.to_string_lossy()))
+        });
+    let program = [cmd.get_program().to_string_lossy().into_owned()];
+    let args = cmd.get_args().map(|arg| arg.to_string_lossy().into_owned());
+    envs.chain(program)
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether we run as root (effective uid 0).
+fn is_root() -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    match status.lines().find_map(|line| line.strip_prefix("Uid:")) {
+        Some(uids) => uids.split_whitespace().nth(1) == Some("0"),
+        None => output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0"),
+    }
+}
+
+fn require_root(verb: &str, why: &str) -> Result<()> {
+    ensure!(is_root(), "cargo xtask {verb} must run as root: {why}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::llvm_major_of;
+
+    #[test]
+    fn llvm_major_from_library_names() {
+        assert_eq!(
+            llvm_major_of("libLLVM.so.22.1-rust-1.97.0-nightly"),
+            Some(22)
+        );
+        assert_eq!(llvm_major_of("libLLVM-21.so"), Some(21));
+        assert_eq!(llvm_major_of("libLLVM.so.23.1"), Some(23));
+        assert_eq!(llvm_major_of("libLLVM.so"), None);
+        assert_eq!(llvm_major_of("libc.so.6"), None);
+    }
+}
