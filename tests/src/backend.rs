@@ -1,0 +1,203 @@
+//! The HTTP test backend: answers every request with its version name and
+//! address, optionally fails a seeded share of requests with 500 and adds a
+//! delay, and counts what it served, so tests can compare the kernel's view
+//! with the truth.
+//!
+//! It runs either on a thread inside a namespace ([`BackendHandle`], used by
+//! tests and the demo) or as its own process (`kanari-test-backend`).
+
+use std::{
+    convert::Infallible,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use http_body_util::Full;
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::netns::Netns;
+
+/// How a backend behaves.
+#[derive(Clone, Debug)]
+pub struct BackendOptions {
+    /// The version label in every answer (`stable`, `canary`, ...).
+    pub version: String,
+    /// Share of requests answered with 500, decided by a seeded generator.
+    pub error_rate: f64,
+    /// Added before every answer.
+    pub delay: Duration,
+    pub seed: u64,
+}
+
+impl BackendOptions {
+    pub fn healthy(version: &str) -> Self {
+        Self {
+            version: version.to_string(),
+            error_rate: 0.0,
+            delay: Duration::ZERO,
+            seed: 1,
+        }
+    }
+}
+
+/// What a backend served.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Stats {
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::SeqCst)
+    }
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// SplitMix64: a tiny, well-distributed generator, enough for a seeded error share.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The answer body: `<version> <address>\n`.
+pub fn body(version: &str, addr: SocketAddrV4) -> String {
+    format!("{version} {addr}\n")
+}
+
+/// Serves HTTP/1.1 (keep-alive) on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    opts: BackendOptions,
+    stats: Arc<Stats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let addr = match listener.local_addr()? {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => anyhow::bail!("the test backend serves IPv4 only, not {a}"),
+    };
+    let opts = Arc::new(opts);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => r.context("accepting")?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        stats.connections.fetch_add(1, Ordering::SeqCst);
+        let (opts, stats) = (opts.clone(), stats.clone());
+        let mut conn_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let (opts, stats) = (opts.clone(), stats.clone());
+                async move {
+                    let n = stats.requests.fetch_add(1, Ordering::SeqCst);
+                    if !opts.delay.is_zero() {
+                        tokio::time::sleep(opts.delay).await;
+                    }
+                    let fail = opts.error_rate > 0.0
+                        && (splitmix64(opts.seed ^ n.wrapping_mul(0x2545_f491_4f6c_dd1d)) as f64
+                            / u64::MAX as f64)
+                            < opts.error_rate;
+                    if fail {
+                        stats.errors.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let resp = Response::builder()
+                        .status(if fail { 500 } else { 200 })
+                        .header("x-kanari-version", opts.version.as_str())
+                        .header("x-kanari-backend", addr.to_string())
+                        .body(Full::new(Bytes::from(body(&opts.version, addr))))
+                        .expect("a valid response");
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let conn = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = conn_shutdown.changed() => {}
+            }
+        });
+    }
+}
+
+/// A backend serving on a thread inside a namespace; stops when dropped.
+pub struct BackendHandle {
+    pub addr: SocketAddrV4,
+    pub stats: Arc<Stats>,
+    shutdown: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<Result<Result<()>>>>,
+}
+
+impl BackendHandle {
+    /// Binds `addr` inside `ns` and serves; returns once the socket listens.
+    pub fn start(ns: &Netns, addr: SocketAddrV4, opts: BackendOptions) -> Result<Self> {
+        let stats = Arc::new(Stats::default());
+        let (shutdown, rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let thread_stats = stats.clone();
+        let thread = ns.spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = match TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        let _ = ready_tx.send(Ok(()));
+                        l
+                    }
+                    Err(e) => {
+                        let e = anyhow::Error::from(e)
+                            .context(format!("binding the test backend to {addr}"));
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                        return Err(e);
+                    }
+                };
+                serve(listener, opts, thread_stats, rx).await
+            })
+        })?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the test backend did not start")??;
+        Ok(Self {
+            addr,
+            stats,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops serving: the listener closes (new connections are refused) and
+    /// open connections are dropped.
+    pub fn stop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e)) | Err(e)) => eprintln!("test backend {}: {e:#}", self.addr),
+                Err(_) => eprintln!("test backend {} panicked", self.addr),
+            }
+        }
+    }
+}
+
+impl Drop for BackendHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

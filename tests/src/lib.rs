@@ -1,0 +1,10 @@
+//! kanari's end-to-end harness: network namespaces with Drop guards, the HTTP
+//! test backend, a client that can be thousands of clients, the agent as a
+//! child process, and the network that joins them. Used by the tests in
+//! `tests/tests/`, the demo (`kanari-demo`) and the benchmarks.
+
+pub mod agent;
+pub mod backend;
+pub mod client;
+pub mod netns;
+pub mod topology;
