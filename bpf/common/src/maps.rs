@@ -13,7 +13,8 @@ pub mod names {
     pub const BACKENDS: &str = "KN_BACKENDS_V1";
     pub const CONNTRACK: &str = "KN_CT_V1";
     pub const SEGMENTS: &str = "KN_SEGMENTS_V1";
-    pub const COUNTERS: &str = "KN_COUNTERS_V1";
+    pub const COUNTERS: &str = "KN_COUNTERS_V2";
+    pub const STATS: &str = "KN_STATS_V1";
 }
 
 /// Program names (the function names in the eBPF object).
@@ -35,6 +36,11 @@ pub const MAX_BACKENDS_PER_GROUP: usize = 32;
 pub const BACKEND_SET_SLOTS: u32 = MAX_SERVICES * 4;
 /// Client CIDR segments over all services.
 pub const MAX_SEGMENTS: u32 = 16 * 1024;
+/// Default number of backends whose statistics the kernel keeps (the size of
+/// `KN_STATS_V1`, about 1 KiB per backend per CPU). Backend ids index it.
+pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
+/// Interface x counter pairs in `KN_COUNTERS_V2`.
+pub const MAX_COUNTER_KEYS: u32 = 64 * 32;
 /// Default number of connections the conntrack table holds. The map holds two
 /// entries per connection (forward and reverse).
 pub const DEFAULT_CONNTRACK_CONNECTIONS: u32 = 262_144;
@@ -108,6 +114,8 @@ pub const SERVICE_F_CONNECTION_AFFINITY: u32 = 1 << 0;
 /// `Service::flags`: the service has client segments in `KN_SEGMENTS_V1`
 /// (spares the trie lookup for services without).
 pub const SERVICE_F_SEGMENTS: u32 = 1 << 1;
+/// `Service::flags`: `protocol: http`: responses carry a status line to classify.
+pub const SERVICE_F_HTTP: u32 = 1 << 2;
 
 /// Value of `KN_SERVICES_V1`. A weight change is one update of this value;
 /// so is switching to a new backend set.
@@ -189,7 +197,14 @@ pub const CT_FORWARD: u8 = 1;
 /// `CtEntry::kind` of the backend -> client direction: `addr:port` is the VIP.
 pub const CT_REVERSE: u8 = 2;
 
+/// `CtEntry::flags`: the connection's service speaks HTTP/1.x.
+pub const CT_F_HTTP: u8 = 1 << 0;
+
 /// Value of `KN_CT_V1`.
+///
+/// The observer's per-connection state lives in the forward entry only; the
+/// egress program reaches it from the reverse entry (the forward key is the
+/// reply's destination and the VIP).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtEntry {
@@ -202,6 +217,107 @@ pub struct CtEntry {
     pub kind: u8,
     pub backend_id: u32,
     pub service_id: u32,
+    /// When the SYN went to the backend (monotonic ns); 0 once it answered.
+    pub syn_ns: u64,
+    /// When the pending request began: the client's first payload after the
+    /// last response; 0 when no request is pending.
+    pub req_ns: u64,
+    /// Progress of the response's status line across segments (0: none).
+    pub status_pos: u8,
+    /// `CT_F_*`.
+    pub flags: u8,
+    /// Status digits read so far.
+    pub status_code: u16,
+    pub _pad: u32,
+}
+
+impl CtEntry {
+    /// An entry with no observation in progress.
+    #[inline(always)]
+    pub const fn new(
+        kind: u8,
+        addr: u32,
+        port: u16,
+        group: u8,
+        backend_id: u32,
+        service_id: u32,
+    ) -> Self {
+        Self {
+            addr,
+            port,
+            group,
+            kind,
+            backend_id,
+            service_id,
+            syn_ns: 0,
+            req_ns: 0,
+            status_pos: 0,
+            flags: 0,
+            status_code: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// Request classes counted in [`BackendStats::requests`] (see [`crate::http`]).
+pub const CLASSES: usize = crate::http::CLASSES;
+
+/// Value of `KN_STATS_V1`, a per-CPU array indexed by backend id. Every field
+/// only grows; the agent sums CPUs and takes differences. Histogram buckets
+/// are u32 to halve the map (they wrap; the agent's differences wrap with them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Connections opened: SYNs forwarded to this backend.
+    pub connections: u64,
+    /// SYN-ACKs seen: connect-time samples.
+    pub connects: u64,
+    pub connect_sum_ns: u64,
+    /// RSTs from the backend on established connections.
+    pub resets: u64,
+    /// RSTs from the backend answering a SYN.
+    pub refused: u64,
+    /// SYNs sent again by the client because the backend did not answer.
+    pub unanswered: u64,
+    /// Exchanges by class (`http::CLASS_*`).
+    pub requests: [u64; CLASSES],
+    /// Sum of time-to-first-byte samples.
+    pub ttfb_sum_ns: u64,
+    /// To the backend, from the backend (IP bytes).
+    pub bytes: [u64; 2],
+    pub packets: [u64; 2],
+    pub ttfb_hist: [u32; crate::hist::BUCKETS],
+    pub connect_hist: [u32; crate::hist::BUCKETS],
+}
+
+impl BackendStats {
+    pub const ZERO: BackendStats = BackendStats {
+        connections: 0,
+        connects: 0,
+        connect_sum_ns: 0,
+        resets: 0,
+        refused: 0,
+        unanswered: 0,
+        requests: [0; CLASSES],
+        ttfb_sum_ns: 0,
+        bytes: [0; 2],
+        packets: [0; 2],
+        ttfb_hist: [0; crate::hist::BUCKETS],
+        connect_hist: [0; crate::hist::BUCKETS],
+    };
+}
+
+/// Direction index of `BackendStats::bytes` and `packets`.
+pub const TO_BACKEND: usize = 0;
+pub const FROM_BACKEND: usize = 1;
+
+/// Key of `KN_COUNTERS_V2`, a per-CPU hash of packet counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub ifindex: u32,
+    /// [`Counter`] as u32.
+    pub counter: u32,
 }
 
 /// Key data of `KN_SEGMENTS_V1` (an LPM trie): the prefix length covers the
@@ -263,10 +379,17 @@ pub enum Counter {
     Malformed = 8,
     /// The conntrack table refused an insert.
     ConntrackFull = 9,
+    /// XDP passed a packet that is not for a service.
+    XdpPassed = 10,
+    /// TC ingress passed a packet that is not for a service (in `xdp` mode
+    /// this includes what XDP already translated).
+    TcPassed = 11,
+    /// TC egress passed a packet that is not a service's reply.
+    EgressPassed = 12,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::XdpSteered,
         Counter::XdpSteeredNew,
@@ -278,7 +401,19 @@ impl Counter {
         Counter::Fallback,
         Counter::Malformed,
         Counter::ConntrackFull,
+        Counter::XdpPassed,
+        Counter::TcPassed,
+        Counter::EgressPassed,
     ];
+
+    #[inline(always)]
+    pub const fn from_u32(v: u32) -> Option<Counter> {
+        if v < Self::COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -292,6 +427,9 @@ impl Counter {
             Counter::Fallback => "fallback",
             Counter::Malformed => "malformed",
             Counter::ConntrackFull => "conntrack_full",
+            Counter::XdpPassed => "xdp_passed",
+            Counter::TcPassed => "tc_passed",
+            Counter::EgressPassed => "egress_passed",
         }
     }
 }
@@ -301,7 +439,9 @@ const _: () = assert!(size_of::<Service>() == 24);
 const _: () = assert!(size_of::<Backend>() == 12);
 const _: () = assert!(size_of::<BackendSet>() == 4 + 12 * MAX_BACKENDS_PER_GROUP);
 const _: () = assert!(size_of::<FlowKey>() == 16);
-const _: () = assert!(size_of::<CtEntry>() == 16);
+const _: () = assert!(size_of::<CtEntry>() == 40);
+const _: () = assert!(size_of::<BackendStats>() == 17 * 8 + 2 * 4 * crate::hist::BUCKETS);
+const _: () = assert!(size_of::<CounterKey>() == 8);
 const _: () = assert!(size_of::<SegmentKey>() == 8);
 const _: () = assert!(size_of::<Segment>() == 4);
 
@@ -317,6 +457,8 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for SegmentKey {}
     unsafe impl aya::Pod for Segment {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for CounterKey {}
 }
 
 #[cfg(test)]

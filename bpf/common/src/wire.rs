@@ -96,6 +96,8 @@ pub struct Tcp4 {
     pub flags: u8,
     /// Length of the TCP segment (header and payload) from the IP total length.
     pub l4_len: u16,
+    /// Length of the TCP header, options included.
+    pub tcp_hlen: u16,
     /// The TCP checksum field as found.
     pub check: u16,
 }
@@ -110,6 +112,24 @@ impl Tcp4 {
     #[inline(always)]
     pub fn is_rst(&self) -> bool {
         self.flags & TCP_RST != 0
+    }
+
+    /// A SYN-ACK: the server's answer to a SYN.
+    #[inline(always)]
+    pub fn is_syn_ack(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
+    }
+
+    /// Bytes of TCP payload.
+    #[inline(always)]
+    pub fn payload_len(&self) -> u16 {
+        self.l4_len - self.tcp_hlen
+    }
+
+    /// Offset of the TCP payload from the start of the frame.
+    #[inline(always)]
+    pub fn payload_off(&self) -> usize {
+        self.l4_off + self.tcp_hlen as usize
     }
 }
 
@@ -190,6 +210,7 @@ pub unsafe fn parse_tcp4(start: usize, end: usize, frame_len: usize) -> Result<T
         dport: u16::from_ne_bytes(tcp.dport),
         flags: tcp.flags,
         l4_len: (tot_len - ihl) as u16,
+        tcp_hlen: doff as u16,
         check: u16::from_ne_bytes(tcp.check),
     })
 }
@@ -266,6 +287,7 @@ mod tests {
         assert_eq!(host_port(p.sport), 40000);
         assert_eq!(host_port(p.dport), 80);
         assert_eq!(p.l4_len, 20);
+        assert_eq!(p.payload_len(), 0);
         assert_eq!(p.check, u16::from_ne_bytes([0x12, 0x34]));
         assert!(p.is_new_connection());
     }
@@ -278,6 +300,8 @@ mod tests {
         assert_eq!(p.l4_off, 14 + 60);
         assert_eq!(host_port(p.dport), 80);
         assert_eq!(p.l4_len, 25);
+        assert_eq!(p.payload_len(), 5);
+        assert_eq!(p.payload_off(), 14 + 60 + 20);
         assert!(!p.is_new_connection());
     }
 
