@@ -8,7 +8,21 @@ use std::{env, fs, path::PathBuf};
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
+/// The commit the binary is built from, for `kanari_build_info`.
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 fn main() -> anyhow::Result<()> {
+    println!("cargo:rustc-env=KANARI_GIT_COMMIT={}", git_commit());
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {

@@ -12,10 +12,19 @@
 //!     mode: auto            # auto | xdp | tc
 //! conntrack:
 //!   connections: 262144     # connections tracked (LRU)
+//! limits:
+//!   backends: 1024          # backends with kernel statistics, over all services
+//! metrics:
+//!   listen: 0.0.0.0:9477    # Prometheus /metrics
+//! control:
+//!   socket: /run/kanari/kanari.sock
+//! telemetry:
+//!   tick: 250ms             # how often the kernel counters are read
 //! services:
 //!   - name: web
 //!     vip: 10.0.0.100:80    # virtual IPv4 address and TCP port
 //!     affinity: client      # client | connection
+//!     protocol: http        # http (status classes) | tcp (timing only)
 //!     canary_weight: 10     # percent of new clients sent to the canary
 //!     stable:
 //!       backends: [10.0.2.1:8080, 10.0.2.2:8080]
@@ -29,26 +38,40 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
 use kanari_common::maps::{
-    BASIS_POINTS, DEFAULT_CONNTRACK_CONNECTIONS, Group, MAX_BACKENDS_PER_GROUP, MAX_SEGMENTS,
-    MAX_SERVICES,
+    BASIS_POINTS, DEFAULT_CONNTRACK_CONNECTIONS, DEFAULT_MAX_BACKENDS, Group,
+    MAX_BACKENDS_PER_GROUP, MAX_SEGMENTS, MAX_SERVICES,
 };
 use serde::Deserialize;
 
 /// Bounds of `conntrack.connections`.
 pub const MIN_CONNTRACK_CONNECTIONS: u32 = 1024;
 pub const MAX_CONNTRACK_CONNECTIONS: u32 = 16 * 1024 * 1024;
+/// Upper bound of `limits.backends` (the size of the kernel's per-CPU statistics).
+pub const MAX_LIMIT_BACKENDS: u32 = 65_536;
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9477";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/kanari/kanari.sock";
+pub const DEFAULT_TICK: Duration = Duration::from_millis(250);
+/// Bounds of `telemetry.tick`.
+pub const MIN_TICK: Duration = Duration::from_millis(10);
+pub const MAX_TICK: Duration = Duration::from_secs(10);
 
 /// A configuration that passed validation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub interfaces: Vec<Interface>,
     pub conntrack_connections: u32,
+    /// Backends with kernel statistics, over all services (backend ids are below it).
+    pub max_backends: u32,
+    pub metrics_listen: SocketAddr,
+    pub control_socket: PathBuf,
+    pub tick: Duration,
     pub services: Vec<Service>,
 }
 
@@ -82,11 +105,23 @@ pub enum Affinity {
     Connection,
 }
 
+/// What the service speaks: how its exchanges are observed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.x: each exchange is timed and classed by its status (2xx..5xx).
+    #[default]
+    Http,
+    /// Any TCP protocol: exchanges are timed, without a class.
+    Tcp,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Service {
     pub name: String,
     pub vip: SocketAddrV4,
     pub affinity: Affinity,
+    pub protocol: Protocol,
     /// Basis points, 0..=10000.
     pub canary_weight: u32,
     pub salt: u32,
@@ -174,7 +209,99 @@ struct RawConfig {
     #[serde(default)]
     conntrack: RawConntrack,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+    #[serde(default)]
     services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    backends: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            backends: DEFAULT_MAX_BACKENDS,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    listen: ListenField,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: ListenField(DEFAULT_METRICS_LISTEN.parse().expect("a valid default")),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawControl {
+    socket: PathBuf,
+}
+
+impl Default for RawControl {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTelemetry {
+    tick: DurationField,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        Self {
+            tick: DurationField(DEFAULT_TICK),
+        }
+    }
+}
+
+/// `IP:port` to listen on (IPv4 or IPv6).
+struct ListenField(SocketAddr);
+
+impl<'de> Deserialize<'de> for ListenField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(ListenField).map_err(|_| {
+            serde::de::Error::custom(format!("`{s}` is not an address to listen on; expected IP:port, e.g. 0.0.0.0:9477 or 127.0.0.1:9477"))
+        })
+    }
+}
+
+/// A duration written as `250ms`, `10s`, `2m`.
+pub struct DurationField(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(DurationField)
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not a duration; expected a number with a unit, e.g. 250ms, 10s, 2m"
+                ))
+            })
+    }
 }
 
 #[derive(Deserialize)]
@@ -211,6 +338,8 @@ struct RawService {
     vip: Endpoint,
     #[serde(default)]
     affinity: Affinity,
+    #[serde(default)]
+    protocol: Protocol,
     #[serde(default)]
     canary_weight: Weight,
     #[serde(default)]
@@ -469,6 +598,36 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
         );
     }
 
+    let max_backends = raw.limits.backends;
+    if !(1..=MAX_LIMIT_BACKENDS).contains(&max_backends) {
+        return err(
+            "limits.backends",
+            format!("{max_backends} is outside 1 to {MAX_LIMIT_BACKENDS}"),
+        );
+    }
+    let tick = raw.telemetry.tick.0;
+    if !(MIN_TICK..=MAX_TICK).contains(&tick) {
+        return err(
+            "telemetry.tick",
+            format!(
+                "{} is outside {} to {}",
+                humantime::format_duration(tick),
+                humantime::format_duration(MIN_TICK),
+                humantime::format_duration(MAX_TICK)
+            ),
+        );
+    }
+    let control_socket = raw.control.socket;
+    if !control_socket.is_absolute() {
+        return err(
+            "control.socket",
+            format!(
+                "`{}` is not an absolute path, e.g. {DEFAULT_CONTROL_SOCKET}",
+                control_socket.display()
+            ),
+        );
+    }
+
     if raw.services.len() > MAX_SERVICES as usize {
         return err(
             "services",
@@ -482,6 +641,7 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
     let mut vips = BTreeMap::new();
     let mut services = Vec::new();
     let mut segments_total = 0usize;
+    let mut backends_total = 0usize;
     for (i, s) in raw.services.into_iter().enumerate() {
         let at = |f: &str| format!("services[{i}].{f}");
         if s.name.is_empty()
@@ -593,6 +753,15 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
             }
             segments.push(rule);
         }
+        backends_total += stable.len() + canary.len();
+        if backends_total > max_backends as usize {
+            return err(
+                "limits.backends",
+                format!(
+                    "the services list more than {max_backends} backends; raise limits.backends (about 1 KiB of kernel memory per backend per CPU)"
+                ),
+            );
+        }
         segments_total += segments.len();
         if segments_total > MAX_SEGMENTS as usize {
             return err(
@@ -606,6 +775,7 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
             name: s.name,
             vip,
             affinity: s.affinity,
+            protocol: s.protocol,
             canary_weight: weight,
             stable,
             canary,
@@ -615,6 +785,10 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
     Ok(Config {
         interfaces,
         conntrack_connections: connections,
+        max_backends,
+        metrics_listen: raw.metrics.listen.0,
+        control_socket,
+        tick,
         services,
     })
 }
@@ -669,6 +843,7 @@ services:
         let web = &c.services[0];
         assert_eq!(web.canary_weight, 1250);
         assert_eq!(web.affinity, Affinity::Client);
+        assert_eq!(web.protocol, Protocol::Http);
         assert_eq!(web.salt, default_salt("web"));
         assert_eq!(web.segments[0].cidr.to_string(), "10.1.5.0/24");
         assert_eq!(web.segments[0].group, Group::Canary);
@@ -680,10 +855,17 @@ services:
     }
 
     #[test]
-    fn default_conntrack_size() {
+    fn defaults() {
         let c = parse("k.yaml", "interfaces: [{name: eth0}]\n", &exists).unwrap();
         assert_eq!(c.conntrack_connections, DEFAULT_CONNTRACK_CONNECTIONS);
+        assert_eq!(c.max_backends, DEFAULT_MAX_BACKENDS);
+        assert_eq!(c.metrics_listen.to_string(), "0.0.0.0:9477");
+        assert_eq!(c.control_socket, PathBuf::from("/run/kanari/kanari.sock"));
+        assert_eq!(c.tick, Duration::from_millis(250));
         assert!(c.services.is_empty());
+        let c = parse("k.yaml", "interfaces: [{name: eth0}]\ntelemetry: {tick: 1s}\nmetrics: {listen: \"[::1]:9000\"}\n", &exists).unwrap();
+        assert_eq!(c.tick, Duration::from_secs(1));
+        assert_eq!(c.metrics_listen.to_string(), "[::1]:9000");
     }
 
     /// Each bad input gives one error naming the field and saying what is expected.

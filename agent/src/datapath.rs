@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, SchedClassifierLinkId},
@@ -19,8 +19,8 @@ use aya::{
     util::KernelVersion,
 };
 use kanari_common::maps::{
-    BackendSet, Counter, CtEntry, FlowKey, Segment, SegmentKey, Service, ServiceKey, names,
-    programs,
+    BackendSet, BackendStats, Counter, CounterKey, CtEntry, FlowKey, Segment, SegmentKey, Service,
+    ServiceKey, names, programs,
 };
 
 use crate::{
@@ -64,8 +64,10 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the maps and programs into the kernel (nothing attached yet).
-    pub fn load(conntrack_connections: u32) -> Result<Self> {
+    /// Loads the maps and programs into the kernel (nothing attached yet),
+    /// with room for `conntrack_connections` connections and statistics for
+    /// `max_backends` backends.
+    pub fn load(conntrack_connections: u32, max_backends: u32) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!(
                 "this kanari binary carries no eBPF object (it was built with AYA_BUILD_SKIP=1); \
@@ -74,6 +76,7 @@ impl Datapath {
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::CONNTRACK, conntrack_connections.saturating_mul(2))
+            .map_max_entries(names::STATS, max_backends)
             .load(OBJECT)
             .context("loading the eBPF maps and programs into the kernel")?;
         program::<Xdp>(&mut ebpf, programs::XDP_INGRESS)?
@@ -254,13 +257,100 @@ impl Datapath {
         Ok(())
     }
 
-    /// The data-path counters, summed over CPUs.
-    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
-        let m: PerCpuArray<&MapData, u64> = map(&self.ebpf, names::COUNTERS)?;
-        Counter::ALL
+    /// The data-path counters by interface index, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(u32, Counter, u64)>> {
+        let m: PerCpuHashMap<&MapData, CounterKey, u64> = map(&self.ebpf, names::COUNTERS)?;
+        let mut out = Vec::new();
+        for r in m.iter() {
+            let (k, per_cpu) = r.context("reading the data path counters")?;
+            if let Some(c) = Counter::from_u32(k.counter) {
+                out.push((k.ifindex, c, per_cpu.iter().sum()));
+            }
+        }
+        out.sort_by_key(|(i, c, _)| (*i, *c as u32));
+        Ok(out)
+    }
+
+    /// The data-path counters summed over interfaces.
+    pub fn counter_totals(&self) -> Result<Vec<(Counter, u64)>> {
+        let by_iface = self.counters()?;
+        Ok(Counter::ALL
             .iter()
-            .map(|c| Ok((*c, m.get(&(*c as u32), 0)?.iter().sum())))
-            .collect()
+            .map(|c| {
+                (
+                    *c,
+                    by_iface
+                        .iter()
+                        .filter(|(_, k, _)| k == c)
+                        .map(|(_, _, n)| n)
+                        .sum(),
+                )
+            })
+            .collect())
+    }
+
+    /// One backend's statistics, per CPU.
+    pub fn backend_stats(&self, id: u32) -> Result<Vec<BackendStats>> {
+        let m: PerCpuArray<&MapData, BackendStats> = map(&self.ebpf, names::STATS)?;
+        Ok(m.get(&id, 0)
+            .with_context(|| format!("reading the statistics of backend {id}"))?
+            .iter()
+            .copied()
+            .collect())
+    }
+
+    /// How many entries the conntrack table holds (both directions). Reads
+    /// the table in batches of 8,192 (`BPF_MAP_LOOKUP_BATCH`): a full default
+    /// table of 524,288 entries takes 64 system calls.
+    pub fn conntrack_entries(&self) -> Result<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let data = match self.ebpf.map(names::CONNTRACK) {
+            Some(aya::maps::Map::LruHashMap(d)) => d,
+            _ => bail!("the eBPF object has no LRU map {}", names::CONNTRACK),
+        };
+        let fd = data.fd().as_fd().as_raw_fd();
+        const BATCH: usize = 8192;
+        let mut keys = vec![0u8; BATCH * std::mem::size_of::<FlowKey>()];
+        let mut values = vec![0u8; BATCH * std::mem::size_of::<CtEntry>()];
+        let (mut token_in, mut token_out) = (0u32, 0u32);
+        let mut total = 0u64;
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    &token_in as *const u32 as u64
+                },
+                out_batch: &mut token_out as *mut u32 as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: BATCH as u32,
+                map_fd: fd as u32,
+                elem_flags: 0,
+                flags: 0,
+            };
+            // SAFETY: attr points at buffers of `count` keys and values and at
+            // the two tokens, all alive for the call.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &mut attr as *mut BatchAttr,
+                    std::mem::size_of::<BatchAttr>() as u32,
+                )
+            };
+            let err = std::io::Error::last_os_error();
+            total += attr.count as u64;
+            if r != 0 {
+                if err.raw_os_error() == Some(libc::ENOENT) {
+                    return Ok(total);
+                }
+                return Err(err).context("counting conntrack entries (BPF_MAP_LOOKUP_BATCH)");
+            }
+            token_in = token_out;
+            first = false;
+        }
     }
 
     /// Every conntrack entry (for tests and diagnostics; walks the whole map).
@@ -269,6 +359,21 @@ impl Datapath {
         m.iter().map(|r| r.context("reading conntrack")).collect()
     }
 }
+
+/// `union bpf_attr`'s member for the `BPF_MAP_*_BATCH` commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
 where

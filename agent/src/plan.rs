@@ -19,17 +19,13 @@ use std::{
 
 use kanari_common::{
     maps::{
-        Backend, BackendSet, Group, MAX_BACKENDS_PER_GROUP, MAX_SERVICES,
-        SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_SEGMENTS, SegmentKey, Service, ServiceKey,
-        backend_set_slot,
+        Backend, BackendSet, Group, MAX_SERVICES, SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP,
+        SERVICE_F_SEGMENTS, SegmentKey, Service, ServiceKey, backend_set_slot,
     },
     wire,
 };
 
-use crate::config::{Affinity, Cidr, Config};
-
-/// Backend ids are unique over all services: ids index per-backend counters.
-pub const MAX_BACKEND_IDS: u32 = MAX_SERVICES * 2 * MAX_BACKENDS_PER_GROUP as u32;
+use crate::config::{Affinity, Cidr, Config, Protocol};
 
 /// One write to the kernel maps.
 #[derive(Clone, Debug, PartialEq)]
@@ -166,7 +162,7 @@ pub fn plan(applied: &Applied, config: &Config) -> Result<(Vec<MapOp>, Applied),
                 let id = match old_backend_ids.get(&(svc.vip, g, *b)) {
                     Some(id) => *id,
                     None => {
-                        let id = lowest_free(&used_backend_ids, MAX_BACKEND_IDS)
+                        let id = lowest_free(&used_backend_ids, config.max_backends)
                             .ok_or("no free backend id")?;
                         used_backend_ids.insert(id);
                         id
@@ -218,6 +214,9 @@ pub fn plan(applied: &Applied, config: &Config) -> Result<(Vec<MapOp>, Applied),
         }
         if !segments.is_empty() {
             flags |= SERVICE_F_SEGMENTS;
+        }
+        if svc.protocol == Protocol::Http {
+            flags |= SERVICE_F_HTTP;
         }
         let value = Service {
             id,

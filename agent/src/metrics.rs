@@ -1,0 +1,317 @@
+//! `/metrics` in the Prometheus text format, built from a [`View`] with the
+//! `prometheus` crate's model and encoder. Pure: the HTTP server lives in
+//! `main.rs`.
+//!
+//! Label values come from the configuration only (service, version, backend
+//! address, interface) and fixed sets (class, kind, direction, action): no
+//! per-client label, so the number of series is bounded by the config.
+
+use kanari_common::{
+    hist::{self, BUCKETS},
+    http::{CLASS_NAMES, CLASSES},
+    maps::{BASIS_POINTS, FROM_BACKEND, TO_BACKEND},
+};
+use prometheus::{
+    Encoder as _, TextEncoder,
+    proto::{self, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+use crate::{telemetry::Histogram, view::View};
+
+/// The build, as the binary knows it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("KANARI_GIT_COMMIT");
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(pairs: &[(&str, &str)], v: u64) -> Metric {
+    let mut m = Metric::default();
+    m.set_label(labels(pairs));
+    let mut c = proto::Counter::default();
+    c.set_value(v as f64);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(pairs: &[(&str, &str)], v: f64) -> Metric {
+    let mut m = Metric::default();
+    m.set_label(labels(pairs));
+    let mut g = proto::Gauge::default();
+    g.set_value(v);
+    m.set_gauge(g);
+    m
+}
+
+/// Kernel buckets exported as `le` bounds: every other kernel boundary
+/// (2^n and 1.5 x 2^n ns), from 1.024 µs up; the kernel's finer buckets stay
+/// in the agent for its own quantiles.
+fn exported_bounds() -> impl Iterator<Item = u32> {
+    // Kernel bucket i's upper bound is bucket_upper_ns(i); keep bucket 0 and
+    // then every second one, and never the overflow bucket (that is +Inf).
+    (0..BUCKETS as u32 - 1).filter(|i| *i == 0 || i % 2 == 0)
+}
+
+fn histogram(pairs: &[(&str, &str)], h: &Histogram, sum_ns: u64) -> Metric {
+    let mut m = Metric::default();
+    m.set_label(labels(pairs));
+    let mut p = proto::Histogram::default();
+    let mut cumulative = Vec::with_capacity(BUCKETS);
+    let mut running = 0u64;
+    for c in h.0.iter() {
+        running += c;
+        cumulative.push(running);
+    }
+    let buckets = exported_bounds()
+        .map(|i| {
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(hist::bucket_upper_ns(i) as f64 / 1e9);
+            b.set_cumulative_count(cumulative[i as usize]);
+            b
+        })
+        .collect();
+    p.set_bucket(buckets);
+    p.set_sample_count(running);
+    p.set_sample_sum(sum_ns as f64 / 1e9);
+    m.set_histogram(p);
+    m
+}
+
+/// Every metric family, in the text format.
+pub fn render(view: &View) -> String {
+    let fams = families(view);
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&fams, &mut out)
+        .expect("encoding into memory cannot fail");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+pub fn families(view: &View) -> Vec<MetricFamily> {
+    let t = &view.telemetry;
+    let mut requests = Vec::new();
+    let mut durations = Vec::new();
+    let mut connections = Vec::new();
+    let mut connect = Vec::new();
+    let mut tcp_errors = Vec::new();
+    let mut bytes = Vec::new();
+    let mut packets = Vec::new();
+    for (_, key, tot) in t.backends() {
+        let backend = key.addr.to_string();
+        let base = [
+            ("service", key.service.as_str()),
+            ("version", key.group.0.name()),
+            ("backend", backend.as_str()),
+        ];
+        for (class, name) in CLASS_NAMES.iter().enumerate().take(CLASSES) {
+            let l = [base[0], base[1], base[2], ("class", *name)];
+            requests.push(counter(&l, tot.requests[class]));
+        }
+        durations.push(histogram(&base, &tot.ttfb, tot.ttfb_sum_ns));
+        connections.push(counter(&base, tot.connections));
+        connect.push(histogram(&base, &tot.connect, tot.connect_sum_ns));
+        for (kind, v) in [
+            ("reset", tot.resets),
+            ("refused", tot.refused),
+            ("unanswered", tot.unanswered),
+        ] {
+            tcp_errors.push(counter(&[base[0], base[1], base[2], ("kind", kind)], v));
+        }
+        for (dir, i) in [("to_backend", TO_BACKEND), ("from_backend", FROM_BACKEND)] {
+            bytes.push(counter(
+                &[base[0], base[1], base[2], ("direction", dir)],
+                tot.bytes[i],
+            ));
+            packets.push(counter(
+                &[base[0], base[1], base[2], ("direction", dir)],
+                tot.packets[i],
+            ));
+        }
+    }
+    let datapath: Vec<Metric> = view
+        .counters
+        .iter()
+        .map(|(iface, c, v)| counter(&[("interface", iface.as_str()), ("action", c.name())], *v))
+        .collect();
+    let weights: Vec<Metric> = view
+        .config
+        .services
+        .iter()
+        .map(|s| {
+            gauge(
+                &[("service", s.name.as_str())],
+                s.canary_weight as f64 / BASIS_POINTS as f64,
+            )
+        })
+        .collect();
+    let mut fams = vec![
+        family(
+            "kanari_requests_total",
+            "Requests answered, per backend and class (status class for HTTP; none for TCP exchanges), measured in the kernel.",
+            MetricType::COUNTER,
+            requests,
+        ),
+        family(
+            "kanari_request_duration_seconds",
+            "Time to first byte: from the client's first payload after the last response to the backend's first payload.",
+            MetricType::HISTOGRAM,
+            durations,
+        ),
+        family(
+            "kanari_connections_total",
+            "Connections opened to a backend (SYNs forwarded).",
+            MetricType::COUNTER,
+            connections,
+        ),
+        family(
+            "kanari_connect_duration_seconds",
+            "Connect time: from the SYN forwarded to the backend's SYN-ACK.",
+            MetricType::HISTOGRAM,
+            connect,
+        ),
+        family(
+            "kanari_tcp_errors_total",
+            "TCP failures by kind: reset (RST on an established connection), refused (RST answering a SYN), unanswered (SYN retried).",
+            MetricType::COUNTER,
+            tcp_errors,
+        ),
+        family(
+            "kanari_bytes_total",
+            "IP bytes steered, per backend and direction.",
+            MetricType::COUNTER,
+            bytes,
+        ),
+        family(
+            "kanari_packets_total",
+            "Packets steered, per backend and direction.",
+            MetricType::COUNTER,
+            packets,
+        ),
+        family(
+            "kanari_datapath_packets_total",
+            "Packets seen by the data path, per interface and action.",
+            MetricType::COUNTER,
+            datapath,
+        ),
+        family(
+            "kanari_canary_weight_ratio",
+            "Share of new clients or connections sent to the canary (0 to 1).",
+            MetricType::GAUGE,
+            weights,
+        ),
+        family(
+            "kanari_build_info",
+            "The running kanari build (always 1).",
+            MetricType::GAUGE,
+            vec![gauge(&[("version", VERSION), ("commit", COMMIT)], 1.0)],
+        ),
+    ];
+    if let Some(n) = view.conntrack_entries {
+        fams.push(family(
+            "kanari_conntrack_entries",
+            "Entries in the conntrack table (two per connection), counted every 2 s.",
+            MetricType::GAUGE,
+            vec![gauge(&[], n as f64)],
+        ));
+    }
+    // The encoder refuses families without samples.
+    fams.retain(|f| !f.get_metric().is_empty());
+    fams
+}
+
+#[cfg(test)]
+mod tests {
+    use kanari_common::maps::{BackendStats, Counter as DpCounter};
+
+    use super::*;
+    use crate::view::fixture::canary_view;
+
+    fn view() -> View {
+        let mut s = BackendStats::ZERO;
+        s.requests[kanari_common::http::CLASS_5XX] = 3;
+        s.requests[kanari_common::http::CLASS_2XX] = 7;
+        s.ttfb_hist[hist::bucket_index(20_000_000) as usize] = 10;
+        s.ttfb_sum_ns = 200_000_000;
+        let mut v = canary_view("12.5", s, 1);
+        v.counters = vec![("eth0".into(), DpCounter::XdpSteered, 42)];
+        v.conntrack_entries = Some(8);
+        v
+    }
+
+    #[test]
+    fn exposition_has_help_type_and_the_numbers() {
+        let text = render(&view());
+        for fam in [
+            "kanari_requests_total",
+            "kanari_request_duration_seconds",
+            "kanari_connections_total",
+            "kanari_connect_duration_seconds",
+            "kanari_tcp_errors_total",
+            "kanari_bytes_total",
+            "kanari_datapath_packets_total",
+            "kanari_conntrack_entries",
+            "kanari_canary_weight_ratio",
+            "kanari_build_info",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP {fam} ")),
+                "{fam} HELP:\n{text}"
+            );
+            assert!(text.contains(&format!("# TYPE {fam} ")), "{fam} TYPE");
+        }
+        assert!(text.contains(r#"kanari_requests_total{service="web",version="canary",backend="10.0.3.1:80",class="5xx"} 3"#), "{text}");
+        assert!(text.contains(r#"kanari_canary_weight_ratio{service="web"} 0.125"#));
+        assert!(text.contains(
+            r#"kanari_datapath_packets_total{interface="eth0",action="xdp_steered"} 42"#
+        ));
+        assert!(text.contains(r#"kanari_request_duration_seconds_count{service="web",version="canary",backend="10.0.3.1:80"} 10"#));
+        assert!(text.contains(r#"kanari_request_duration_seconds_sum{service="web",version="canary",backend="10.0.3.1:80"} 0.2"#));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_end_at_inf() {
+        let text = render(&view());
+        let mut last = 0u64;
+        let mut les = Vec::new();
+        for line in text.lines().filter(|l| {
+            l.starts_with("kanari_request_duration_seconds_bucket") && l.contains("10.0.3.1")
+        }) {
+            let v: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(v >= last, "{line}");
+            last = v;
+            les.push(
+                line.split("le=\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        assert_eq!(les.last().map(String::as_str), Some("+Inf"));
+        assert_eq!(last, 10);
+        // 20 ms lies in the kernel bucket [2^24 ns, 1.25 x 2^24 ns): the exported
+        // le 2^24 ns holds none of it, the next exported one (1.5 x 2^24 ns) all.
+        assert!(text.contains(r#"le="0.016777216"} 0"#), "{text}");
+        assert!(text.contains(r#"le="0.025165824"} 10"#), "{text}");
+    }
+}

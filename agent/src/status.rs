@@ -1,0 +1,183 @@
+//! `kanari status`: what each service is doing now, per version, over the
+//! last [`WINDOW_SECONDS`]. Built from a [`View`] by the agent (pure), sent
+//! as JSON over the control socket, printed by the CLI.
+
+use std::fmt::Write as _;
+
+use kanari_common::maps::{BASIS_POINTS, Group};
+use serde::{Deserialize, Serialize};
+
+use crate::view::View;
+
+/// The window `kanari status` reports over.
+pub const WINDOW_SECONDS: u64 = 10;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub window_seconds: u64,
+    pub services: Vec<ServiceStatus>,
+    pub conntrack_entries: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub canary_weight_percent: f64,
+    pub versions: Vec<VersionStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VersionStatus {
+    /// `stable` or `canary`.
+    pub version: String,
+    pub backends: usize,
+    /// Requests answered in the window.
+    pub requests: u64,
+    pub requests_per_second: f64,
+    /// Share of HTTP responses that were 5xx.
+    pub error_rate: Option<f64>,
+    pub ttfb_p50_ms: Option<f64>,
+    pub ttfb_p99_ms: Option<f64>,
+    pub connect_p99_ms: Option<f64>,
+    /// Resets, refusals and unanswered SYNs in the window.
+    pub tcp_errors: u64,
+}
+
+/// The report for every configured service.
+pub fn report(view: &View) -> StatusReport {
+    let services = view
+        .config
+        .services
+        .iter()
+        .map(|s| ServiceStatus {
+            name: s.name.clone(),
+            vip: s.vip.to_string(),
+            canary_weight_percent: s.canary_weight as f64 * 100.0 / BASIS_POINTS as f64,
+            versions: [
+                (Group::Stable, s.stable.len()),
+                (Group::Canary, s.canary.len()),
+            ]
+            .into_iter()
+            .map(|(g, backends)| {
+                let w = view
+                    .telemetry
+                    .window(&s.name, g, WINDOW_SECONDS)
+                    .unwrap_or_default();
+                VersionStatus {
+                    version: g.name().to_string(),
+                    backends,
+                    requests: w.delta.requests(),
+                    requests_per_second: w.requests_per_second(),
+                    error_rate: w.error_rate(),
+                    ttfb_p50_ms: w.ttfb_quantile_s(0.5).map(|s| s * 1e3),
+                    ttfb_p99_ms: w.ttfb_quantile_s(0.99).map(|s| s * 1e3),
+                    connect_p99_ms: w.connect_quantile_s(0.99).map(|s| s * 1e3),
+                    tcp_errors: w.delta.tcp_errors(),
+                }
+            })
+            .collect(),
+        })
+        .collect();
+    StatusReport {
+        window_seconds: WINDOW_SECONDS,
+        services,
+        conntrack_entries: view.conntrack_entries,
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
+}
+
+/// The report as a terminal table.
+pub fn render(r: &StatusReport) -> String {
+    let mut out = String::new();
+    if r.services.is_empty() {
+        out.push_str("no services configured\n");
+    }
+    for s in &r.services {
+        let _ = writeln!(
+            out,
+            "service {} at {}: canary weight {}%",
+            s.name, s.vip, s.canary_weight_percent
+        );
+        let _ = writeln!(
+            out,
+            "  {:<7} {:>8} {:>9} {:>8} {:>10} {:>10} {:>12} {:>10}",
+            "version",
+            "backends",
+            "req/s",
+            "errors",
+            "ttfb p50",
+            "ttfb p99",
+            "connect p99",
+            "tcp errors"
+        );
+        for v in &s.versions {
+            let errors = v
+                .error_rate
+                .map_or_else(|| "-".to_string(), |e| format!("{:.2}%", e * 100.0));
+            let _ = writeln!(
+                out,
+                "  {:<7} {:>8} {:>9.1} {:>8} {:>8}ms {:>8}ms {:>10}ms {:>10}",
+                v.version,
+                v.backends,
+                v.requests_per_second,
+                errors,
+                ms(v.ttfb_p50_ms),
+                ms(v.ttfb_p99_ms),
+                ms(v.connect_p99_ms),
+                v.tcp_errors
+            );
+        }
+    }
+    let _ = write!(out, "(last {} s", r.window_seconds);
+    if let Some(n) = r.conntrack_entries {
+        let _ = write!(out, "; conntrack entries: {n}");
+    }
+    out.push_str(")\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use kanari_common::{
+        hist,
+        http::{CLASS_2XX, CLASS_5XX},
+        maps::BackendStats,
+    };
+
+    use super::*;
+    use crate::view::fixture::canary_view;
+
+    #[test]
+    fn report_and_render_show_each_version() {
+        let mut s = BackendStats::ZERO;
+        s.requests[CLASS_2XX] = 80;
+        s.requests[CLASS_5XX] = 20;
+        s.ttfb_hist[hist::bucket_index(20_000_000) as usize] = 100;
+        s.refused = 2;
+        let v = canary_view("10", s, 10);
+        let r = report(&v);
+        let canary = &r.services[0].versions[1];
+        assert_eq!(canary.version, "canary");
+        assert_eq!(canary.requests, 100);
+        assert!((canary.requests_per_second - 10.0).abs() < 1e-9);
+        assert_eq!(canary.error_rate, Some(0.2));
+        assert_eq!(canary.tcp_errors, 2);
+        let p50 = canary.ttfb_p50_ms.unwrap();
+        assert!((16.7..21.0).contains(&p50), "{p50}");
+        assert_eq!(r.services[0].versions[0].requests, 0);
+        let text = render(&r);
+        assert!(
+            text.contains("service web at 10.0.0.100:80: canary weight 10%"),
+            "{text}"
+        );
+        assert!(text.contains("canary") && text.contains("20.00%"), "{text}");
+        let json = serde_json::to_string(&r).unwrap();
+        let back: StatusReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.services[0].versions[1].requests, 100);
+        assert_eq!(back.services[0].versions[1].error_rate, Some(0.2));
+    }
+}

@@ -1,0 +1,575 @@
+//! From the kernel's per-CPU counters to plain numbers the rest of the agent
+//! uses: monotonic totals per backend and per group (stable or canary of a
+//! service), and windows over the last seconds with rates and quantiles.
+//!
+//! Pure: [`Telemetry::update`] takes what was read from the maps and the time;
+//! nothing here touches the kernel.
+//!
+//! Counting rules:
+//! - the kernel's u64 counters only grow; one that goes down was reset (its
+//!   map was recreated), and its new value is the increase;
+//! - histogram buckets are u32 per CPU and wrap: each CPU's increase is taken
+//!   modulo 2^32, which is right while no bucket grows by 2^32 in one tick;
+//! - a backend id seen for the first time (or given to a new backend) starts
+//!   from what its slot holds then, so a reused id does not inherit counts;
+//! - group totals add the increases of their backends as they come, so they
+//!   keep growing when a backend leaves the configuration.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddrV4,
+    ops::{AddAssign, Sub},
+};
+
+use kanari_common::{
+    hist::{self, BUCKETS},
+    http::{CLASS_5XX, CLASS_NONE, CLASSES},
+    maps::{BackendStats, FROM_BACKEND, Group, TO_BACKEND},
+};
+use serde::Serialize;
+
+/// Bucket counts of one latency histogram (see [`kanari_common::hist`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Histogram(pub [u64; BUCKETS]);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram([0; BUCKETS])
+    }
+}
+
+impl Histogram {
+    pub fn count(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// The `q`-quantile (0..=1) in nanoseconds, interpolated linearly within
+    /// its bucket; `None` when empty. The overflow bucket reports its lower bound.
+    pub fn quantile_ns(&self, q: f64) -> Option<f64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * n as f64).max(1.0);
+        let mut below = 0u64;
+        for (i, &c) in self.0.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            if (below + c) as f64 >= rank {
+                let (lo, hi) = (
+                    hist::bucket_lower_ns(i as u32) as f64,
+                    hist::bucket_upper_ns(i as u32),
+                );
+                if hi == u64::MAX {
+                    return Some(lo);
+                }
+                let frac = (rank - below as f64) / c as f64;
+                return Some(lo + frac * (hi as f64 - lo));
+            }
+            below += c;
+        }
+        None
+    }
+
+    /// The bucket holding the `q`-quantile.
+    pub fn quantile_bucket(&self, q: f64) -> Option<u32> {
+        self.quantile_ns(q).map(|ns| hist::bucket_index(ns as u64))
+    }
+}
+
+impl AddAssign<&Histogram> for Histogram {
+    fn add_assign(&mut self, rhs: &Histogram) {
+        for (a, b) in self.0.iter_mut().zip(rhs.0.iter()) {
+            *a += b;
+        }
+    }
+}
+
+impl Sub for &Histogram {
+    type Output = Histogram;
+    fn sub(self, rhs: &Histogram) -> Histogram {
+        let mut out = Histogram::default();
+        for (o, (a, b)) in out.0.iter_mut().zip(self.0.iter().zip(rhs.0.iter())) {
+            *o = a.saturating_sub(*b);
+        }
+        out
+    }
+}
+
+/// Everything observed for a backend or a group, since the agent started.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    /// Connections opened (SYNs forwarded).
+    pub connections: u64,
+    pub connects: u64,
+    pub connect_sum_ns: u64,
+    pub resets: u64,
+    pub refused: u64,
+    pub unanswered: u64,
+    /// Exchanges by class (`kanari_common::http::CLASS_*`).
+    pub requests: [u64; CLASSES],
+    pub ttfb_sum_ns: u64,
+    pub bytes: [u64; 2],
+    pub packets: [u64; 2],
+    pub ttfb: Histogram,
+    pub connect: Histogram,
+}
+
+impl AddAssign<&Totals> for Totals {
+    fn add_assign(&mut self, d: &Totals) {
+        self.connections += d.connections;
+        self.connects += d.connects;
+        self.connect_sum_ns += d.connect_sum_ns;
+        self.resets += d.resets;
+        self.refused += d.refused;
+        self.unanswered += d.unanswered;
+        for i in 0..CLASSES {
+            self.requests[i] += d.requests[i];
+        }
+        self.ttfb_sum_ns += d.ttfb_sum_ns;
+        for i in 0..2 {
+            self.bytes[i] += d.bytes[i];
+            self.packets[i] += d.packets[i];
+        }
+        self.ttfb += &d.ttfb;
+        self.connect += &d.connect;
+    }
+}
+
+impl Sub for &Totals {
+    type Output = Totals;
+    fn sub(self, o: &Totals) -> Totals {
+        let mut requests = [0; CLASSES];
+        for (i, r) in requests.iter_mut().enumerate() {
+            *r = self.requests[i].saturating_sub(o.requests[i]);
+        }
+        let pair =
+            |a: [u64; 2], b: [u64; 2]| [a[0].saturating_sub(b[0]), a[1].saturating_sub(b[1])];
+        Totals {
+            connections: self.connections.saturating_sub(o.connections),
+            connects: self.connects.saturating_sub(o.connects),
+            connect_sum_ns: self.connect_sum_ns.saturating_sub(o.connect_sum_ns),
+            resets: self.resets.saturating_sub(o.resets),
+            refused: self.refused.saturating_sub(o.refused),
+            unanswered: self.unanswered.saturating_sub(o.unanswered),
+            requests,
+            ttfb_sum_ns: self.ttfb_sum_ns.saturating_sub(o.ttfb_sum_ns),
+            bytes: pair(self.bytes, o.bytes),
+            packets: pair(self.packets, o.packets),
+            ttfb: &self.ttfb - &o.ttfb,
+            connect: &self.connect - &o.connect,
+        }
+    }
+}
+
+impl Totals {
+    /// Requests of every class.
+    pub fn requests(&self) -> u64 {
+        self.requests.iter().sum()
+    }
+
+    /// Responses with an HTTP status (every class but `none`).
+    pub fn http_responses(&self) -> u64 {
+        self.requests() - self.requests[CLASS_NONE]
+    }
+
+    pub fn errors_5xx(&self) -> u64 {
+        self.requests[CLASS_5XX]
+    }
+
+    /// TCP-level failures: resets, refusals, unanswered SYNs.
+    pub fn tcp_errors(&self) -> u64 {
+        self.resets + self.refused + self.unanswered
+    }
+}
+
+/// The increase of one kernel value: a u64 counter (reset-aware).
+fn grow(cur: u64, prev: u64) -> u64 {
+    if cur >= prev { cur - prev } else { cur }
+}
+
+/// Turns successive per-CPU reads of one backend's slot into increases.
+#[derive(Clone, Debug)]
+pub struct Accumulator {
+    prev: Vec<BackendStats>,
+}
+
+impl Accumulator {
+    /// Starts from what the slot holds now: those counts are not this backend's.
+    pub fn new(baseline: &[BackendStats]) -> Self {
+        Self {
+            prev: baseline.to_vec(),
+        }
+    }
+
+    /// The increase since the last read.
+    pub fn update(&mut self, cur: &[BackendStats]) -> Totals {
+        let mut d = Totals::default();
+        for (cpu, c) in cur.iter().enumerate() {
+            let p = self.prev.get(cpu).copied().unwrap_or(BackendStats::ZERO);
+            d.connections += grow(c.connections, p.connections);
+            d.connects += grow(c.connects, p.connects);
+            d.connect_sum_ns += grow(c.connect_sum_ns, p.connect_sum_ns);
+            d.resets += grow(c.resets, p.resets);
+            d.refused += grow(c.refused, p.refused);
+            d.unanswered += grow(c.unanswered, p.unanswered);
+            for i in 0..CLASSES {
+                d.requests[i] += grow(c.requests[i], p.requests[i]);
+            }
+            d.ttfb_sum_ns += grow(c.ttfb_sum_ns, p.ttfb_sum_ns);
+            for i in [TO_BACKEND, FROM_BACKEND] {
+                d.bytes[i] += grow(c.bytes[i], p.bytes[i]);
+                d.packets[i] += grow(c.packets[i], p.packets[i]);
+            }
+            for b in 0..BUCKETS {
+                d.ttfb.0[b] += c.ttfb_hist[b].wrapping_sub(p.ttfb_hist[b]) as u64;
+                d.connect.0[b] += c.connect_hist[b].wrapping_sub(p.connect_hist[b]) as u64;
+            }
+        }
+        self.prev = cur.to_vec();
+        d
+    }
+}
+
+/// Who a backend id belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct BackendKey {
+    pub service: String,
+    pub group: GroupName,
+    pub addr: SocketAddrV4,
+}
+
+/// A [`Group`] that serializes as its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupName(pub Group);
+
+impl Serialize for GroupName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name())
+    }
+}
+
+struct BackendState {
+    key: BackendKey,
+    acc: Accumulator,
+    totals: Totals,
+}
+
+/// A snapshot of a group's totals at a moment (ns on the agent's clock).
+struct Mark {
+    at_ns: u64,
+    totals: Totals,
+}
+
+#[derive(Default)]
+struct GroupState {
+    totals: Totals,
+    /// One mark per second, the newest last, for windows.
+    marks: VecDeque<Mark>,
+}
+
+/// Per-backend and per-group totals, and windows over the last seconds.
+pub struct Telemetry {
+    backends: BTreeMap<u32, BackendState>,
+    groups: BTreeMap<(String, GroupName), GroupState>,
+    /// Longest window kept, in seconds.
+    horizon_s: u64,
+    now_ns: u64,
+}
+
+/// The increase over a window of time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Window {
+    pub seconds: f64,
+    pub delta: Totals,
+}
+
+impl Window {
+    pub fn requests_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.delta.requests() as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// Share of HTTP responses that were 5xx; `None` without responses.
+    pub fn error_rate(&self) -> Option<f64> {
+        let n = self.delta.http_responses();
+        (n > 0).then(|| self.delta.errors_5xx() as f64 / n as f64)
+    }
+
+    pub fn ttfb_quantile_s(&self, q: f64) -> Option<f64> {
+        self.delta.ttfb.quantile_ns(q).map(|ns| ns / 1e9)
+    }
+
+    pub fn connect_quantile_s(&self, q: f64) -> Option<f64> {
+        self.delta.connect.quantile_ns(q).map(|ns| ns / 1e9)
+    }
+}
+
+impl Telemetry {
+    /// Keeps windows of up to `horizon_s` seconds.
+    pub fn new(horizon_s: u64) -> Self {
+        Self {
+            backends: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            horizon_s: horizon_s.max(1),
+            now_ns: 0,
+        }
+    }
+
+    /// Takes one read of the kernel: for each backend id in use, who it
+    /// belongs to and its per-CPU values. Ids not in `reads` are forgotten.
+    pub fn update(&mut self, now_ns: u64, reads: Vec<(u32, BackendKey, Vec<BackendStats>)>) {
+        self.now_ns = now_ns;
+        let mut seen = BTreeMap::new();
+        for (id, key, cur) in reads {
+            let group = (key.service.clone(), key.group);
+            let state = match self.backends.remove(&id) {
+                Some(s) if s.key == key => {
+                    let mut s = s;
+                    let d = s.acc.update(&cur);
+                    s.totals += &d;
+                    self.groups.entry(group).or_default().totals += &d;
+                    s
+                }
+                // New, or the id now names another backend: start from here.
+                _ => {
+                    self.groups.entry(group).or_default();
+                    BackendState {
+                        acc: Accumulator::new(&cur),
+                        key,
+                        totals: Totals::default(),
+                    }
+                }
+            };
+            seen.insert(id, state);
+        }
+        self.backends = seen;
+        let horizon_ns = self.horizon_s * 1_000_000_000;
+        for g in self.groups.values_mut() {
+            let due = g
+                .marks
+                .back()
+                .is_none_or(|m| now_ns >= m.at_ns + 1_000_000_000);
+            if due {
+                g.marks.push_back(Mark {
+                    at_ns: now_ns,
+                    totals: g.totals.clone(),
+                });
+            }
+            while g.marks.len() > 2
+                && g.marks
+                    .front()
+                    .is_some_and(|m| m.at_ns + horizon_ns < now_ns)
+            {
+                g.marks.pop_front();
+            }
+        }
+    }
+
+    /// Forgets groups of services no longer configured.
+    pub fn retain_services(&mut self, keep: impl Fn(&str) -> bool) {
+        self.groups.retain(|(s, _), _| keep(s));
+    }
+
+    pub fn backend(&self, id: u32) -> Option<(&BackendKey, &Totals)> {
+        self.backends.get(&id).map(|b| (&b.key, &b.totals))
+    }
+
+    pub fn backends(&self) -> impl Iterator<Item = (u32, &BackendKey, &Totals)> {
+        self.backends.iter().map(|(id, b)| (*id, &b.key, &b.totals))
+    }
+
+    pub fn group(&self, service: &str, group: Group) -> Option<&Totals> {
+        self.groups
+            .get(&(service.to_string(), GroupName(group)))
+            .map(|g| &g.totals)
+    }
+
+    /// The increase over (about) the last `seconds`: from the newest mark at
+    /// least that old, or the oldest kept. `None` for an unknown group.
+    pub fn window(&self, service: &str, group: Group, seconds: u64) -> Option<Window> {
+        let g = self.groups.get(&(service.to_string(), GroupName(group)))?;
+        let want = self.now_ns.saturating_sub(seconds * 1_000_000_000);
+        let from = g
+            .marks
+            .iter()
+            .rev()
+            .find(|m| m.at_ns <= want)
+            .or(g.marks.front())?;
+        Some(Window {
+            seconds: (self.now_ns - from.at_ns) as f64 / 1e9,
+            delta: &g.totals - &from.totals,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(f: impl Fn(&mut BackendStats)) -> BackendStats {
+        let mut s = BackendStats::ZERO;
+        f(&mut s);
+        s
+    }
+
+    fn key(service: &str, group: Group, last: u8) -> BackendKey {
+        BackendKey {
+            service: service.into(),
+            group: GroupName(group),
+            addr: SocketAddrV4::new([10, 0, 0, last].into(), 80),
+        }
+    }
+
+    #[test]
+    fn quantiles_of_known_distributions() {
+        // Uniform over 1..=10 ms in 1 µs steps: p50 = 5.5 ms, p99 = 9.9 ms.
+        let mut h = Histogram::default();
+        for us in 1_000..=10_000u64 {
+            h.0[hist::bucket_index(us * 1000) as usize] += 1;
+        }
+        for (q, want) in [(0.5, 5.5e6), (0.99, 9.9e6), (0.1, 1.9e6)] {
+            let got = h.quantile_ns(q).unwrap();
+            assert!((got - want).abs() / want < 0.125, "q{q}: {got} vs {want}");
+        }
+        // All samples at 20 ms: every quantile lies in 20 ms's bucket.
+        let mut h = Histogram::default();
+        h.0[hist::bucket_index(20_000_000) as usize] = 1000;
+        for q in [0.01, 0.5, 0.99] {
+            assert_eq!(h.quantile_bucket(q), Some(hist::bucket_index(20_000_000)));
+        }
+        assert_eq!(Histogram::default().quantile_ns(0.5), None);
+    }
+
+    #[test]
+    fn accumulator_sums_cpus_and_takes_differences() {
+        let mut acc = Accumulator::new(&[BackendStats::ZERO, BackendStats::ZERO]);
+        use kanari_common::http::CLASS_2XX;
+        let d = acc.update(&[
+            stats(|s| s.requests[CLASS_2XX] = 3),
+            stats(|s| s.requests[CLASS_2XX] = 4),
+        ]);
+        assert_eq!(d.requests[CLASS_2XX], 7);
+        let d = acc.update(&[
+            stats(|s| s.requests[CLASS_2XX] = 5),
+            stats(|s| s.requests[CLASS_2XX] = 4),
+        ]);
+        assert_eq!(d.requests[CLASS_2XX], 2);
+    }
+
+    #[test]
+    fn histogram_buckets_wrap_per_cpu() {
+        let mut acc = Accumulator::new(&[stats(|s| s.ttfb_hist[5] = u32::MAX - 1)]);
+        let d = acc.update(&[stats(|s| s.ttfb_hist[5] = 3)]);
+        assert_eq!(d.ttfb.0[5], 5, "u32::MAX - 1 -> 3 is 5 more");
+    }
+
+    #[test]
+    fn a_counter_that_goes_down_was_reset() {
+        let mut acc = Accumulator::new(&[stats(|s| s.connections = 100)]);
+        assert_eq!(acc.update(&[stats(|s| s.connections = 7)]).connections, 7);
+    }
+
+    #[test]
+    fn a_reused_id_starts_from_its_slot_and_groups_keep_growing() {
+        let mut t = Telemetry::new(10);
+        let web_a = key("web", Group::Canary, 1);
+        t.update(0, vec![(0, web_a.clone(), vec![BackendStats::ZERO])]);
+        t.update(
+            1_000_000_000,
+            vec![(
+                0,
+                web_a.clone(),
+                vec![stats(|s| s.requests[CLASS_5XX] = 10)],
+            )],
+        );
+        assert_eq!(
+            t.group("web", Group::Canary).unwrap().requests[CLASS_5XX],
+            10
+        );
+        // The id goes to another backend of the same group: its 10 are not the new one's.
+        let web_b = key("web", Group::Canary, 2);
+        t.update(
+            2_000_000_000,
+            vec![(
+                0,
+                web_b.clone(),
+                vec![stats(|s| s.requests[CLASS_5XX] = 10)],
+            )],
+        );
+        assert_eq!(t.backend(0).unwrap().1.requests[CLASS_5XX], 0);
+        t.update(
+            3_000_000_000,
+            vec![(0, web_b, vec![stats(|s| s.requests[CLASS_5XX] = 12)])],
+        );
+        assert_eq!(t.backend(0).unwrap().1.requests[CLASS_5XX], 2);
+        assert_eq!(
+            t.group("web", Group::Canary).unwrap().requests[CLASS_5XX],
+            12
+        );
+    }
+
+    #[test]
+    fn agent_restart_starts_from_what_the_maps_hold() {
+        // A new agent over maps that already count (e.g. pinned): no spike.
+        use kanari_common::http::CLASS_2XX;
+        let mut t = Telemetry::new(10);
+        let k = key("web", Group::Stable, 1);
+        t.update(
+            0,
+            vec![(
+                3,
+                k.clone(),
+                vec![stats(|s| s.requests[CLASS_2XX] = 1_000_000)],
+            )],
+        );
+        t.update(
+            250_000_000,
+            vec![(3, k, vec![stats(|s| s.requests[CLASS_2XX] = 1_000_010)])],
+        );
+        assert_eq!(t.group("web", Group::Stable).unwrap().requests(), 10);
+    }
+
+    #[test]
+    fn windows_cover_the_last_seconds() {
+        use kanari_common::http::CLASS_2XX;
+        let mut t = Telemetry::new(5);
+        let k = key("web", Group::Stable, 1);
+        // 100 requests per second for 10 s, read every 250 ms.
+        for tick in 0..=40u64 {
+            let n = tick * 25;
+            t.update(
+                tick * 250_000_000,
+                vec![(0, k.clone(), vec![stats(|s| s.requests[CLASS_2XX] = n)])],
+            );
+        }
+        let w = t.window("web", Group::Stable, 3).unwrap();
+        assert!((w.seconds - 3.0).abs() < 0.26, "{}", w.seconds);
+        assert!(
+            (w.requests_per_second() - 100.0).abs() < 1.0,
+            "{}",
+            w.requests_per_second()
+        );
+        // Longer than kept: the oldest mark (about the horizon).
+        let w = t.window("web", Group::Stable, 60).unwrap();
+        assert!(w.seconds <= 6.0, "{}", w.seconds);
+        assert!(t.window("api", Group::Stable, 3).is_none());
+    }
+
+    #[test]
+    fn error_rate_counts_5xx_among_http_responses() {
+        let w = Window {
+            seconds: 1.0,
+            delta: Totals {
+                requests: [0, 80, 0, 0, 20, 0],
+                ..Default::default()
+            },
+        };
+        assert_eq!(w.error_rate(), Some(0.2));
+        assert_eq!(Window::default().error_rate(), None);
+    }
+}
