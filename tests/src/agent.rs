@@ -41,6 +41,8 @@ pub struct Agent {
     logs: Arc<Mutex<Vec<String>>>,
     dir: PathBuf,
     pub config_path: PathBuf,
+    /// The agent's control socket (in its own directory, so agents run in parallel).
+    pub socket: PathBuf,
 }
 
 /// What a stopped agent left: its exit status, logs and last counters.
@@ -49,6 +51,14 @@ pub struct Stopped {
     pub status: ExitStatus,
     pub logs: Vec<String>,
     pub counters: BTreeMap<String, u64>,
+}
+
+/// A configuration with `control.socket` set to `socket` unless it sets one.
+fn with_control_socket(yaml: &str, socket: &Path) -> String {
+    if yaml.lines().any(|l| l.starts_with("control:")) {
+        return yaml.to_string();
+    }
+    format!("{yaml}\ncontrol:\n  socket: {}\n", socket.display())
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
@@ -70,7 +80,9 @@ impl Agent {
         let dir = std::env::temp_dir().join(format!("kanari-test-{}", ns.name()));
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("kanari.yaml");
-        write_atomically(&config_path, yaml)?;
+        let socket = dir.join("kanari.sock");
+        let yaml = with_control_socket(yaml, &socket);
+        write_atomically(&config_path, &yaml)?;
         let mut child = ns
             .command(kanari_bin().to_str().context("non-UTF-8 binary path")?)
             .args(["run", "--config"])
@@ -98,6 +110,7 @@ impl Agent {
             logs,
             dir,
             config_path,
+            socket,
         })
     }
 
@@ -126,6 +139,12 @@ impl Agent {
             if self.count(needle) >= n {
                 return Ok(());
             }
+            if self.reader.as_ref().is_none_or(|r| r.is_finished()) {
+                bail!(
+                    "kanari exited before logging {needle:?}; logs:\n{}",
+                    self.logs().join("\n")
+                );
+            }
             if Instant::now() > deadline {
                 bail!(
                     "kanari did not log {needle:?} {n} time(s) within {AGENT_DEADLINE:?}; logs:\n{}",
@@ -148,7 +167,7 @@ impl Agent {
     /// Writes a new configuration, sends SIGHUP, and waits for the reload.
     pub fn reload(&self, yaml: &str) -> Result<()> {
         let before = self.count("config reloaded");
-        write_atomically(&self.config_path, yaml)?;
+        write_atomically(&self.config_path, &with_control_socket(yaml, &self.socket))?;
         self.signal(libc::SIGHUP)?;
         self.wait_for("config reloaded", before + 1)
     }
@@ -156,7 +175,7 @@ impl Agent {
     /// Writes a configuration that must be rejected and waits for the rejection.
     pub fn reload_rejected(&self, yaml: &str) -> Result<String> {
         let before = self.count("config reload rejected");
-        write_atomically(&self.config_path, yaml)?;
+        write_atomically(&self.config_path, &with_control_socket(yaml, &self.socket))?;
         self.signal(libc::SIGHUP)?;
         self.wait_for("config reload rejected", before + 1)?;
         Ok(self

@@ -11,7 +11,7 @@ use std::{
     net::{SocketAddr, SocketAddrV4},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -24,26 +24,55 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::netns::Netns;
 
-/// How a backend behaves.
-#[derive(Clone, Debug)]
-pub struct BackendOptions {
+/// How a backend behaves; every knob can change while it serves.
+#[derive(Debug)]
+pub struct Behavior {
     /// The version label in every answer (`stable`, `canary`, ...).
     pub version: String,
-    /// Share of requests answered with 500, decided by a seeded generator.
-    pub error_rate: f64,
-    /// Added before every answer.
-    pub delay: Duration,
+    /// Share of requests answered with 500, in millionths.
+    error_ppm: AtomicU32,
+    /// Added before every answer, in microseconds.
+    delay_us: AtomicU64,
+    /// Reset every connection (RST) after reading its first request.
+    reset: AtomicBool,
+    /// Seed of the error decisions.
     pub seed: u64,
 }
 
-impl BackendOptions {
-    pub fn healthy(version: &str) -> Self {
-        Self {
+impl Behavior {
+    pub fn healthy(version: &str) -> Arc<Self> {
+        Arc::new(Self {
             version: version.to_string(),
-            error_rate: 0.0,
-            delay: Duration::ZERO,
+            error_ppm: AtomicU32::new(0),
+            delay_us: AtomicU64::new(0),
+            reset: AtomicBool::new(false),
             seed: 1,
-        }
+        })
+    }
+
+    /// Answers a seeded share `rate` (0 to 1) of requests with 500.
+    pub fn set_error_rate(&self, rate: f64) {
+        self.error_ppm.store(
+            (rate.clamp(0.0, 1.0) * 1e6).round() as u32,
+            Ordering::SeqCst,
+        );
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        self.delay_us.store(d.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Resets every new connection after its first request instead of answering.
+    pub fn set_reset(&self, on: bool) {
+        self.reset.store(on, Ordering::SeqCst);
+    }
+
+    fn error_rate(&self) -> f64 {
+        self.error_ppm.load(Ordering::SeqCst) as f64 / 1e6
+    }
+
+    fn delay(&self) -> Duration {
+        Duration::from_micros(self.delay_us.load(Ordering::SeqCst))
     }
 }
 
@@ -51,8 +80,12 @@ impl BackendOptions {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub connections: AtomicU64,
+    /// Requests answered (200 or 500).
     pub requests: AtomicU64,
+    /// Of those, answered with 500.
     pub errors: AtomicU64,
+    /// Connections reset instead of answered.
+    pub resets: AtomicU64,
 }
 
 impl Stats {
@@ -64,6 +97,9 @@ impl Stats {
     }
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
+    }
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::SeqCst)
     }
 }
 
@@ -83,7 +119,7 @@ pub fn body(version: &str, addr: SocketAddrV4) -> String {
 /// Serves HTTP/1.1 (keep-alive) on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
-    opts: BackendOptions,
+    behavior: Arc<Behavior>,
     stats: Arc<Stats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
@@ -91,35 +127,40 @@ pub async fn serve(
         SocketAddr::V4(a) => a,
         SocketAddr::V6(a) => anyhow::bail!("the test backend serves IPv4 only, not {a}"),
     };
-    let opts = Arc::new(opts);
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => r.context("accepting")?,
             _ = shutdown.changed() => return Ok(()),
         };
         stats.connections.fetch_add(1, Ordering::SeqCst);
-        let (opts, stats) = (opts.clone(), stats.clone());
+        let (behavior, stats) = (behavior.clone(), stats.clone());
         let mut conn_shutdown = shutdown.clone();
+        if behavior.reset.load(Ordering::SeqCst) {
+            tokio::spawn(reset_after_request(stream, stats));
+            continue;
+        }
         tokio::spawn(async move {
             let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
-                let (opts, stats) = (opts.clone(), stats.clone());
+                let (b, stats) = (behavior.clone(), stats.clone());
                 async move {
                     let n = stats.requests.fetch_add(1, Ordering::SeqCst);
-                    if !opts.delay.is_zero() {
-                        tokio::time::sleep(opts.delay).await;
+                    let delay = b.delay();
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
                     }
-                    let fail = opts.error_rate > 0.0
-                        && (splitmix64(opts.seed ^ n.wrapping_mul(0x2545_f491_4f6c_dd1d)) as f64
+                    let rate = b.error_rate();
+                    let fail = rate > 0.0
+                        && (splitmix64(b.seed ^ n.wrapping_mul(0x2545_f491_4f6c_dd1d)) as f64
                             / u64::MAX as f64)
-                            < opts.error_rate;
+                            < rate;
                     if fail {
                         stats.errors.fetch_add(1, Ordering::SeqCst);
                     }
                     let resp = Response::builder()
                         .status(if fail { 500 } else { 200 })
-                        .header("x-kanari-version", opts.version.as_str())
+                        .header("x-kanari-version", b.version.as_str())
                         .header("x-kanari-backend", addr.to_string())
-                        .body(Full::new(Bytes::from(body(&opts.version, addr))))
+                        .body(Full::new(Bytes::from(body(&b.version, addr))))
                         .expect("a valid response");
                     Ok::<_, Infallible>(resp)
                 }
@@ -136,21 +177,43 @@ pub async fn serve(
     }
 }
 
+/// Reads a request's head, then closes with RST (SO_LINGER 0).
+async fn reset_after_request(mut stream: tokio::net::TcpStream, stats: Arc<Stats>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    let _ = read.await;
+    if stream.set_zero_linger().is_ok() {
+        stats.resets.fetch_add(1, Ordering::SeqCst);
+    }
+    drop(stream);
+}
+
 /// A backend serving on a thread inside a namespace; stops when dropped.
 pub struct BackendHandle {
     pub addr: SocketAddrV4,
     pub stats: Arc<Stats>,
+    pub behavior: Arc<Behavior>,
     shutdown: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<Result<Result<()>>>>,
 }
 
 impl BackendHandle {
     /// Binds `addr` inside `ns` and serves; returns once the socket listens.
-    pub fn start(ns: &Netns, addr: SocketAddrV4, opts: BackendOptions) -> Result<Self> {
+    pub fn start(ns: &Netns, addr: SocketAddrV4, behavior: Arc<Behavior>) -> Result<Self> {
         let stats = Arc::new(Stats::default());
         let (shutdown, rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let thread_stats = stats.clone();
+        let thread_behavior = behavior.clone();
         let thread = ns.spawn(move || -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -168,7 +231,7 @@ impl BackendHandle {
                         return Err(e);
                     }
                 };
-                serve(listener, opts, thread_stats, rx).await
+                serve(listener, thread_behavior, thread_stats, rx).await
             })
         })?;
         ready_rx
@@ -177,6 +240,7 @@ impl BackendHandle {
         Ok(Self {
             addr,
             stats,
+            behavior,
             shutdown,
             thread: Some(thread),
         })

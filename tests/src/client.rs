@@ -126,6 +126,31 @@ where
     F: Fn(T) -> Fut,
     Fut: std::future::Future<Output = Result<Reply>> + 'static,
 {
+    run_jobs(inputs, concurrency, true, f).await
+}
+
+/// Like [`run_bounded`], but every job runs whatever the others' outcome
+/// (for tests whose requests are meant to fail).
+pub async fn run_all<T, F, Fut>(inputs: Vec<T>, concurrency: usize, f: F) -> Vec<Result<Reply>>
+where
+    T: 'static,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<Reply>> + 'static,
+{
+    run_jobs(inputs, concurrency, false, f).await
+}
+
+async fn run_jobs<T, F, Fut>(
+    inputs: Vec<T>,
+    concurrency: usize,
+    stop_on_error: bool,
+    f: F,
+) -> Vec<Result<Reply>>
+where
+    T: 'static,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<Reply>> + 'static,
+{
     let sem = std::rc::Rc::new(tokio::sync::Semaphore::new(concurrency));
     let failed = std::rc::Rc::new(std::cell::Cell::new(false));
     let local = tokio::task::LocalSet::new();
@@ -139,7 +164,7 @@ where
                 return Err(anyhow!("skipped after an earlier failure"));
             }
             let r = fut.await;
-            if r.is_err() {
+            if r.is_err() && stop_on_error {
                 failed.set(true);
             }
             r
@@ -162,4 +187,27 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a tokio runtime")
+}
+
+/// `GET path` from this thread's namespace; the status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    timeout(STEP_TIMEOUT, async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting {addr}"))?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::get(path)
+            .header("host", addr.to_string())
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        driver.abort();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+    .await
+    .with_context(|| format!("GET {addr}{path} timed out"))?
 }

@@ -7,4 +7,5 @@ pub mod agent;
 pub mod backend;
 pub mod client;
 pub mod netns;
+pub mod prometheus;
 pub mod topology;

@@ -23,7 +23,7 @@ use anyhow::{Context as _, Result};
 use kanari_common::maps::Group;
 
 use crate::{
-    backend::{BackendHandle, BackendOptions},
+    backend::{BackendHandle, Behavior},
     netns::{Netns, run, unique_tag},
 };
 
@@ -145,7 +145,7 @@ impl Topology {
             topo.node.ip(&["link", "set", &node_if, "up"])?;
             ethtool_tx(&topo.node, &node_if, false)?;
             let addr = SocketAddrV4::new(Ipv4Addr::new(10, 2, j as u8, 1), BACKEND_PORT);
-            let server = BackendHandle::start(&ns, addr, BackendOptions::healthy(group.name()))
+            let server = BackendHandle::start(&ns, addr, Behavior::healthy(group.name()))
                 .with_context(|| format!("starting backend {addr}"))?;
             topo.backends.push(Backend {
                 group,

@@ -9,7 +9,13 @@
 //!   checksums of every output are recomputed with `etherparse` (not with our
 //!   own `csum` module).
 //! - Every test loads its own [`Datapath`], so tests run in parallel and see
-//!   only their own conntrack entries and counters.
+//!   only their own conntrack entries, counters and backend statistics.
+//! - Counters are checked as exact deltas: a frame that passes untouched
+//!   moves its hook's `*Passed` counter (or `Malformed`) by one and nothing else.
+//! - The observer's per-backend statistics (summed over CPUs) are checked
+//!   packet by packet as exact deltas of every count ([`Seen`]); no other
+//!   backend's may move. A duration sample is checked for being positive, no
+//!   longer than the host saw pass, and in the histogram bucket of its value.
 //!
 //! These tests need root (`CAP_BPF`, `CAP_NET_ADMIN`): without it they fail,
 //! they do not skip.
@@ -23,7 +29,10 @@
 //! data is refused with `EINVAL` before the program runs. The truncation
 //! tests check exactly that and cover every length from there up.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Instant,
+};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
 use etherparse::{
@@ -38,7 +47,12 @@ use kanari::{
 use kanari_common::{
     csum,
     hash::{backend_hash, client_hash, flow_hash},
-    maps::{CT_FORWARD, CT_REVERSE, Counter, CtEntry, FlowKey, Group, programs},
+    hist::{self, bucket_index},
+    http::{CLASS_2XX, CLASS_3XX, CLASS_4XX, CLASS_5XX, CLASS_NONE, CLASS_OTHER, CLASSES},
+    maps::{
+        BackendStats, CT_F_HTTP, CT_FORWARD, CT_REVERSE, Counter, CtEntry, FROM_BACKEND, FlowKey,
+        Group, TO_BACKEND, programs,
+    },
     select::{backend_index, bucket, choose_group},
     wire::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -81,7 +95,7 @@ struct Kanari {
 
 impl Kanari {
     fn load(config: Config) -> Self {
-        let mut dp = Datapath::load(config.conntrack_connections)
+        let mut dp = Datapath::load(config.conntrack_connections, config.max_backends)
             .expect("loading the eBPF object into the kernel (as root: CAP_BPF, CAP_NET_ADMIN)");
         let (ops, applied) = plan(&Applied::default(), &config).expect("planning the map writes");
         dp.apply(&ops).expect("writing the maps");
@@ -109,18 +123,48 @@ impl Kanari {
         predict(self.service(), client)
     }
 
+    /// Counter `c`, summed over CPUs and interfaces.
     fn counter(&self, c: Counter) -> u64 {
-        self.dp
-            .counters()
-            .expect("reading the counters")
+        self.counters()
             .into_iter()
             .find(|(k, _)| *k == c)
             .map(|(_, v)| v)
             .expect("every counter is read")
     }
 
+    /// Every counter, summed over CPUs and interfaces, in `Counter::ALL` order.
     fn counters(&self) -> Vec<(Counter, u64)> {
-        self.dp.counters().expect("reading the counters")
+        self.dp.counter_totals().expect("reading the counters")
+    }
+
+    /// The id the plan gave `backend` of the service.
+    fn backend_id(&self, backend: SocketAddrV4) -> u32 {
+        let svc = self.applied.service(VIP).expect("web is applied");
+        svc.backends[group_of(backend) as usize]
+            .iter()
+            .find(|(b, _)| *b == backend)
+            .map(|(_, id)| *id)
+            .unwrap_or_else(|| panic!("{backend} has no id in {:?}", svc.backends))
+    }
+
+    /// The statistics of `backend`, summed over CPUs.
+    fn stats(&self, backend: SocketAddrV4) -> BackendStats {
+        let id = self.backend_id(backend);
+        sum_stats(
+            &self
+                .dp
+                .backend_stats(id)
+                .expect("reading backend statistics"),
+        )
+    }
+
+    /// The statistics of every backend of the service.
+    fn all_stats(&self) -> Vec<(SocketAddrV4, BackendStats)> {
+        STABLE
+            .into_iter()
+            .chain(CANARY)
+            .map(|b| (b, self.stats(b)))
+            .collect()
     }
 
     fn conntrack(&self) -> Vec<(FlowKey, CtEntry)> {
@@ -138,11 +182,254 @@ impl Kanari {
         assert_translated(frame, &out, to);
     }
 
-    /// Runs `frame` through `hook` and asserts it comes out byte-identical.
-    fn expect_untouched(&mut self, hook: Hook, frame: &[u8], what: &str) {
+    /// Runs `frame` through `hook` and asserts it comes out byte-identical,
+    /// that exactly one counter moved, `counted`, by one, and that no
+    /// backend's statistics moved.
+    fn expect_untouched(&mut self, hook: Hook, frame: &[u8], what: &str, counted: Counter) {
+        let (counters, stats) = (self.counters(), self.all_stats());
         let (verdict, out) = self.run(hook, frame);
         assert_eq!(verdict, hook.pass(), "{hook:?} verdict for {what}");
         assert_eq!(hex(&out), hex(frame), "{hook:?} changed {what}");
+        assert_eq!(
+            counter_delta(&counters, &self.counters()),
+            vec![(counted, 1)],
+            "{hook:?} counters for {what}"
+        );
+        assert_eq!(self.all_stats(), stats, "{hook:?} observed {what}");
+    }
+
+    /// Runs a client's `frame` through `hook`, asserts it is DNATed to
+    /// `backend`, and returns what `backend`'s statistics gained (no other
+    /// backend's may move).
+    fn send(&mut self, hook: Hook, frame: &[u8], backend: SocketAddrV4) -> Step {
+        let before = self.all_stats();
+        self.expect_translated(hook, frame, backend);
+        self.step(&before, backend, &format!("{hook:?} ingress"))
+    }
+
+    /// Runs `backend`'s `frame` through TC egress, asserts it is
+    /// reverse-NATed to the VIP, and returns what `backend`'s statistics
+    /// gained (no other backend's may move).
+    fn answer(&mut self, frame: &[u8], backend: SocketAddrV4) -> Step {
+        let before = self.all_stats();
+        let (verdict, out) = self.run(Hook::TcEgress, frame);
+        assert_eq!(verdict, TC_ACT_UNSPEC, "egress verdict");
+        assert_reverse_translated(frame, &out, VIP);
+        self.step(&before, backend, "egress")
+    }
+
+    fn step(
+        &self,
+        before: &[(SocketAddrV4, BackendStats)],
+        backend: SocketAddrV4,
+        what: &str,
+    ) -> Step {
+        let after = self.all_stats();
+        let mut step = None;
+        for ((b, x), (_, y)) in before.iter().zip(&after) {
+            if *b == backend {
+                step = Some(Step::between(x, y));
+            } else {
+                assert_eq!(x, y, "{what}: the statistics of {b} moved (not {backend})");
+            }
+        }
+        step.expect("the backend is one of the service's")
+    }
+
+    /// The forward conntrack entry (client -> VIP) of `client`, with the
+    /// observer's state.
+    fn forward(&self, client: SocketAddrV4) -> CtEntry {
+        let key = FlowKey::new(
+            wire::addr(*client.ip()),
+            wire::addr(*VIP.ip()),
+            wire::port(client.port()),
+            wire::port(VIP.port()),
+        );
+        let ct = self.conntrack();
+        ct.iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, e)| *e)
+            .unwrap_or_else(|| panic!("no forward entry of {client}; table: {ct:#?}"))
+    }
+}
+
+/// Nonzero counter changes, in `Counter::ALL` order.
+fn counter_delta(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> Vec<(Counter, u64)> {
+    assert_eq!(before.len(), after.len());
+    before
+        .iter()
+        .zip(after)
+        .filter(|((_, b), (_, a))| a != b)
+        .map(|((c, b), (k, a))| {
+            assert_eq!(c, k);
+            (*c, a - b)
+        })
+        .collect()
+}
+
+// ---- Backend statistics ---------------------------------------------------------------------
+
+fn sum_stats(per_cpu: &[BackendStats]) -> BackendStats {
+    let mut t = BackendStats::ZERO;
+    for s in per_cpu {
+        t.connections += s.connections;
+        t.connects += s.connects;
+        t.connect_sum_ns += s.connect_sum_ns;
+        t.resets += s.resets;
+        t.refused += s.refused;
+        t.unanswered += s.unanswered;
+        t.ttfb_sum_ns += s.ttfb_sum_ns;
+        for c in 0..CLASSES {
+            t.requests[c] += s.requests[c];
+        }
+        for d in [TO_BACKEND, FROM_BACKEND] {
+            t.bytes[d] += s.bytes[d];
+            t.packets[d] += s.packets[d];
+        }
+        for i in 0..hist::BUCKETS {
+            t.ttfb_hist[i] = t.ttfb_hist[i].wrapping_add(s.ttfb_hist[i]);
+            t.connect_hist[i] = t.connect_hist[i].wrapping_add(s.connect_hist[i]);
+        }
+    }
+    t
+}
+
+/// The counts of [`BackendStats`] one step (one packet) added, compared as a
+/// whole: a test states every count it expects, and every other is 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Seen {
+    connections: u64,
+    connects: u64,
+    refused: u64,
+    resets: u64,
+    unanswered: u64,
+    requests: [u64; CLASSES],
+    /// Indexed by `TO_BACKEND`, `FROM_BACKEND`.
+    packets: [u64; 2],
+    bytes: [u64; 2],
+    /// Samples added to `connect_hist` and `ttfb_hist`.
+    connect_samples: u64,
+    ttfb_samples: u64,
+}
+
+/// What one packet added to a backend's statistics.
+#[derive(Debug)]
+struct Step {
+    seen: Seen,
+    /// Added to `connect_sum_ns` and `ttfb_sum_ns`.
+    connect_ns: u64,
+    ttfb_ns: u64,
+    /// The bucket of every sample added, once per sample.
+    connect_buckets: Vec<u32>,
+    ttfb_buckets: Vec<u32>,
+}
+
+impl Step {
+    fn between(a: &BackendStats, b: &BackendStats) -> Self {
+        let buckets = |x: &[u32; hist::BUCKETS], y: &[u32; hist::BUCKETS]| -> Vec<u32> {
+            (0..hist::BUCKETS as u32)
+                .flat_map(|i| {
+                    let n = y[i as usize].wrapping_sub(x[i as usize]);
+                    std::iter::repeat_n(i, n as usize)
+                })
+                .collect()
+        };
+        let connect_buckets = buckets(&a.connect_hist, &b.connect_hist);
+        let ttfb_buckets = buckets(&a.ttfb_hist, &b.ttfb_hist);
+        let d = |x: u64, y: u64| y.checked_sub(x).expect("statistics only grow");
+        let requests: [u64; CLASSES] = std::array::from_fn(|c| d(a.requests[c], b.requests[c]));
+        Self {
+            seen: Seen {
+                connections: d(a.connections, b.connections),
+                connects: d(a.connects, b.connects),
+                refused: d(a.refused, b.refused),
+                resets: d(a.resets, b.resets),
+                unanswered: d(a.unanswered, b.unanswered),
+                requests,
+                packets: [0, 1].map(|i| d(a.packets[i], b.packets[i])),
+                bytes: [0, 1].map(|i| d(a.bytes[i], b.bytes[i])),
+                connect_samples: connect_buckets.len() as u64,
+                ttfb_samples: ttfb_buckets.len() as u64,
+            },
+            connect_ns: d(a.connect_sum_ns, b.connect_sum_ns),
+            ttfb_ns: d(a.ttfb_sum_ns, b.ttfb_sum_ns),
+            connect_buckets,
+            ttfb_buckets,
+        }
+    }
+
+    /// Asserts the step counted exactly `seen` and, where it added no
+    /// sample, added no time either.
+    fn expect(&self, seen: Seen, what: &str) -> &Self {
+        assert_eq!(self.seen, seen, "{what}: {self:#?}");
+        if seen.connect_samples == 0 {
+            assert_eq!(self.connect_ns, 0, "{what}: connect time without a sample");
+        }
+        if seen.ttfb_samples == 0 {
+            assert_eq!(self.ttfb_ns, 0, "{what}: TTFB without a sample");
+        }
+        self
+    }
+
+    /// The step added one connect-time sample, of a connection whose SYN was
+    /// sent after `since`: its bucket is the bucket of its duration, which is
+    /// positive and no longer than the host saw pass.
+    fn one_connect_sample(&self, since: Instant) -> &Self {
+        one_sample("connect", self.connect_ns, &self.connect_buckets, since);
+        self
+    }
+
+    /// As [`Step::one_connect_sample`], for the time to first byte of a
+    /// request sent after `since`.
+    fn one_ttfb_sample(&self, since: Instant) -> &Self {
+        one_sample("TTFB", self.ttfb_ns, &self.ttfb_buckets, since);
+        self
+    }
+}
+
+fn one_sample(what: &str, ns: u64, buckets: &[u32], since: Instant) {
+    let elapsed = since.elapsed().as_nanos() as u64;
+    assert!(
+        ns > 0 && ns <= elapsed,
+        "{what} sample of {ns} ns, but {elapsed} ns passed on the host"
+    );
+    assert_eq!(
+        buckets,
+        [bucket_index(ns)],
+        "one {what} sample of {ns} ns, in its bucket"
+    );
+}
+
+/// `requests` with class `class` counted once.
+fn one_request(class: usize) -> [u64; CLASSES] {
+    let mut r = [0; CLASSES];
+    r[class] = 1;
+    r
+}
+
+/// The IPv4 total length of an Ethernet / IPv4 frame, read with etherparse.
+fn ip_len(frame: &[u8]) -> u64 {
+    Ipv4Header::from_slice(&frame[14..])
+        .expect("an IPv4 header")
+        .0
+        .total_len as u64
+}
+
+/// What one packet to the backend counts when it only counts itself.
+fn sent(frame: &[u8]) -> Seen {
+    Seen {
+        packets: [1, 0],
+        bytes: [ip_len(frame), 0],
+        ..Seen::default()
+    }
+}
+
+/// What one packet from the backend counts when it only counts itself.
+fn answered(frame: &[u8]) -> Seen {
+    Seen {
+        packets: [0, 1],
+        bytes: [0, ip_len(frame)],
+        ..Seen::default()
     }
 }
 
@@ -243,6 +530,15 @@ impl Hook {
             Hook::Xdp => Counter::XdpSteered,
             Hook::TcIngress => Counter::TcSteered,
             Hook::TcEgress => Counter::TcReversed,
+        }
+    }
+
+    /// What the hook counts for a well-formed packet it passes untouched.
+    fn passed_counter(self) -> Counter {
+        match self {
+            Hook::Xdp => Counter::XdpPassed,
+            Hook::TcIngress => Counter::TcPassed,
+            Hook::TcEgress => Counter::EgressPassed,
         }
     }
 }
@@ -561,8 +857,10 @@ fn assert_reverse_translated(input: &[u8], out: &[u8], expected_src: SocketAddrV
     assert_rewritten(input, out, End::Source, expected_src);
 }
 
-/// The two conntrack entries of `client`'s connection to the VIP via `backend`.
-fn assert_conntrack_has(k: &Kanari, client: SocketAddrV4, backend: SocketAddrV4) {
+/// The two conntrack entries of `client`'s connection to the VIP via
+/// `backend`: the reverse entry exactly, the forward entry but for the
+/// observer's state (its timestamps and status-line progress), which it returns.
+fn assert_conntrack_has(k: &Kanari, client: SocketAddrV4, backend: SocketAddrV4) -> CtEntry {
     let ct = k.conntrack();
     let group = group_of(backend);
     let svc = k.applied.service(VIP).expect("web is applied");
@@ -586,16 +884,23 @@ fn assert_conntrack_has(k: &Kanari, client: SocketAddrV4, backend: SocketAddrV4)
                 panic!("no conntrack entry {key:?} for {client} via {backend}; table: {ct:#?}")
             })
     };
-    let expected = |(addr, port), kind| CtEntry {
-        addr,
-        port,
-        group: group as u8,
-        kind,
-        backend_id,
-        service_id: svc.value.id,
-    };
-    assert_eq!(entry(forward), expected(b, CT_FORWARD));
+    let expected =
+        |(addr, port), kind| CtEntry::new(kind, addr, port, group as u8, backend_id, svc.value.id);
     assert_eq!(entry(reverse), expected(v, CT_REVERSE));
+    let f = entry(forward);
+    let http = k.service().protocol == config::Protocol::Http;
+    assert_eq!(
+        f,
+        CtEntry {
+            flags: if http { CT_F_HTTP } else { 0 },
+            syn_ns: f.syn_ns,
+            req_ns: f.req_ns,
+            status_pos: f.status_pos,
+            status_code: f.status_code,
+            ..expected(b, CT_FORWARD)
+        }
+    );
+    f
 }
 
 // ---- 1, 2: new connections land on the predicted backend ------------------------------------
@@ -609,7 +914,8 @@ fn syn_lands_on_the_predicted_backend(hook: Hook) {
         let syn = Tcp4::syn(CLIENT, VIP).build();
         k.expect_translated(hook, &syn, backend);
         assert_eq!(k.counter(hook.new_counter()), 1);
-        assert_conntrack_has(&k, CLIENT, backend);
+        let f = assert_conntrack_has(&k, CLIENT, backend);
+        assert!(f.syn_ns != 0 && f.req_ns == 0 && f.status_pos == 0, "{f:?}");
     }
 
     let mut k = Kanari::load(web(10, ""));
@@ -669,7 +975,7 @@ fn the_reply_is_reverse_nated_to_the_vip(hook: Hook) {
         ("the client's own SYN", Tcp4::syn(CLIENT, VIP)),
         ("the DNATed SYN", Tcp4::syn(CLIENT, backend)),
     ] {
-        k.expect_untouched(Hook::TcEgress, &frame.build(), what);
+        k.expect_untouched(Hook::TcEgress, &frame.build(), what, Counter::EgressPassed);
     }
     assert_eq!(k.counter(Counter::TcReversed), 1);
 }
@@ -742,6 +1048,43 @@ fn ip_options_are_preserved_and_the_tcp_header_found_after_them(hook: Hook) {
 
 // ---- 6: what is not a service packet passes byte-identical ----------------------------------
 
+/// A SYN to the VIP with `f` applied to its bytes (the checksums are not
+/// fixed: the parser rejects these frames before it would look at them).
+fn broken_syn(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut syn = Tcp4::syn(CLIENT, VIP).build();
+    f(&mut syn);
+    syn
+}
+
+/// Frames whose headers contradict themselves or are cut short inside what
+/// they announce: every hook counts them as `Malformed` and passes them.
+fn malformed_frames() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "IPv4 version 6 under the IPv4 EtherType",
+            broken_syn(|f| f[14] = 0x65),
+        ),
+        ("IPv4 IHL 4", broken_syn(|f| f[14] = 0x44)),
+        (
+            "IPv4 total length shorter than the headers",
+            broken_syn(|f| f[16..18].copy_from_slice(&39u16.to_be_bytes())),
+        ),
+        (
+            "IPv4 total length past the frame",
+            broken_syn(|f| f[16..18].copy_from_slice(&61u16.to_be_bytes())),
+        ),
+        (
+            "TCP data offset 4",
+            broken_syn(|f| f[34 + 12] = 0x40 | (f[34 + 12] & 0x0f)),
+        ),
+        (
+            // A 40-byte TCP header (SYN options) announcing 60.
+            "TCP data offset past the segment",
+            broken_syn(|f| f[34 + 12] = 0xf0 | (f[34 + 12] & 0x0f)),
+        ),
+    ]
+}
+
 fn unrelated_frames() -> Vec<(&'static str, Vec<u8>)> {
     let vip = *VIP.ip();
     vec![
@@ -780,14 +1123,31 @@ fn unrelated_frames() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// Each unrelated frame counts one `*Passed` of its hook, each malformed one
+/// one `Malformed`; nothing else moves, and nothing is recorded.
 fn unrelated_frames_pass_byte_identical(hook: Hook) {
     let mut k = Kanari::load(web(50, ""));
-    for (what, frame) in unrelated_frames() {
-        k.expect_untouched(hook, &frame, what);
+    let unrelated = unrelated_frames();
+    let malformed = malformed_frames();
+    for (what, frame) in &unrelated {
+        k.expect_untouched(hook, frame, what, hook.passed_counter());
+    }
+    for (what, frame) in &malformed {
+        k.expect_untouched(hook, frame, what, Counter::Malformed);
     }
     assert!(k.conntrack().is_empty(), "{hook:?}: {:#?}", k.conntrack());
     let counted: Vec<_> = k.counters().into_iter().filter(|(_, v)| *v != 0).collect();
-    assert!(counted.is_empty(), "{hook:?} counted {counted:?}");
+    assert_eq!(
+        counted,
+        vec![
+            (Counter::Malformed, malformed.len() as u64),
+            (hook.passed_counter(), unrelated.len() as u64),
+        ],
+        "{hook:?}"
+    );
+    for (b, s) in k.all_stats() {
+        assert_eq!(s, BackendStats::ZERO, "{hook:?}: statistics of {b}");
+    }
 }
 
 // ---- 7: truncation --------------------------------------------------------------------------
@@ -817,14 +1177,24 @@ fn rewritten_truncations(k: &mut Kanari, hook: Hook, frame: &[u8]) -> Vec<usize>
             "{hook:?} with {len} bytes"
         );
     }
-    (min..frame.len())
+    let (counters, stats) = (k.counters(), k.all_stats());
+    let rewritten = (min..frame.len())
         .filter(|&len| {
             let cut = &frame[..len];
             let (verdict, out) = k.run(hook, cut);
             assert_eq!(verdict, hook.pass(), "{hook:?} cut to {len}");
             out != cut
         })
-        .collect()
+        .collect();
+    // Every cut the kernel ran is a frame cut short: one `Malformed` each, nothing else.
+    assert_eq!(
+        counter_delta(&counters, &k.counters()),
+        vec![(Counter::Malformed, (frame.len() - min) as u64)],
+        "{hook:?}: counters of {} cuts",
+        frame.len() - min
+    );
+    assert_eq!(k.all_stats(), stats, "{hook:?}: a cut frame was observed");
+    rewritten
 }
 
 fn truncated_syns_pass_byte_identical_and_record_nothing(hook: Hook) {
@@ -857,15 +1227,12 @@ fn xdp_defers_a_syn_with_a_partial_checksum() {
     let seed = csum::pseudo_seed(wire::addr(*CLIENT.ip()), wire::addr(*VIP.ip()), 6, l4_len);
     syn[34 + 16..34 + 18].copy_from_slice(&seed.to_ne_bytes());
 
-    let (verdict, out) = run_xdp(&mut k.dp, &syn);
-    assert_eq!(verdict, XDP_PASS);
-    assert_eq!(
-        hex(&out),
-        hex(&syn),
-        "XDP changed a partial-checksum packet"
+    k.expect_untouched(
+        Hook::Xdp,
+        &syn,
+        "a SYN with a partial checksum",
+        Counter::XdpDeferred,
     );
-    assert_eq!(k.counter(Counter::XdpDeferred), 1);
-    assert_eq!(k.counter(Counter::XdpSteeredNew), 0);
     assert!(k.conntrack().is_empty(), "{:#?}", k.conntrack());
 }
 
@@ -908,7 +1275,8 @@ fn an_ack_of_an_unknown_flow_recreates_entries_and_a_rst_creates_none(hook: Hook
     let (_, backend) = k.predict(CLIENT);
     k.expect_translated(hook, &Tcp4::new(CLIENT, VIP, TCP_ACK).build(), backend);
     assert_eq!(k.conntrack().len(), 2);
-    assert_conntrack_has(&k, CLIENT, backend);
+    let f = assert_conntrack_has(&k, CLIENT, backend);
+    assert!(f.syn_ns == 0 && f.req_ns == 0, "no SYN, no payload: {f:?}");
     assert_eq!(k.counter(Counter::Fallback), 1);
     assert_eq!(k.counter(hook.new_counter()), 1);
 
@@ -979,6 +1347,627 @@ fn connection_affinity_splits_by_flow_hash(hook: Hook) {
     assert_eq!(k.conntrack().len(), 600);
 }
 
+// ---- 13: the observer: connect time ---------------------------------------------------------
+
+/// A SYN-ACK with Linux's options, from `backend` to `client` (before reverse NAT).
+fn syn_ack(backend: SocketAddrV4, client: SocketAddrV4) -> Vec<u8> {
+    reply(backend, client, TCP_SYN | TCP_ACK)
+        .tcp_options(&SYN_OPTIONS)
+        .build()
+}
+
+/// A data segment (ACK|PSH) of `client` to the VIP.
+fn request(client: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    Tcp4::new(client, VIP, TCP_ACK | TCP_PSH)
+        .payload(payload)
+        .build()
+}
+
+/// A data segment (ACK|PSH) of `backend` to `client` (before reverse NAT).
+fn response(backend: SocketAddrV4, client: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    reply(backend, client, TCP_ACK | TCP_PSH)
+        .payload(payload)
+        .build()
+}
+
+/// SYN, SYN-ACK, ACK of `client` through `hook`: returns its backend, with
+/// the connection established and no request pending.
+fn handshake(k: &mut Kanari, hook: Hook, client: SocketAddrV4) -> SocketAddrV4 {
+    let (_, backend) = k.predict(client);
+    let syn = Tcp4::syn(client, VIP).build();
+    let since = Instant::now();
+    k.send(hook, &syn, backend).expect(
+        Seen {
+            connections: 1,
+            ..sent(&syn)
+        },
+        "SYN",
+    );
+    let sa = syn_ack(backend, client);
+    k.answer(&sa, backend)
+        .expect(
+            Seen {
+                connects: 1,
+                connect_samples: 1,
+                ..answered(&sa)
+            },
+            "SYN-ACK",
+        )
+        .one_connect_sample(since);
+    let ack = Tcp4::new(client, VIP, TCP_ACK).build();
+    k.send(hook, &ack, backend).expect(sent(&ack), "ACK");
+    let f = k.forward(client);
+    assert!(f.syn_ns == 0 && f.req_ns == 0 && f.status_pos == 0, "{f:?}");
+    backend
+}
+
+/// One request and its response on an established connection: the response
+/// counts `class` and one TTFB sample.
+fn exchange(
+    k: &mut Kanari,
+    hook: Hook,
+    client: SocketAddrV4,
+    backend: SocketAddrV4,
+    (req, resp): (&[u8], &[u8]),
+    class: usize,
+) {
+    let since = Instant::now();
+    let get = request(client, req);
+    k.send(hook, &get, backend).expect(sent(&get), "request");
+    let f = k.forward(client);
+    assert!(
+        f.req_ns != 0 && f.status_pos == 0,
+        "a request is pending: {f:?}"
+    );
+    let resp = response(backend, client, resp);
+    k.answer(&resp, backend)
+        .expect(
+            Seen {
+                requests: one_request(class),
+                ttfb_samples: 1,
+                ..answered(&resp)
+            },
+            "response",
+        )
+        .one_ttfb_sample(since);
+    let f = k.forward(client);
+    assert!(f.req_ns == 0 && f.status_pos == 0, "answered: {f:?}");
+}
+
+/// A SYN counts a connection of its backend; the SYN-ACK through egress
+/// counts a connect with one connect-time sample and clears the SYN time in
+/// the forward entry; a SYN-ACK sent again times nothing.
+fn a_syn_ack_times_the_connect(hook: Hook) {
+    let mut k = Kanari::load(web(10, ""));
+    let (_, backend) = k.predict(CLIENT);
+    let syn = Tcp4::syn(CLIENT, VIP).build();
+    let since = Instant::now();
+    k.send(hook, &syn, backend).expect(
+        Seen {
+            connections: 1,
+            ..sent(&syn)
+        },
+        "SYN",
+    );
+    let f = assert_conntrack_has(&k, CLIENT, backend);
+    assert!(f.syn_ns != 0 && f.req_ns == 0, "{f:?}");
+
+    let sa = syn_ack(backend, CLIENT);
+    let step = k.answer(&sa, backend);
+    step.expect(
+        Seen {
+            connects: 1,
+            connect_samples: 1,
+            ..answered(&sa)
+        },
+        "SYN-ACK",
+    )
+    .one_connect_sample(since);
+    assert!(step.connect_ns > 0);
+    let f = assert_conntrack_has(&k, CLIENT, backend);
+    assert_eq!((f.syn_ns, f.req_ns), (0, 0), "{f:?}");
+
+    k.answer(&sa, backend)
+        .expect(answered(&sa), "a retransmitted SYN-ACK");
+    let ack = Tcp4::new(CLIENT, VIP, TCP_ACK).build();
+    k.send(hook, &ack, backend).expect(sent(&ack), "ACK");
+    let s = k.stats(backend);
+    assert_eq!((s.connections, s.connects), (1, 1));
+    assert_eq!(s.connect_hist.iter().sum::<u32>(), 1);
+    assert_eq!(s.ttfb_hist.iter().sum::<u32>(), 0);
+}
+
+/// A SYN sent again before any SYN-ACK counts as unanswered, keeps the
+/// backend (even across a weight change) and the first SYN's time; once
+/// answered, a SYN on the same tuple is a new connection, chosen again.
+fn a_retransmitted_syn_is_unanswered_and_keeps_its_backend(hook: Hook) {
+    let mut k = Kanari::load(web(0, ""));
+    let (group, backend) = k.predict(CLIENT);
+    assert_eq!(group, Group::Stable);
+    let syn = Tcp4::syn(CLIENT, VIP).build();
+    let since = Instant::now();
+    k.send(hook, &syn, backend).expect(
+        Seen {
+            connections: 1,
+            ..sent(&syn)
+        },
+        "SYN",
+    );
+    let first = k.forward(CLIENT);
+    assert_ne!(first.syn_ns, 0);
+    let again = Seen {
+        unanswered: 1,
+        ..sent(&syn)
+    };
+    k.send(hook, &syn, backend).expect(again, "SYN again");
+    // Now new clients would go to the canary; this one is still connecting.
+    k.reconfigure(web(100, ""));
+    assert_eq!(k.predict(CLIENT), (Group::Canary, CANARY[0]));
+    k.send(hook, &syn, backend)
+        .expect(again, "SYN again after a weight change");
+    assert_eq!(
+        k.forward(CLIENT),
+        first,
+        "retransmits change nothing in the entry"
+    );
+    assert_eq!(k.conntrack().len(), 2);
+    assert_eq!(k.counter(hook.new_counter()), 1);
+    assert_eq!(k.counter(hook.known_counter()), 2);
+
+    // The SYN-ACK times the connect from the first SYN.
+    let sa = syn_ack(backend, CLIENT);
+    k.answer(&sa, backend)
+        .expect(
+            Seen {
+                connects: 1,
+                connect_samples: 1,
+                ..answered(&sa)
+            },
+            "SYN-ACK",
+        )
+        .one_connect_sample(since);
+
+    // An answered tuple used again: a new connection, steered at today's weight.
+    let since = Instant::now();
+    k.send(hook, &syn, CANARY[0]).expect(
+        Seen {
+            connections: 1,
+            ..sent(&syn)
+        },
+        "a SYN reusing an answered tuple",
+    );
+    let f = assert_conntrack_has(&k, CLIENT, CANARY[0]);
+    assert!(f.syn_ns > first.syn_ns, "{f:?}");
+    assert_eq!(k.counter(hook.new_counter()), 2);
+    let sa = syn_ack(CANARY[0], CLIENT);
+    k.answer(&sa, CANARY[0])
+        .expect(
+            Seen {
+                connects: 1,
+                connect_samples: 1,
+                ..answered(&sa)
+            },
+            "the new connection's SYN-ACK",
+        )
+        .one_connect_sample(since);
+    let s = k.stats(backend);
+    assert_eq!(
+        (s.connections, s.unanswered, s.connects),
+        (1, 2, 1),
+        "{s:?}"
+    );
+}
+
+// ---- 14: the observer: refusals and resets --------------------------------------------------
+
+/// A RST from the backend answering a SYN counts as refused; a RST on an
+/// established connection as a reset; a client's RST as neither.
+fn backend_rsts_count_as_refused_or_reset(hook: Hook) {
+    let mut k = Kanari::load(web(10, ""));
+
+    // Refused: SYN, then RST|ACK from the backend.
+    let (_, backend) = k.predict(CLIENT);
+    let syn = Tcp4::syn(CLIENT, VIP).build();
+    k.send(hook, &syn, backend).expect(
+        Seen {
+            connections: 1,
+            ..sent(&syn)
+        },
+        "SYN",
+    );
+    let rst = reply(backend, CLIENT, TCP_RST | TCP_ACK).build();
+    k.answer(&rst, backend).expect(
+        Seen {
+            refused: 1,
+            ..answered(&rst)
+        },
+        "RST answering the SYN",
+    );
+    let f = k.forward(CLIENT);
+    assert_eq!((f.syn_ns, f.req_ns, f.status_pos), (0, 0, 0), "{f:?}");
+    // A second RST of that connection is a reset of an answered one.
+    k.answer(&rst, backend).expect(
+        Seen {
+            resets: 1,
+            ..answered(&rst)
+        },
+        "RST again",
+    );
+
+    // Reset: an established connection with a request pending.
+    let client = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
+    let backend = handshake(&mut k, hook, client);
+    let get = request(client, HTTP_GET);
+    k.send(hook, &get, backend).expect(sent(&get), "request");
+    let rst = reply(backend, client, TCP_RST).build();
+    k.answer(&rst, backend).expect(
+        Seen {
+            resets: 1,
+            ..answered(&rst)
+        },
+        "RST of an established connection",
+    );
+    let f = k.forward(client);
+    assert_eq!((f.syn_ns, f.req_ns, f.status_pos), (0, 0, 0), "{f:?}");
+    // The reset dropped the pending request: a late response segment counts nothing.
+    let late = response(backend, client, b"HTTP/1.1 200 OK\r\n\r\n");
+    k.answer(&late, backend)
+        .expect(answered(&late), "a response after the RST");
+
+    // A client's RST is the client's business.
+    let client = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 2);
+    let backend = handshake(&mut k, hook, client);
+    let rst = Tcp4::new(client, VIP, TCP_RST | TCP_ACK).build();
+    k.send(hook, &rst, backend)
+        .expect(sent(&rst), "the client's RST");
+}
+
+// ---- 15: the observer: requests -------------------------------------------------------------
+
+const RESPONSE_503: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n";
+const RESPONSE_200: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+
+/// Requests on one keep-alive connection are timed and classed one by one;
+/// segments without a pending request (ACKs, more body, a request's second
+/// segment) count nothing beyond their packet.
+fn http_exchanges_on_keep_alive_are_counted_one_by_one(hook: Hook) {
+    let mut k = Kanari::load(web(10, ""));
+    let backend = handshake(&mut k, hook, CLIENT);
+
+    exchange(
+        &mut k,
+        hook,
+        CLIENT,
+        backend,
+        (b"GET / HTTP/1.1\r\n\r\n", RESPONSE_503),
+        CLASS_5XX,
+    );
+    // The backend's bare ACK, and the client's (padded to 60 bytes), count packets only.
+    let ack = reply(backend, CLIENT, TCP_ACK).build();
+    k.answer(&ack, backend)
+        .expect(answered(&ack), "backend ACK");
+    let mut ack = Tcp4::new(CLIENT, VIP, TCP_ACK).build();
+    ack.extend_from_slice(&[0; 6]);
+    k.send(hook, &ack, backend)
+        .expect(sent(&ack), "padded client ACK");
+    assert_eq!(
+        k.forward(CLIENT).req_ns,
+        0,
+        "Ethernet padding is no payload"
+    );
+
+    exchange(
+        &mut k,
+        hook,
+        CLIENT,
+        backend,
+        (b"GET / HTTP/1.1\r\n\r\n", RESPONSE_200),
+        CLASS_2XX,
+    );
+    // More body of the answered response: no request pending, nothing counted.
+    let body = response(backend, CLIENT, b"more body, and HTTP/1.1 500 in it");
+    k.answer(&body, backend)
+        .expect(answered(&body), "a body segment");
+
+    // A request in two segments is one request, timed from its first.
+    let since = Instant::now();
+    let first = request(CLIENT, b"GET /two HTTP/1.1\r\n");
+    k.send(hook, &first, backend)
+        .expect(sent(&first), "request, first segment");
+    let began = k.forward(CLIENT).req_ns;
+    assert_ne!(began, 0);
+    let second = request(CLIENT, b"Host: web.example\r\n\r\n");
+    k.send(hook, &second, backend)
+        .expect(sent(&second), "request, second segment");
+    assert_eq!(
+        k.forward(CLIENT).req_ns,
+        began,
+        "the request began with its first segment"
+    );
+    let resp = response(backend, CLIENT, b"HTTP/1.0 404 Not Found\r\n\r\n");
+    k.answer(&resp, backend)
+        .expect(
+            Seen {
+                requests: one_request(CLASS_4XX),
+                ttfb_samples: 1,
+                ..answered(&resp)
+            },
+            "404",
+        )
+        .one_ttfb_sample(since);
+
+    let s = k.stats(backend);
+    assert_eq!(
+        s.requests,
+        [0, 1, 0, 1, 1, 0],
+        "other, 2xx, 3xx, 4xx, 5xx, none"
+    );
+    assert_eq!(s.ttfb_hist.iter().sum::<u32>(), 3);
+    assert_eq!(s.connect_hist.iter().sum::<u32>(), 1);
+}
+
+/// A status line split across two response segments is counted once, after
+/// the second; the parse state waits in the forward entry in between.
+fn a_status_line_split_across_segments_is_counted_once(hook: Hook) {
+    let mut k = Kanari::load(web(10, ""));
+    let backend = handshake(&mut k, hook, CLIENT);
+    let since = Instant::now();
+    let get = request(CLIENT, HTTP_GET);
+    k.send(hook, &get, backend).expect(sent(&get), "request");
+
+    let head = response(backend, CLIENT, b"HTTP/1.1 2");
+    k.answer(&head, backend)
+        .expect(
+            Seen {
+                ttfb_samples: 1,
+                ..answered(&head)
+            },
+            "the status line's first 10 bytes",
+        )
+        .one_ttfb_sample(since);
+    let f = k.forward(CLIENT);
+    assert_eq!((f.req_ns, f.status_pos, f.status_code), (0, 10, 2), "{f:?}");
+    // A client ACK in between neither starts a request nor disturbs the parse.
+    let ack = Tcp4::new(CLIENT, VIP, TCP_ACK).build();
+    k.send(hook, &ack, backend).expect(sent(&ack), "client ACK");
+
+    let tail = response(backend, CLIENT, b"04 No Content\r\n\r\n");
+    k.answer(&tail, backend).expect(
+        Seen {
+            requests: one_request(CLASS_2XX),
+            ..answered(&tail)
+        },
+        "the rest of the status line",
+    );
+    let f = k.forward(CLIENT);
+    assert_eq!((f.req_ns, f.status_pos), (0, 0), "{f:?}");
+    let more = response(backend, CLIENT, b"04 No Content\r\n\r\n");
+    k.answer(&more, backend)
+        .expect(answered(&more), "the same segment again");
+
+    // Split at every byte of the status line, on one keep-alive connection.
+    let line = b"HTTP/1.1 302 Found\r\nLocation: /\r\n\r\n";
+    for cut in 1..12 {
+        let since = Instant::now();
+        let get = request(CLIENT, HTTP_GET);
+        k.send(hook, &get, backend).expect(sent(&get), "request");
+        let head = response(backend, CLIENT, &line[..cut]);
+        k.answer(&head, backend)
+            .expect(
+                Seen {
+                    ttfb_samples: 1,
+                    ..answered(&head)
+                },
+                &format!("status line cut at {cut}"),
+            )
+            .one_ttfb_sample(since);
+        assert_eq!(k.forward(CLIENT).status_pos as usize, cut);
+        let tail = response(backend, CLIENT, &line[cut..]);
+        k.answer(&tail, backend).expect(
+            Seen {
+                requests: one_request(CLASS_3XX),
+                ..answered(&tail)
+            },
+            &format!("rest of the status line from {cut}"),
+        );
+    }
+    let s = k.stats(backend);
+    assert_eq!(s.requests, [0, 1, 11, 0, 0, 0]);
+    assert_eq!(s.ttfb_hist.iter().sum::<u32>(), 12);
+}
+
+/// An answer that is no HTTP/1.x status line counts as `other`, whole or
+/// found invalid in its second segment.
+fn a_response_that_is_not_http_counts_as_other(hook: Hook) {
+    let mut k = Kanari::load(web(10, ""));
+    let backend = handshake(&mut k, hook, CLIENT);
+    exchange(
+        &mut k,
+        hook,
+        CLIENT,
+        backend,
+        (b"SSH-2.0-golden\r\n", b"SSH-2.0-OpenSSH\r\n"),
+        CLASS_OTHER,
+    );
+    exchange(
+        &mut k,
+        hook,
+        CLIENT,
+        backend,
+        (HTTP_GET, b"HTTP/2 200 OK\r\n\r\n"),
+        CLASS_OTHER,
+    );
+    // A short answer: fewer than 12 bytes, invalid from its first byte.
+    exchange(
+        &mut k,
+        hook,
+        CLIENT,
+        backend,
+        (HTTP_GET, b"OK"),
+        CLASS_OTHER,
+    );
+
+    let get = request(CLIENT, HTTP_GET);
+    k.send(hook, &get, backend).expect(sent(&get), "request");
+    let head = response(backend, CLIENT, b"HTTP/1.1 2");
+    k.answer(&head, backend).expect(
+        Seen {
+            ttfb_samples: 1,
+            ..answered(&head)
+        },
+        "a valid start",
+    );
+    let tail = response(backend, CLIENT, b"x0 OK\r\n\r\n");
+    k.answer(&tail, backend).expect(
+        Seen {
+            requests: one_request(CLASS_OTHER),
+            ..answered(&tail)
+        },
+        "an invalid end",
+    );
+    assert_eq!(k.forward(CLIENT).status_pos, 0);
+    assert_eq!(k.stats(backend).requests, [4, 0, 0, 0, 0, 0]);
+}
+
+/// A `protocol: tcp` service times each exchange and classes none, whatever
+/// the response looks like.
+fn a_tcp_service_counts_exchanges_without_a_class(hook: Hook) {
+    let mut k = Kanari::load(web(10, "    protocol: tcp\n"));
+    assert_eq!(k.service().protocol, config::Protocol::Tcp);
+    let backend = handshake(&mut k, hook, CLIENT);
+    assert_eq!(assert_conntrack_has(&k, CLIENT, backend).flags, 0);
+    for resp in [
+        &b"SSH-2.0-OpenSSH\r\n"[..],
+        RESPONSE_503,
+        b"HTTP/1.1 2",
+        b"04 is no status here",
+    ] {
+        exchange(
+            &mut k,
+            hook,
+            CLIENT,
+            backend,
+            (b"ping\r\n", resp),
+            CLASS_NONE,
+        );
+    }
+    // A response segment without a request: nothing.
+    let more = response(backend, CLIENT, b"more");
+    k.answer(&more, backend).expect(answered(&more), "more");
+    let s = k.stats(backend);
+    assert_eq!(s.requests, [0, 0, 0, 0, 0, 4]);
+    assert_eq!(s.ttfb_hist.iter().sum::<u32>(), 4);
+}
+
+/// A request on a connection whose entry was lost (recreated by its data
+/// segment) is still timed and classed.
+fn a_request_on_a_recreated_entry_is_counted(hook: Hook) {
+    let mut k = Kanari::load(web(10, ""));
+    let (_, backend) = k.predict(CLIENT);
+    let since = Instant::now();
+    let get = request(CLIENT, HTTP_GET);
+    k.send(hook, &get, backend)
+        .expect(sent(&get), "a request without entry");
+    assert_eq!(k.counter(Counter::Fallback), 1);
+    let f = assert_conntrack_has(&k, CLIENT, backend);
+    assert!(f.syn_ns == 0 && f.req_ns != 0, "{f:?}");
+    let resp = response(backend, CLIENT, RESPONSE_200);
+    k.answer(&resp, backend)
+        .expect(
+            Seen {
+                requests: one_request(CLASS_2XX),
+                ttfb_samples: 1,
+                ..answered(&resp)
+            },
+            "its response",
+        )
+        .one_ttfb_sample(since);
+}
+
+// ---- 16: the observer: bytes and packets ----------------------------------------------------
+
+/// Each direction counts its packets and their IPv4 total length: options
+/// in, Ethernet header and padding out. Passed packets count nothing.
+fn bytes_and_packets_count_the_ip_total_length(hook: Hook) {
+    let mut k = Kanari::load(web(10, ""));
+    let (_, backend) = k.predict(CLIENT);
+    let other = STABLE
+        .into_iter()
+        .chain(CANARY)
+        .find(|b| *b != backend)
+        .unwrap();
+    let syn = Tcp4::syn(CLIENT, VIP).ip_options(&IP_OPTIONS).build();
+    let ack = {
+        let mut f = Tcp4::new(CLIENT, VIP, TCP_ACK).build();
+        f.extend_from_slice(&[0; 6]);
+        f
+    };
+    let get = request(CLIENT, HTTP_GET);
+    let get_options = Tcp4::new(CLIENT, VIP, TCP_ACK | TCP_PSH)
+        .ip_options(&IP_OPTIONS)
+        .payload(HTTP_GET)
+        .build();
+    let fin = Tcp4::new(CLIENT, VIP, TCP_FIN | TCP_ACK).build();
+    let sa = syn_ack(backend, CLIENT);
+    let resp = response(backend, CLIENT, RESPONSE_200);
+    let resp_ack = {
+        let mut f = reply(backend, CLIENT, TCP_ACK).build();
+        f.extend_from_slice(&[0xa5; 6]);
+        f
+    };
+    // The IPv4 total lengths, spelled out.
+    let get_len = 20 + 20 + HTTP_GET.len() as u64;
+    for (frame, frame_len, ip) in [
+        (&syn, 14 + 68, 28 + 40),
+        (&ack, 60, 40),
+        (&get, 14 + get_len, get_len),
+        (&get_options, 14 + 8 + get_len, 8 + get_len),
+        (&fin, 54, 40),
+        (&sa, 14 + 60, 60),
+        (
+            &resp,
+            54 + RESPONSE_200.len() as u64,
+            40 + RESPONSE_200.len() as u64,
+        ),
+        (&resp_ack, 60, 40),
+    ] {
+        assert_eq!((frame.len() as u64, ip_len(frame)), (frame_len, ip));
+    }
+
+    for f in [&syn, &ack, &get, &get_options, &fin] {
+        k.expect_translated(hook, f, backend);
+    }
+    for f in [&sa, &resp, &resp_ack] {
+        let (_, out) = k.run(Hook::TcEgress, f);
+        assert_reverse_translated(f, &out, VIP);
+    }
+    // Not the service's: counted nowhere.
+    k.expect_untouched(
+        hook,
+        &Tcp4::new(CLIENT, SocketAddrV4::new(*VIP.ip(), 81), TCP_ACK).build(),
+        "TCP to VIP:81",
+        hook.passed_counter(),
+    );
+    k.expect_untouched(
+        Hook::TcEgress,
+        &reply(other, CLIENT, TCP_ACK).build(),
+        "a reply of another backend",
+        Counter::EgressPassed,
+    );
+
+    let s = k.stats(backend);
+    assert_eq!(s.packets, [5, 3]);
+    assert_eq!(
+        s.bytes,
+        [
+            68 + 40 + get_len + (8 + get_len) + 40,
+            60 + (40 + RESPONSE_200.len() as u64) + 40
+        ]
+    );
+    assert_eq!(k.stats(other), BackendStats::ZERO);
+}
+
 // ---- The tests ------------------------------------------------------------------------------
 
 /// Every scenario above that takes a `Hook` runs once through XDP (`xdp::…`)
@@ -1010,6 +1999,15 @@ through_each_ingress!(
     an_ack_of_an_unknown_flow_recreates_entries_and_a_rst_creates_none,
     a_client_segment_wins_over_the_weight,
     connection_affinity_splits_by_flow_hash,
+    a_syn_ack_times_the_connect,
+    a_retransmitted_syn_is_unanswered_and_keeps_its_backend,
+    backend_rsts_count_as_refused_or_reset,
+    http_exchanges_on_keep_alive_are_counted_one_by_one,
+    a_status_line_split_across_segments_is_counted_once,
+    a_response_that_is_not_http_counts_as_other,
+    a_tcp_service_counts_exchanges_without_a_class,
+    a_request_on_a_recreated_entry_is_counted,
+    bytes_and_packets_count_the_ip_total_length,
 );
 
 mod tc_egress {
@@ -1018,6 +2016,55 @@ mod tc_egress {
     #[test]
     fn unrelated_frames_pass_byte_identical() {
         super::unrelated_frames_pass_byte_identical(Hook::TcEgress);
+    }
+
+    /// A client reuses an answered tuple and the new connection lands on
+    /// another backend: the old backend's reverse entry goes, so its late RST
+    /// is neither translated onto the new connection nor counted, and the new
+    /// connection's SYN time survives for its own backend's SYN-ACK (a
+    /// forward entry also only listens to the backend it points at).
+    #[test]
+    fn a_stale_backends_rst_leaves_the_new_connection_alone() {
+        let hook = Hook::TcIngress;
+        let mut k = Kanari::load(web(0, ""));
+        let (_, old) = k.predict(CLIENT);
+        let syn = Tcp4::syn(CLIENT, VIP).build();
+        k.send(hook, &syn, old);
+        k.answer(&syn_ack(old, CLIENT), old);
+        k.reconfigure(web(100, ""));
+        k.send(hook, &syn, CANARY[0]).expect(
+            Seen {
+                connections: 1,
+                ..sent(&syn)
+            },
+            "a SYN reusing the answered tuple",
+        );
+        assert_eq!(k.conntrack().len(), 2, "the old reverse entry is gone");
+
+        let before = k.all_stats();
+        let rst = reply(old, CLIENT, TCP_RST | TCP_ACK).build();
+        let (verdict, out) = k.run(Hook::TcEgress, &rst);
+        assert_eq!(verdict, Hook::TcEgress.pass());
+        assert_eq!(
+            out, rst,
+            "the old backend's RST is not translated onto the new connection"
+        );
+        let stale = k.step(&before, old, "the old backend's late RST");
+        assert_eq!(stale.seen.refused, 0, "{:?}", stale.seen);
+        assert_ne!(
+            k.forward(CLIENT).syn_ns,
+            0,
+            "the new connection still waits"
+        );
+        let sa = syn_ack(CANARY[0], CLIENT);
+        k.answer(&sa, CANARY[0]).expect(
+            Seen {
+                connects: 1,
+                connect_samples: 1,
+                ..answered(&sa)
+            },
+            "the new backend's SYN-ACK",
+        );
     }
 
     /// An existing connection's SYN-ACK, cut short, passes untouched.
@@ -1037,6 +2084,7 @@ mod tc_egress {
             syn_ack.len() - 14
         );
         assert_eq!(k.counter(Counter::TcReversed), 0);
+        assert_eq!(k.counter(Counter::EgressPassed), 0);
     }
 }
 
@@ -1071,6 +2119,14 @@ fn delta(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> String {
 ///   the frame (new connections: a new client each time), averaged. This is
 ///   the path named, plus the kernel timer's own cost of one run (compare the
 ///   unrelated packet in both columns).
+///
+/// The observer's state decides the path of an established packet: a client
+/// segment with payload starts a request only when none is pending, a
+/// backend segment with payload is timed and classed only when one is. The
+/// plain rows repeat one packet, so after the first call they take the
+/// cheaper branch (request already pending / none pending); the rows marked
+/// "(after …)" run an untimed packet of the other direction before each
+/// timed call, so every timed call takes the observing branch.
 #[test]
 fn ns_per_packet() {
     const REPEAT: u32 = 100_000;
@@ -1078,7 +2134,7 @@ fn ns_per_packet() {
     let mut k = Kanari::load(web(10, ""));
     let client = |i: u32| SocketAddrV4::new(Ipv4Addr::from(0x0a09_0000 + i), 50000);
     let (c_xdp, c_tc) = (client(1), client(2));
-    let (_, b_tc) = k.predict(c_tc);
+    let ((_, b_xdp), (_, b_tc)) = (k.predict(c_xdp), k.predict(c_tc));
     // Open the connections the established cases use (correctness is the other tests' job).
     assert_eq!(
         run_xdp(&mut k.dp, &Tcp4::syn(c_xdp, VIP).build()).0,
@@ -1089,42 +2145,74 @@ fn ns_per_packet() {
         run_tc(&mut k.dp, programs::TC_INGRESS, &tc_syn).0,
         TC_ACT_UNSPEC
     );
+    for (b, c) in [(b_xdp, c_xdp), (b_tc, c_tc)] {
+        assert_eq!(
+            run_tc(&mut k.dp, programs::TC_EGRESS, &syn_ack(b, c)).0,
+            TC_ACT_UNSPEC
+        );
+    }
     assert_eq!(k.conntrack().len(), 4);
 
-    let get = |c| {
-        Tcp4::new(c, VIP, TCP_ACK | TCP_PSH)
-            .payload(HTTP_GET)
-            .build()
-    };
-    let response = reply(b_tc, c_tc, TCP_ACK | TCP_PSH)
-        .payload(b"HTTP/1.1 200 OK\r\n\r\n")
-        .build();
+    let get = |c| request(c, HTTP_GET);
+    let ok = |b, c| response(b, c, b"HTTP/1.1 200 OK\r\n\r\n");
     let unrelated = Tcp4::syn(c_xdp, SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 99), 80)).build();
     let new_syns: Vec<Vec<u8>> = (0..=CALLS)
         .map(|i| Tcp4::syn(client(1000 + i), VIP).build())
         .collect();
-    let cases: Vec<(&str, Hook, Vec<Vec<u8>>)> = vec![
-        ("XDP SYN, new connection", Hook::Xdp, new_syns),
-        ("XDP established ACK+data", Hook::Xdp, vec![get(c_xdp)]),
+    // (name, hook, frames, untimed packet before each timed call)
+    type Case = (&'static str, Hook, Vec<Vec<u8>>, Option<(Hook, Vec<u8>)>);
+    let cases: Vec<Case> = vec![
+        ("XDP SYN, new connection", Hook::Xdp, new_syns, None),
+        (
+            "XDP established ACK+data",
+            Hook::Xdp,
+            vec![get(c_xdp)],
+            None,
+        ),
         (
             "TC ingress established ACK+data",
             Hook::TcIngress,
             vec![get(c_tc)],
+            None,
         ),
-        ("TC egress reply", Hook::TcEgress, vec![response]),
+        (
+            "TC egress reply",
+            Hook::TcEgress,
+            vec![ok(b_tc, c_tc)],
+            None,
+        ),
+        (
+            "XDP request (after a response)",
+            Hook::Xdp,
+            vec![get(c_xdp)],
+            Some((Hook::TcEgress, ok(b_xdp, c_xdp))),
+        ),
+        (
+            "TC ingress request (after a response)",
+            Hook::TcIngress,
+            vec![get(c_tc)],
+            Some((Hook::TcEgress, ok(b_tc, c_tc))),
+        ),
+        (
+            "TC egress response (after a request)",
+            Hook::TcEgress,
+            vec![ok(b_tc, c_tc)],
+            Some((Hook::TcIngress, get(c_tc))),
+        ),
         (
             "XDP unrelated (TCP to 10.0.0.99:80)",
             Hook::Xdp,
             vec![unrelated],
+            None,
         ),
     ];
 
     eprintln!();
     eprintln!(
-        "{:<36} {:>10} {:>10}  what ran: repeat | 1/call (counter deltas)",
+        "{:<40} {:>10} {:>10}  what ran: repeat | 1/call (counter deltas, untimed packets included)",
         "path (ns per packet)", "repeat", "1/call"
     );
-    for (name, hook, frames) in cases {
+    for (name, hook, frames, prep) in cases {
         let before = k.counters();
         let (r, _) = test_run(&mut k.dp, hook, &frames[0], REPEAT).expect("test run");
         let after = k.counters();
@@ -1132,13 +2220,16 @@ fn ns_per_packet() {
 
         let mut total = 0u128;
         for i in 0..CALLS as usize {
+            if let Some((h, f)) = &prep {
+                test_run(&mut k.dp, *h, f, 1).expect("test run");
+            }
             let frame = &frames[(1 + i) % frames.len()];
             let (r, _) = test_run(&mut k.dp, hook, frame, 1).expect("test run");
             total += r.duration.as_nanos();
         }
         let per_call = total as f64 / CALLS as f64;
         eprintln!(
-            "{name:<36} {repeated:>10.1} {per_call:>10.1}  {} | {}",
+            "{name:<40} {repeated:>10.1} {per_call:>10.1}  {} | {}",
             delta(&before, &after),
             delta(&after, &k.counters())
         );
@@ -1146,4 +2237,11 @@ fn ns_per_packet() {
             assert!(ns > 0.0 && ns < 100_000.0, "{name}: {ns} ns per packet");
         }
     }
+    // Every request of the "(after …)" rows was answered and classed.
+    let s = k.stats(b_tc);
+    assert!(
+        s.requests[CLASS_2XX] >= 2 * CALLS as u64,
+        "{:?}",
+        s.requests
+    );
 }

@@ -18,7 +18,7 @@ use kanari_common::{
 };
 use kanari_tests::{
     agent::{Agent, Stopped, kanari_bin},
-    backend::{BackendHandle, BackendOptions},
+    backend::{BackendHandle, Behavior},
     client::{Conn, Reply, get_once, run_bounded, runtime},
     netns::require_root,
     topology::{NODE_ADDR, Topology, TopologyOptions, VIP, client_addr},
@@ -393,7 +393,7 @@ fn untouched(mode: &str) {
     let _node_server = BackendHandle::start(
         &topo.node,
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port),
-        BackendOptions::healthy("node"),
+        Behavior::healthy("node"),
     )
     .expect("node-local server");
 

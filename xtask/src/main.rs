@@ -19,8 +19,9 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use clap::{Parser, Subcommand};
 
-/// Debian packages the end-to-end tests (and the demo) use.
-const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping"];
+/// Debian packages the end-to-end tests (and the demo) use. `prometheus` brings
+/// the server the observer tests scrape with, and `promtool`.
+const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping", "prometheus"];
 
 /// The toolchain channel that builds the eBPF crate; never a dated one.
 const NIGHTLY: &str = "nightly";
@@ -406,6 +407,9 @@ fn debian_packages(packages: &[&str]) -> Result<()> {
         },
         || {
             ensure!(is_root(), "installing packages needs root");
+            // Packages such as prometheus would start their service on the host;
+            // the tests start their own, in namespaces.
+            let _no_starts = NoServiceStarts::install()?;
             let apt = |args: &[&str]| {
                 run(command("apt-get")
                     .args(args)
@@ -423,6 +427,34 @@ fn debian_packages(packages: &[&str]) -> Result<()> {
             })
         },
     )
+}
+
+/// While alive, tells Debian's maintainer scripts not to start services
+/// (`/usr/sbin/policy-rc.d` exiting 101), unless the machine has its own policy.
+struct NoServiceStarts(Option<&'static Path>);
+
+impl NoServiceStarts {
+    const PATH: &'static str = "/usr/sbin/policy-rc.d";
+
+    fn install() -> Result<Self> {
+        let path = Path::new(Self::PATH);
+        if path.exists() {
+            return Ok(Self(None));
+        }
+        fs::write(path, "#!/bin/sh\n# Written by cargo xtask while installing packages; removed after.\nexit 101\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .with_context(|| format!("making {} executable", path.display()))?;
+        Ok(Self(Some(path)))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
 }
 
 // ---- helpers ---------------------------------------------------------------

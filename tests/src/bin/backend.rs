@@ -8,7 +8,7 @@ use std::{net::SocketAddrV4, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use kanari_tests::backend::{BackendOptions, Stats, serve};
+use kanari_tests::backend::{Behavior, Stats, serve};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -29,9 +29,6 @@ struct Args {
     /// Milliseconds added before every answer.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
-    /// Seed of the error decisions.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
 }
 
 #[tokio::main]
@@ -46,13 +43,10 @@ async fn main() -> Result<()> {
         .with_context(|| format!("binding {}", a.listen))?;
     let stats = Arc::new(Stats::default());
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let opts = BackendOptions {
-        version: a.version,
-        error_rate: a.error_rate,
-        delay: Duration::from_millis(a.delay_ms),
-        seed: a.seed,
-    };
-    let server = tokio::spawn(serve(listener, opts, stats.clone(), rx));
+    let behavior = Behavior::healthy(&a.version);
+    behavior.set_error_rate(a.error_rate);
+    behavior.set_delay(Duration::from_millis(a.delay_ms));
+    let server = tokio::spawn(serve(listener, behavior, stats.clone(), rx));
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}

@@ -148,6 +148,23 @@ fn main() -> Result<()> {
         })
     })??;
 
+    // What the kernel measured, as `kanari status` shows it.
+    if let Some(k) = std::env::var_os("KANARI_BIN") {
+        let out = std::process::Command::new(k)
+            .args(["status", "--socket"])
+            .arg(&agent.socket)
+            .output();
+        if let Ok(out) = out
+            .as_ref()
+            .map_err(|_| ())
+            .and_then(|o| if o.status.success() { Ok(o) } else { Err(()) })
+        {
+            println!(
+                "\n$ kanari status   (measured in the kernel, last 10 s)\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
     println!("\nrequests served, as counted by each backend:");
     for b in &topo.backends {
         let n = b.server.as_ref().map_or(0, |s| s.stats.requests());
