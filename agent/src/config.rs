@@ -50,6 +50,9 @@ use kanari_common::maps::{
 };
 use serde::Deserialize;
 
+pub mod rollout;
+pub use rollout::{Analysis, Compare, Critical, Limits, OnRollback, Rollout, Strategy};
+
 /// Bounds of `conntrack.connections`.
 pub const MIN_CONNTRACK_CONNECTIONS: u32 = 1024;
 pub const MAX_CONNTRACK_CONNECTIONS: u32 = 16 * 1024 * 1024;
@@ -57,6 +60,7 @@ pub const MAX_CONNTRACK_CONNECTIONS: u32 = 16 * 1024 * 1024;
 pub const MAX_LIMIT_BACKENDS: u32 = 65_536;
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9477";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/kanari/kanari.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kanari";
 pub const DEFAULT_TICK: Duration = Duration::from_millis(250);
 /// Bounds of `telemetry.tick`.
 pub const MIN_TICK: Duration = Duration::from_millis(10);
@@ -71,6 +75,8 @@ pub struct Config {
     pub max_backends: u32,
     pub metrics_listen: SocketAddr,
     pub control_socket: PathBuf,
+    /// Where rollout state is kept across restarts.
+    pub state_dir: PathBuf,
     pub tick: Duration,
     pub services: Vec<Service>,
 }
@@ -128,6 +134,14 @@ pub struct Service {
     pub stable: Vec<SocketAddrV4>,
     pub canary: Vec<SocketAddrV4>,
     pub segments: Vec<SegmentRule>,
+    /// How the canary's weight is driven; `None`: `canary_weight` is fixed.
+    pub rollout: Option<RolloutSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RolloutSpec {
+    pub rollout: Rollout,
+    pub analysis: Analysis,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,6 +229,8 @@ struct RawConfig {
     #[serde(default)]
     control: RawControl,
     #[serde(default)]
+    state: RawState,
+    #[serde(default)]
     telemetry: RawTelemetry,
     #[serde(default)]
     services: Vec<RawService>,
@@ -264,6 +280,20 @@ impl Default for RawControl {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct RawState {
+    dir: PathBuf,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(DEFAULT_STATE_DIR),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawTelemetry {
     tick: DurationField,
 }
@@ -289,7 +319,7 @@ impl<'de> Deserialize<'de> for ListenField {
 }
 
 /// A duration written as `250ms`, `10s`, `2m`.
-pub struct DurationField(pub Duration);
+pub(crate) struct DurationField(pub(crate) Duration);
 
 impl<'de> Deserialize<'de> for DurationField {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -340,8 +370,7 @@ struct RawService {
     affinity: Affinity,
     #[serde(default)]
     protocol: Protocol,
-    #[serde(default)]
-    canary_weight: Weight,
+    canary_weight: Option<Weight>,
     #[serde(default)]
     salt: Option<u32>,
     stable: RawGroup,
@@ -349,6 +378,8 @@ struct RawService {
     canary: RawGroup,
     #[serde(default)]
     segments: Vec<RawSegment>,
+    rollout: Option<rollout::RawRollout>,
+    analysis: Option<rollout::RawAnalysis>,
 }
 
 #[derive(Default, Deserialize)]
@@ -405,7 +436,7 @@ fn parse_endpoint(s: &str) -> Result<SocketAddrV4, String> {
 
 /// A percentage: `10`, `0.5`, `"12.5%"`. Stored in basis points.
 #[derive(Clone, Copy, Default)]
-struct Weight(u32);
+pub(crate) struct Weight(pub(crate) u32);
 
 impl<'de> Deserialize<'de> for Weight {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -617,6 +648,16 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
             ),
         );
     }
+    let state_dir = raw.state.dir;
+    if !state_dir.is_absolute() {
+        return err(
+            "state.dir",
+            format!(
+                "`{}` is not an absolute path, e.g. {DEFAULT_STATE_DIR}",
+                state_dir.display()
+            ),
+        );
+    }
     let control_socket = raw.control.socket;
     if !control_socket.is_absolute() {
         return err(
@@ -720,7 +761,19 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
                 ),
             );
         }
-        let weight = s.canary_weight.0;
+        if s.rollout.is_some() && s.canary_weight.is_some_and(|w| w.0 > 0) {
+            return err(
+                at("canary_weight"),
+                "the rollout drives this service's weight; remove canary_weight (or the rollout, for a fixed split)",
+            );
+        }
+        if s.analysis.is_some() && s.rollout.is_none() {
+            return err(
+                at("analysis"),
+                "analysis judges a rollout: add a rollout section (or remove analysis)",
+            );
+        }
+        let weight = s.canary_weight.map_or(0, |w| w.0);
         if weight > 0 && canary.is_empty() {
             return err(
                 at("canary_weight"),
@@ -770,6 +823,19 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
             );
         }
         debug_assert!(weight <= BASIS_POINTS);
+        let rollout = match s.rollout {
+            None => None,
+            Some(r) => {
+                let facts = rollout::ServiceFacts {
+                    has_canary_backends: !canary.is_empty(),
+                    canary_segments: segments.iter().filter(|r| r.group == Group::Canary).count(),
+                    http: s.protocol == Protocol::Http,
+                };
+                let (rollout, analysis) =
+                    rollout::validate(r, s.analysis.unwrap_or_default(), &facts, &at)?;
+                Some(RolloutSpec { rollout, analysis })
+            }
+        };
         services.push(Service {
             salt: s.salt.unwrap_or_else(|| default_salt(&s.name)),
             name: s.name,
@@ -780,6 +846,7 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
             stable,
             canary,
             segments,
+            rollout,
         });
     }
     Ok(Config {
@@ -788,6 +855,7 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
         max_backends,
         metrics_listen: raw.metrics.listen.0,
         control_socket,
+        state_dir,
         tick,
         services,
     })
@@ -1048,6 +1116,130 @@ services:
                 "servces",
                 "unknown field `servces`",
             ),
+            (
+                svc("    protocol: grpc\n"),
+                "services[0].protocol",
+                "unknown variant `grpc`",
+            ),
+            (
+                "interfaces: [{name: eth0}]\nlimits: {backends: 0}\n".into(),
+                "limits.backends",
+                "outside 1 to",
+            ),
+            (
+                svc("")
+                    .replace("services:", "limits: {backends: 1}\nservices:")
+                    .replace("[10.0.2.1:8080]", "[10.0.2.1:8080, 10.0.2.2:8080]"),
+                "limits.backends",
+                "raise limits.backends",
+            ),
+            (
+                "interfaces: [{name: eth0}]\nmetrics: {listen: 9477}\n".into(),
+                "metrics.listen",
+                "not an address to listen on",
+            ),
+            (
+                "interfaces: [{name: eth0}]\ntelemetry: {tick: fast}\n".into(),
+                "telemetry.tick",
+                "not a duration",
+            ),
+            (
+                "interfaces: [{name: eth0}]\ntelemetry: {tick: 1ms}\n".into(),
+                "telemetry.tick",
+                "outside 10ms",
+            ),
+            (
+                "interfaces: [{name: eth0}]\ncontrol: {socket: kanari.sock}\n".into(),
+                "control.socket",
+                "absolute path",
+            ),
+            (
+                svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {steps: [10, 5]}\n"),
+                "services[0].rollout.steps[1]",
+                "steps must increase",
+            ),
+            (
+                svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {steps: [0, 5]}\n"),
+                "services[0].rollout.steps[0]",
+                "more than 0 %",
+            ),
+            (
+                svc(
+                    "    canary: {backends: [10.0.3.1:80]}\n    rollout: {steps: [5], step_weight: 5}\n",
+                ),
+                "services[0].rollout.steps",
+                "not both",
+            ),
+            (
+                svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {strategy: blue-green}\n"),
+                "services[0].rollout.strategy",
+                "add a segment pinned to the canary",
+            ),
+            (
+                svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {strategy: rolling}\n"),
+                "services[0].rollout.strategy",
+                "unknown variant `rolling`",
+            ),
+            (
+                svc(
+                    "    canary: {backends: [10.0.3.1:80]}\n    canary_weight: 10\n    rollout: {}\n",
+                ),
+                "services[0].canary_weight",
+                "the rollout drives",
+            ),
+            (
+                svc("    analysis: {}\n"),
+                "services[0].analysis",
+                "add a rollout section",
+            ),
+            (
+                svc("    rollout: {}\n"),
+                "services[0].canary.backends",
+                "a rollout needs canary backends",
+            ),
+            (
+                svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {interval: 10}\n"),
+                "services[0].rollout.interval",
+                "not a duration",
+            ),
+            (
+                svc(
+                    "    canary: {backends: [10.0.3.1:80]}\n    rollout: {interval: 10s, progress_deadline: 5s}\n",
+                ),
+                "services[0].rollout.progress_deadline",
+                "at least one interval",
+            ),
+            (
+                svc(
+                    "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {compare_to_stable: {confidence: 1.5}}\n",
+                ),
+                "services[0].analysis.compare_to_stable.confidence",
+                "below 1",
+            ),
+            (
+                svc(
+                    "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {limits: {max_latency: 1s}}\n",
+                ),
+                "services[0].analysis.limits.max_latency",
+                "unknown field `max_latency`",
+            ),
+            (
+                svc(
+                    "    protocol: tcp\n    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {limits: {max_error_rate: 1}}\n",
+                ),
+                "services[0].analysis",
+                "protocol: tcp",
+            ),
+            (
+                svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {on_rollback: kill}\n"),
+                "services[0].rollout.on_rollback",
+                "unknown variant `kill`",
+            ),
+            (
+                "interfaces: [{name: eth0}]\nstate: {dir: state}\n".into(),
+                "state.dir",
+                "absolute path",
+            ),
         ];
         for (text, field, needle) in cases {
             let e = parse_err(&text);
@@ -1059,6 +1251,81 @@ services:
             assert!(e.to_string().starts_with("k.yaml"), "{e}");
             assert!(!e.to_string().contains('\n'), "one line: {e}");
         }
+    }
+
+    #[test]
+    fn rollouts_parse_with_defaults() {
+        let text = "interfaces: [{name: eth0}]\nservices:\n  - name: web\n    vip: 10.0.0.100:80\n    stable: {backends: [10.0.2.1:80]}\n    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n";
+        let c = parse("k.yaml", text, &exists).unwrap();
+        let r = c.services[0].rollout.as_ref().unwrap();
+        assert_eq!(r.rollout.strategy, Strategy::Canary);
+        assert_eq!(r.rollout.steps, vec![100, 500, 1000, 2500, 5000, 10000]);
+        assert_eq!(r.rollout.interval, Duration::from_secs(30));
+        assert_eq!(
+            (
+                r.rollout.checks_per_step,
+                r.rollout.failure_limit,
+                r.rollout.min_requests
+            ),
+            (1, 1, 100)
+        );
+        assert_eq!(r.rollout.on_rollback, OnRollback::Drain);
+        let cmp = r.analysis.compare.as_ref().unwrap();
+        assert_eq!(
+            (
+                cmp.max_error_rate_increase,
+                cmp.max_latency_increase,
+                cmp.confidence
+            ),
+            (Some(0.01), Some(0.2), 0.99)
+        );
+        assert_eq!(
+            (
+                r.analysis.critical.error_rate,
+                r.analysis.critical.min_requests
+            ),
+            (Some(0.5), 20)
+        );
+        assert_eq!(r.analysis.limits, Limits::default());
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+
+        let text = text.replace(
+            "rollout: {}",
+            "rollout: {step_weight: 20, max_weight: 60, interval: 5s, on_rollback: cut}\n    analysis:\n      limits: {max_error_rate: 2, max_latency_p99: 250ms}\n      compare_to_stable: {max_latency_increase: \"10%\", confidence: 0.95}\n      critical: {error_rate: 40, min_requests: 10}",
+        );
+        let c = parse("k.yaml", &text, &exists).unwrap();
+        let r = c.services[0].rollout.as_ref().unwrap();
+        assert_eq!(r.rollout.steps, vec![2000, 4000, 6000]);
+        assert_eq!(r.rollout.on_rollback, OnRollback::Cut);
+        assert_eq!(r.analysis.limits.max_error_rate, Some(0.02));
+        assert_eq!(
+            r.analysis.limits.max_latency_p99,
+            Some(Duration::from_millis(250))
+        );
+        let cmp = r.analysis.compare.as_ref().unwrap();
+        assert_eq!(
+            (
+                cmp.max_error_rate_increase,
+                cmp.max_latency_increase,
+                cmp.confidence
+            ),
+            (None, Some(0.1), 0.95)
+        );
+        assert_eq!(
+            (
+                r.analysis.critical.error_rate,
+                r.analysis.critical.min_requests
+            ),
+            (Some(0.4), 10)
+        );
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/kanari.yaml");
+        let c = load(&path, &|_| true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.services.len(), 2);
+        assert!(c.services[1].rollout.is_some());
     }
 
     #[test]
