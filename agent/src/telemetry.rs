@@ -267,6 +267,41 @@ struct GroupState {
     totals: Totals,
     /// One mark per second, the newest last, for windows.
     marks: VecDeque<Mark>,
+    /// What each of the last ticks added, the newest last, for the critical path.
+    ticks: VecDeque<(u64, Recent)>,
+}
+
+/// Ticks of history kept for the critical path.
+const RECENT_TICKS: usize = 64;
+
+/// Counts the critical path judges, summed over recent ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recent {
+    /// HTTP responses (or exchanges, for TCP services).
+    pub requests: u64,
+    /// 5xx responses.
+    pub errors: u64,
+    pub connections: u64,
+    /// Refused or unanswered connections.
+    pub connect_errors: u64,
+}
+
+impl Recent {
+    fn of(d: &Totals) -> Recent {
+        Recent {
+            requests: d.requests(),
+            errors: d.errors_5xx(),
+            connections: d.connections,
+            connect_errors: d.refused + d.unanswered,
+        }
+    }
+
+    fn add(&mut self, o: &Recent) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.connections += o.connections;
+        self.connect_errors += o.connect_errors;
+    }
 }
 
 /// Per-backend and per-group totals, and windows over the last seconds.
@@ -325,6 +360,7 @@ impl Telemetry {
     pub fn update(&mut self, now_ns: u64, reads: Vec<(u32, BackendKey, Vec<BackendStats>)>) {
         self.now_ns = now_ns;
         let mut seen = BTreeMap::new();
+        let mut tick: BTreeMap<(String, GroupName), Recent> = BTreeMap::new();
         for (id, key, cur) in reads {
             let group = (key.service.clone(), key.group);
             let state = match self.backends.remove(&id) {
@@ -332,6 +368,7 @@ impl Telemetry {
                     let mut s = s;
                     let d = s.acc.update(&cur);
                     s.totals += &d;
+                    tick.entry(group.clone()).or_default().add(&Recent::of(&d));
                     self.groups.entry(group).or_default().totals += &d;
                     s
                 }
@@ -349,7 +386,12 @@ impl Telemetry {
         }
         self.backends = seen;
         let horizon_ns = self.horizon_s * 1_000_000_000;
-        for g in self.groups.values_mut() {
+        for (name, g) in self.groups.iter_mut() {
+            g.ticks
+                .push_back((now_ns, tick.get(name).copied().unwrap_or_default()));
+            if g.ticks.len() > RECENT_TICKS {
+                g.ticks.pop_front();
+            }
             let due = g
                 .marks
                 .back()
@@ -387,6 +429,35 @@ impl Telemetry {
         self.groups
             .get(&(service.to_string(), GroupName(group)))
             .map(|g| &g.totals)
+    }
+
+    /// The most recent ticks since `since_ns`, newest first, summed until
+    /// `enough` says so (or the history ends): the shortest recent stretch
+    /// that holds enough to judge.
+    pub fn recent(
+        &self,
+        service: &str,
+        group: Group,
+        since_ns: u64,
+        enough: impl Fn(&Recent) -> bool,
+    ) -> Option<Recent> {
+        let g = self.groups.get(&(service.to_string(), GroupName(group)))?;
+        let mut sum = Recent::default();
+        for (at, r) in g.ticks.iter().rev() {
+            if *at < since_ns {
+                break;
+            }
+            sum.add(r);
+            if enough(&sum) {
+                break;
+            }
+        }
+        Some(sum)
+    }
+
+    /// The agent's clock of the last update (ns).
+    pub fn now_ns(&self) -> u64 {
+        self.now_ns
     }
 
     /// The increase over (about) the last `seconds`: from the newest mark at
@@ -558,6 +629,34 @@ mod tests {
         let w = t.window("web", Group::Stable, 60).unwrap();
         assert!(w.seconds <= 6.0, "{}", w.seconds);
         assert!(t.window("api", Group::Stable, 3).is_none());
+    }
+
+    #[test]
+    fn recent_takes_the_shortest_newest_stretch() {
+        use kanari_common::http::CLASS_2XX;
+        let mut t = Telemetry::new(5);
+        let k = key("web", Group::Canary, 1);
+        // 10 healthy requests per tick, then 10 failing per tick from tick 5.
+        let mut s = BackendStats::ZERO;
+        t.update(0, vec![(0, k.clone(), vec![s])]);
+        for tick in 1..=8u64 {
+            if tick < 5 {
+                s.requests[CLASS_2XX] += 10;
+            } else {
+                s.requests[CLASS_5XX] += 10;
+            }
+            t.update(tick * 250_000_000, vec![(0, k.clone(), vec![s])]);
+        }
+        let r = t
+            .recent("web", Group::Canary, 0, |r| r.requests >= 20)
+            .unwrap();
+        assert_eq!((r.requests, r.errors), (20, 20), "only the failing ticks");
+        let all = t.recent("web", Group::Canary, 0, |_| false).unwrap();
+        assert_eq!((all.requests, all.errors), (80, 40));
+        let since = t
+            .recent("web", Group::Canary, 7 * 250_000_000, |_| false)
+            .unwrap();
+        assert_eq!(since.requests, 20, "ticks 7 and 8");
     }
 
     #[test]
