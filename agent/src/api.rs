@@ -9,13 +9,21 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use http_body_util::{BodyExt as _, Empty};
+use axum::{
+    Json, Router,
+    extract::{Path as AxPath, State},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::{get, post},
+};
+use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::{metrics, status, view::View};
+use crate::{engine::Command, metrics, status, view::View};
 
 pub type Shared = Arc<Mutex<View>>;
 
@@ -47,22 +55,121 @@ pub fn metrics_router(view: Shared) -> Router {
         .with_state(view)
 }
 
-pub fn control_router(view: Shared) -> Router {
+/// An operator command on its way to the agent's loop, with where to answer.
+pub struct CommandRequest {
+    pub service: String,
+    pub command: Command,
+    pub reply: oneshot::Sender<Result<String, String>>,
+}
+
+#[derive(Clone)]
+struct Control {
+    view: Shared,
+    commands: mpsc::Sender<CommandRequest>,
+}
+
+/// The body of `POST /v1/services/{name}/weight`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightBody {
+    pub percent: f64,
+}
+
+/// What the control API answers to a command.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    pub message: String,
+}
+
+fn answer(code: StatusCode, ok: bool, message: String) -> axum::response::Response {
+    (code, Json(Answer { ok, message })).into_response()
+}
+
+async fn send(c: &Control, service: String, command: Command) -> axum::response::Response {
+    let (reply, rx) = oneshot::channel();
+    if c.commands
+        .send(CommandRequest {
+            service,
+            command,
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        return answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            false,
+            "the agent is stopping".into(),
+        );
+    }
+    match rx.await {
+        Ok(Ok(msg)) => answer(StatusCode::OK, true, msg),
+        Ok(Err(msg)) => answer(StatusCode::CONFLICT, false, msg),
+        Err(_) => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            false,
+            "the agent is stopping".into(),
+        ),
+    }
+}
+
+/// Bodies larger than this are refused (413): commands are tiny.
+const MAX_BODY: usize = 4096;
+
+pub fn control_router(view: Shared, commands: mpsc::Sender<CommandRequest>) -> Router {
     Router::new()
         .route(
             "/v1/status",
-            get(|State(v): State<Shared>| async move {
-                Json(status::report(&v.lock().expect("view lock")))
+            get(|State(c): State<Control>| async move {
+                Json(status::report(&c.view.lock().expect("view lock"), unix_ms()))
+            }),
+        )
+        .route(
+            "/v1/services/{name}/{verb}",
+            post(|State(c): State<Control>, AxPath((name, verb)): AxPath<(String, String)>, body: Bytes| async move {
+                let command = match verb.as_str() {
+                    "pause" => Command::Pause,
+                    "resume" => Command::Resume,
+                    "promote" => Command::Promote,
+                    "abort" => Command::Abort,
+                    "start" => Command::Start,
+                    "weight" => match serde_json::from_slice::<WeightBody>(&body) {
+                        Ok(w) => match crate::config::percent_to_basis_points(w.percent) {
+                            Ok(bp) => Command::SetWeight(bp),
+                            Err(e) => return answer(StatusCode::BAD_REQUEST, false, format!("percent: {e}")),
+                        },
+                        Err(e) => {
+                            return answer(StatusCode::BAD_REQUEST, false, format!("expected {{\"percent\": 0 to 100}}: {e}"));
+                        }
+                    },
+                    other => {
+                        return answer(
+                            StatusCode::NOT_FOUND,
+                            false,
+                            format!("unknown command `{other}`; one of pause, resume, promote, abort, start, weight"),
+                        );
+                    }
+                };
+                send(&c, name, command).await
             }),
         )
         .fallback(|| async {
-            (
+            answer(
                 StatusCode::NOT_FOUND,
-                "unknown request; the API has GET /v1/status\n",
+                false,
+                "unknown request; the API has GET /v1/status and POST /v1/services/NAME/{pause,resume,promote,abort,start,weight}".into(),
             )
-                .into_response()
         })
-        .with_state(view)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(Control { view, commands })
+}
+
+/// The wall clock in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Binds the metrics listener.
@@ -111,8 +218,13 @@ impl Drop for SocketFile {
     }
 }
 
-/// `GET path` on the control socket; the body when the answer is 200.
-pub async fn control_get(socket: &Path, path: &str) -> Result<Vec<u8>> {
+/// A request on the control socket: `GET path` without a body, `POST path`
+/// with one. Returns the status and the body.
+pub async fn control_request(
+    socket: &Path,
+    path: &str,
+    body: Option<String>,
+) -> Result<(u16, Vec<u8>)> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
             "connecting to {} — is `kanari run` running, and is this its control.socket?",
@@ -123,14 +235,24 @@ pub async fn control_get(socket: &Path, path: &str) -> Result<Vec<u8>> {
     let driver = tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = Request::get(path)
+    let builder = match &body {
+        None => Request::get(path),
+        Some(_) => Request::post(path).header("content-type", "application/json"),
+    };
+    let req = builder
         .header("host", "kanari")
-        .body(Empty::<Bytes>::new())?;
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
     let resp = sender.send_request(req).await.context("asking the agent")?;
-    let status = resp.status();
+    let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes().to_vec();
     driver.abort();
-    if !status.is_success() {
+    Ok((status, body))
+}
+
+/// `GET path` on the control socket; the body when the answer is 200.
+pub async fn control_get(socket: &Path, path: &str) -> Result<Vec<u8>> {
+    let (status, body) = control_request(socket, path, None).await?;
+    if status != 200 {
         bail!(
             "the agent answered {status}: {}",
             String::from_utf8_lossy(&body).trim()

@@ -19,8 +19,8 @@ use aya::{
     util::KernelVersion,
 };
 use kanari_common::maps::{
-    BackendSet, BackendStats, Counter, CounterKey, CtEntry, FlowKey, Segment, SegmentKey, Service,
-    ServiceKey, names, programs,
+    BackendSet, BackendStats, Counter, CounterKey, CtEntry, FlowKey, Group, Segment, SegmentKey,
+    Service, ServiceKey, names, programs,
 };
 
 use crate::{
@@ -299,10 +299,10 @@ impl Datapath {
             .collect())
     }
 
-    /// How many entries the conntrack table holds (both directions). Reads
-    /// the table in batches of 8,192 (`BPF_MAP_LOOKUP_BATCH`): a full default
-    /// table of 524,288 entries takes 64 system calls.
-    pub fn conntrack_entries(&self) -> Result<u64> {
+    /// Reads the conntrack table in batches of 8,192 (`BPF_MAP_LOOKUP_BATCH`;
+    /// a full default table of 524,288 entries takes 64 system calls), handing
+    /// each batch of keys and values to `each`.
+    fn scan_conntrack(&self, mut each: impl FnMut(&[FlowKey], &[CtEntry])) -> Result<()> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let data = match self.ebpf.map(names::CONNTRACK) {
             Some(aya::maps::Map::LruHashMap(d)) => d,
@@ -310,10 +310,9 @@ impl Datapath {
         };
         let fd = data.fd().as_fd().as_raw_fd();
         const BATCH: usize = 8192;
-        let mut keys = vec![0u8; BATCH * std::mem::size_of::<FlowKey>()];
-        let mut values = vec![0u8; BATCH * std::mem::size_of::<CtEntry>()];
+        let mut keys = vec![FlowKey::new(0, 0, 0, 0); BATCH];
+        let mut values = vec![CtEntry::new(0, 0, 0, 0, 0, 0); BATCH];
         let (mut token_in, mut token_out) = (0u32, 0u32);
-        let mut total = 0u64;
         let mut first = true;
         loop {
             let mut attr = BatchAttr {
@@ -330,8 +329,9 @@ impl Datapath {
                 elem_flags: 0,
                 flags: 0,
             };
-            // SAFETY: attr points at buffers of `count` keys and values and at
-            // the two tokens, all alive for the call.
+            // SAFETY: attr points at buffers of `count` keys and values (plain
+            // integers, any bit pattern valid) and at the two tokens, all alive
+            // for the call.
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_bpf,
@@ -341,16 +341,49 @@ impl Datapath {
                 )
             };
             let err = std::io::Error::last_os_error();
-            total += attr.count as u64;
+            let n = (attr.count as usize).min(BATCH);
+            each(&keys[..n], &values[..n]);
             if r != 0 {
                 if err.raw_os_error() == Some(libc::ENOENT) {
-                    return Ok(total);
+                    return Ok(());
                 }
-                return Err(err).context("counting conntrack entries (BPF_MAP_LOOKUP_BATCH)");
+                return Err(err).context("reading conntrack (BPF_MAP_LOOKUP_BATCH)");
             }
             token_in = token_out;
             first = false;
         }
+    }
+
+    /// How many entries the conntrack table holds (both directions).
+    pub fn conntrack_entries(&self) -> Result<u64> {
+        let mut total = 0u64;
+        self.scan_conntrack(|k, _| total += k.len() as u64)?;
+        Ok(total)
+    }
+
+    /// Drops every conntrack entry of `service_id`'s connections to `group`
+    /// (`on_rollback: cut`): their next packets find no entry, follow the
+    /// current weight, and reach a backend that resets them. Returns how
+    /// many connections were cut.
+    pub fn cut(&mut self, service_id: u32, group: Group) -> Result<u64> {
+        let mut doomed = Vec::new();
+        self.scan_conntrack(|keys, values| {
+            for (k, v) in keys.iter().zip(values) {
+                if v.service_id == service_id && v.group == group as u8 {
+                    doomed.push((*k, v.kind));
+                }
+            }
+        })?;
+        let mut m: HashMap<&mut MapData, FlowKey, CtEntry> =
+            map_mut(&mut self.ebpf, names::CONNTRACK)?;
+        let mut cut = 0;
+        for (k, kind) in doomed {
+            // Gone already (evicted, or the connection ended) is fine.
+            if m.remove(&k).is_ok() && kind == kanari_common::maps::CT_FORWARD {
+                cut += 1;
+            }
+        }
+        Ok(cut)
     }
 
     /// Every conntrack entry (for tests and diagnostics; walks the whole map).

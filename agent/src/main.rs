@@ -4,37 +4,47 @@ use std::{
     path::PathBuf,
     process::ExitCode,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use kanari::{
-    api,
+    api::{self, CommandRequest, unix_ms},
     config::{self, Config, DEFAULT_CONTROL_SOCKET},
     datapath::Datapath,
+    engine::Engine,
     plan::{self, Applied},
+    rollout::Action,
     status,
     telemetry::{BackendKey, GroupName},
-    view::View,
+    view::{RolloutView, View},
 };
 use kanari_common::maps::Group;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use tracing::{error, info, warn};
 
 /// Exit code for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
 /// How often the conntrack table's entries are counted (a read of the whole table).
-const CONNTRACK_COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Parser)]
 #[command(
     name = "kanari",
     version,
     about = "Canary releases without a service mesh: eBPF splits each service's new connections \
-             between stable and canary backends by weight, and measures them, in the kernel."
+             between stable and canary backends by weight and measures them in the kernel; the \
+             agent judges the canary and moves the weight."
 )]
 struct Cli {
+    /// The agent's control socket (control.socket in its config), for the verbs
+    /// that talk to a running agent.
+    #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,8 +52,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent in the foreground: load and attach the data path, apply the
-    /// configuration, serve /metrics and the control socket, reload the
-    /// configuration on SIGHUP, detach everything on SIGTERM or SIGINT.
+    /// configuration, run the rollouts, serve /metrics and the control socket,
+    /// reload the configuration on SIGHUP, detach everything on SIGTERM or SIGINT.
     Run {
         /// The configuration file (YAML).
         #[arg(long, short, default_value = "/etc/kanari/kanari.yaml")]
@@ -55,17 +65,41 @@ enum Command {
         /// The configuration file (YAML).
         file: PathBuf,
     },
-    /// Show each service's weight and, per version, requests/s, error rate,
-    /// time to first byte, connect time and TCP errors over the last 10 s,
-    /// from a running agent.
+    /// Show each service's weight, rollout and, per version, requests/s, error
+    /// rate, time to first byte, connect time and TCP errors over the last 10 s.
     Status {
-        /// The agent's control socket (control.socket in its config).
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
-        socket: PathBuf,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Redraw every second until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
+    /// Hold a service's rollout at its current step.
+    Pause { service: String },
+    /// Continue a paused rollout (from its step, with a new check window).
+    Resume { service: String },
+    /// Send the canary 100 % now.
+    Promote { service: String },
+    /// Roll the canary back now (weight 0; on_rollback: cut also drops its connections).
+    Abort { service: String },
+    /// Set the canary weight by hand; the rollout holds (paused) until resumed.
+    SetWeight {
+        service: String,
+        /// Percent, 0 to 100.
+        percent: f64,
+    },
+    /// Rollout commands.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutVerb,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutVerb {
+    /// Start the service's rollout again from its first step.
+    Start { service: String },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +112,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    let socket = cli.socket;
     match cli.command {
         Command::CheckConfig { file } => match config::load(&file, &interface_exists) {
             Ok(c) => {
@@ -95,7 +130,18 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => block_on(run(config)),
-        Command::Status { socket, json } => block_on(show_status(socket, json)),
+        Command::Status { json, watch } => block_on(show_status(socket, json, watch)),
+        Command::Pause { service } => block_on(command(socket, service, "pause", None)),
+        Command::Resume { service } => block_on(command(socket, service, "resume", None)),
+        Command::Promote { service } => block_on(command(socket, service, "promote", None)),
+        Command::Abort { service } => block_on(command(socket, service, "abort", None)),
+        Command::SetWeight { service, percent } => {
+            let body = serde_json::to_string(&api::WeightBody { percent }).expect("serializable");
+            block_on(command(socket, service, "weight", Some(body)))
+        }
+        Command::Rollout {
+            command: RolloutVerb::Start { service },
+        } => block_on(command(socket, service, "start", None)),
     }
 }
 
@@ -119,16 +165,51 @@ fn block_on(f: impl std::future::Future<Output = Result<ExitCode>>) -> ExitCode 
     }
 }
 
-async fn show_status(socket: PathBuf, json: bool) -> Result<ExitCode> {
-    let body = api::control_get(&socket, "/v1/status").await?;
-    if json {
-        println!("{}", String::from_utf8_lossy(&body));
-    } else {
+async fn show_status(socket: PathBuf, json: bool, watch: bool) -> Result<ExitCode> {
+    loop {
+        let body = api::control_get(&socket, "/v1/status").await?;
+        if json {
+            println!("{}", String::from_utf8_lossy(&body));
+            return Ok(ExitCode::SUCCESS);
+        }
         let report: status::StatusReport =
             serde_json::from_slice(&body).context("reading the agent's answer")?;
-        print!("{}", status::render(&report));
+        if !watch {
+            print!("{}", status::render(&report));
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Clear the screen and home the cursor, then draw.
+        print!("\x1b[2J\x1b[H{}", status::render(&report));
+        println!("\n(every second; Ctrl-C to stop)");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+async fn command(
+    socket: PathBuf,
+    service: String,
+    verb: &str,
+    body: Option<String>,
+) -> Result<ExitCode> {
+    let (status, answer) = api::control_request(
+        &socket,
+        &format!("/v1/services/{service}/{verb}"),
+        Some(body.unwrap_or_default()),
+    )
+    .await?;
+    let message = serde_json::from_slice::<api::Answer>(&answer).map_or_else(
+        |_| String::from_utf8_lossy(&answer).into_owned(),
+        |a| a.message,
+    );
+    if status == 200 {
+        println!("{service}: {message}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        bail!("{service}: {message}")
+    }
 }
 
 /// Whether an interface of this name exists in the agent's network namespace.
@@ -154,38 +235,24 @@ fn interface_name(index: u32) -> String {
         .into_owned()
 }
 
-/// The running agent: the data path, what it was last told, what it shows.
+/// The running agent: the data path, the rollouts, what it was last told,
+/// what it shows.
 struct Agent {
     datapath: Datapath,
     applied: Applied,
-    /// The configuration in force (resource sizes fixed at start).
+    /// The configuration as loaded (resource sizes fixed at start).
     config: Config,
+    engine: Engine,
     view: api::Shared,
     started: Instant,
     conntrack_counted: Option<Instant>,
 }
 
 impl Agent {
-    /// Brings maps and attachments in line with `config`: maps first, so the
-    /// first packet an attached program sees finds its services.
+    /// Takes in a (re)loaded configuration: rollouts first, then the maps,
+    /// then the attachments, so the first packet an attached program sees
+    /// finds its services at the weights the rollouts want.
     fn apply(&mut self, config: Config) -> Result<()> {
-        let (ops, next) = plan::plan(&self.applied, &config).map_err(anyhow::Error::msg)?;
-        self.datapath.apply(&ops)?;
-        self.applied = next;
-        for (name, how) in self.datapath.attach_all(&config.interfaces)? {
-            info!(interface = %name, mode = how.name(), "attached");
-        }
-        for s in &config.services {
-            info!(
-                service = %s.name,
-                vip = %s.vip,
-                canary_weight = format!("{}%", s.canary_weight as f64 / 100.0),
-                stable = s.stable.len(),
-                canary = s.canary.len(),
-                segments = s.segments.len(),
-                "service"
-            );
-        }
         let fixed_at_start = [
             (
                 "conntrack.connections",
@@ -203,33 +270,129 @@ impl Agent {
                 "control.socket",
                 config.control_socket != self.config.control_socket,
             ),
+            ("state.dir", config.state_dir != self.config.state_dir),
         ];
         for (field, changed) in fixed_at_start {
             if changed {
                 warn!(field, "this setting takes effect when the agent restarts");
             }
         }
-        self.config = Config {
+        let config = Config {
             conntrack_connections: self.config.conntrack_connections,
             max_backends: self.config.max_backends,
             metrics_listen: self.config.metrics_listen,
             control_socket: self.config.control_socket.clone(),
+            state_dir: self.config.state_dir.clone(),
             ..config
         };
-        let mut view = self.view.lock().expect("view lock");
-        view.config = self.config.clone();
+        self.engine.sync(&config, unix_ms());
+        self.config = config;
+        let written = self.write_maps()?;
+        for s in &written {
+            self.engine.written(s, unix_ms());
+        }
+        for (name, how) in self.datapath.attach_all(&self.config.interfaces)? {
+            info!(interface = %name, mode = how.name(), "attached");
+        }
+        for s in &self.view.lock().expect("view lock").config.services {
+            info!(
+                service = %s.name,
+                vip = %s.vip,
+                canary_weight = format!("{}%", s.canary_weight as f64 / 100.0),
+                stable = s.stable.len(),
+                canary = s.canary.len(),
+                segments = s.segments.len(),
+                rollout = s.rollout.is_some(),
+                "service"
+            );
+        }
         let names: Vec<String> = self
             .config
             .services
             .iter()
             .map(|s| s.name.clone())
             .collect();
-        view.telemetry
+        self.view
+            .lock()
+            .expect("view lock")
+            .telemetry
             .retain_services(|s| names.iter().any(|n| n == s));
+        self.refresh_rollouts();
         Ok(())
     }
 
-    /// Reads the kernel's counters into the view.
+    /// Writes the configuration the rollouts want into the maps; returns the
+    /// services whose map value changed.
+    fn write_maps(&mut self) -> Result<Vec<String>> {
+        let effective = self.engine.effective(&self.config);
+        let (ops, next) = plan::plan(&self.applied, &effective).map_err(anyhow::Error::msg)?;
+        self.datapath.apply(&ops)?;
+        let changed = next
+            .services
+            .iter()
+            .filter(|(vip, s)| {
+                self.applied
+                    .services
+                    .get(vip)
+                    .is_none_or(|o| o.value != s.value)
+            })
+            .map(|(_, s)| s.name.clone())
+            .collect();
+        self.applied = next;
+        self.view.lock().expect("view lock").config = effective;
+        Ok(changed)
+    }
+
+    /// Carries out what the rollouts decided.
+    fn act(&mut self, decided: Vec<(String, Vec<Action>)>) -> Result<()> {
+        if decided
+            .iter()
+            .flat_map(|(_, a)| a)
+            .any(|a| matches!(a, Action::SetWeight(_) | Action::CanarySegments(_)))
+        {
+            for s in self.write_maps()? {
+                self.engine.written(&s, unix_ms());
+            }
+        }
+        for (service, actions) in &decided {
+            if actions.contains(&Action::CutCanary) {
+                let id = self
+                    .applied
+                    .services
+                    .values()
+                    .find(|s| &s.name == service)
+                    .map(|s| s.value.id);
+                if let Some(id) = id {
+                    let n = self.datapath.cut(id, Group::Canary)?;
+                    info!(service = %service, connections = n, "cut the canary's connections");
+                }
+            }
+        }
+        self.refresh_rollouts();
+        Ok(())
+    }
+
+    fn refresh_rollouts(&self) {
+        let mut view = self.view.lock().expect("view lock");
+        view.rollouts = self
+            .config
+            .services
+            .iter()
+            .filter_map(|s| {
+                let state = self.engine.state(&s.name)?.clone();
+                Some((
+                    s.name.clone(),
+                    RolloutView {
+                        state,
+                        critical: self.engine.critical(&s.name).to_vec(),
+                    },
+                ))
+            })
+            .collect();
+        view.rollout_counts = self.engine.counts.clone();
+    }
+
+    /// Reads the kernel's counters into the view, then runs the rollouts on them.
     fn tick(&mut self) -> Result<()> {
         let now_ns = self.started.elapsed().as_nanos() as u64;
         let mut reads = Vec::new();
@@ -260,13 +423,39 @@ impl Agent {
         } else {
             None
         };
-        let mut view = self.view.lock().expect("view lock");
-        view.telemetry.update(now_ns, reads);
-        view.counters = counters;
-        if conntrack.is_some() {
-            view.conntrack_entries = conntrack;
-        }
-        Ok(())
+        let decided = {
+            let mut view = self.view.lock().expect("view lock");
+            view.telemetry.update(now_ns, reads);
+            view.counters = counters;
+            if conntrack.is_some() {
+                view.conntrack_entries = conntrack;
+            }
+            self.engine.tick(&self.config, &view.telemetry, unix_ms())
+        };
+        self.act(decided)
+    }
+
+    /// An operator's command from the control socket.
+    fn command(&mut self, req: CommandRequest) {
+        let reply = match self
+            .engine
+            .command(&self.config, &req.service, req.command, unix_ms())
+        {
+            Ok(actions) => match self.act(vec![(req.service.clone(), actions)]) {
+                Ok(()) => {
+                    let s = self.engine.state(&req.service).expect("commanded");
+                    Ok(format!(
+                        "{} at {}%: {}",
+                        s.phase.name().replace('_', " "),
+                        s.weight as f64 / 100.0,
+                        s.reason
+                    ))
+                }
+                Err(e) => Err(format!("{e:#}")),
+            },
+            Err(refused) => Err(refused.0),
+        };
+        let _ = req.reply.send(reply);
     }
 }
 
@@ -283,16 +472,24 @@ async fn run(path: PathBuf) -> Result<ExitCode> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     let view: api::Shared = Arc::new(Mutex::new(View::new(config.clone())));
+    let (commands_tx, mut commands) = mpsc::channel::<CommandRequest>(16);
     let metrics_listener = api::bind_metrics(config.metrics_listen).await?;
     let control_listener = api::bind_control(&config.control_socket)?;
     let _socket_file = api::SocketFile(config.control_socket.clone());
     tokio::spawn(axum::serve(metrics_listener, api::metrics_router(view.clone())).into_future());
-    tokio::spawn(axum::serve(control_listener, api::control_router(view.clone())).into_future());
+    tokio::spawn(
+        axum::serve(
+            control_listener,
+            api::control_router(view.clone(), commands_tx),
+        )
+        .into_future(),
+    );
 
     let datapath = Datapath::load(config.conntrack_connections, config.max_backends)?;
     let mut agent = Agent {
         datapath,
         applied: Applied::default(),
+        engine: Engine::new(&config.state_dir),
         config: config.clone(),
         view: view.clone(),
         started: Instant::now(),
@@ -316,9 +513,10 @@ async fn run(path: PathBuf) -> Result<ExitCode> {
         tokio::select! {
             _ = ticks.tick() => {
                 if let Err(e) = agent.tick() {
-                    warn!("reading the kernel's counters: {e:#}");
+                    warn!("tick: {e:#}");
                 }
             }
+            Some(req) = commands.recv() => agent.command(req),
             _ = hup.recv() => {
                 match config::load(&path, &interface_exists) {
                     Ok(c) => {

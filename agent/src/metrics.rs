@@ -95,6 +95,96 @@ fn histogram(pairs: &[(&str, &str)], h: &Histogram, sum_ns: u64) -> Metric {
     m
 }
 
+/// The rollouts: phase, step, checks, judge values beside their limits,
+/// rollbacks by reason, promotions.
+fn rollout_families(view: &View) -> Vec<MetricFamily> {
+    let mut phase = Vec::new();
+    let mut step = Vec::new();
+    let mut values = Vec::new();
+    let mut limits = Vec::new();
+    for (service, r) in &view.rollouts {
+        for p in crate::rollout::Phase::ALL {
+            let v = if r.state.phase == p { 1.0 } else { 0.0 };
+            phase.push(gauge(&[("service", service), ("phase", p.name())], v));
+        }
+        step.push(gauge(&[("service", service)], (r.state.step + 1) as f64));
+        for j in r.state.last_check.iter().chain(r.critical.iter()) {
+            let l = [("service", service.as_str()), ("judge", j.judge.name())];
+            if let Some(v) = j.value {
+                values.push(gauge(&l, v));
+            }
+            if let Some(v) = j.limit {
+                limits.push(gauge(&l, v));
+            }
+        }
+    }
+    let c = &view.rollout_counts;
+    let checks = c
+        .checks
+        .iter()
+        .map(|((s, j, r), n)| {
+            counter(
+                &[("service", s.as_str()), ("judge", j.name()), ("result", r)],
+                *n,
+            )
+        })
+        .collect();
+    let rollbacks = c
+        .rollbacks
+        .iter()
+        .map(|((s, r), n)| counter(&[("service", s.as_str()), ("reason", r.as_str())], *n))
+        .collect();
+    let promotions = c
+        .promotions
+        .iter()
+        .map(|(s, n)| counter(&[("service", s.as_str())], *n))
+        .collect();
+    vec![
+        family(
+            "kanari_rollout_phase",
+            "The rollout's phase (1 for the current one).",
+            MetricType::GAUGE,
+            phase,
+        ),
+        family(
+            "kanari_rollout_step",
+            "The rollout's current step (1-based).",
+            MetricType::GAUGE,
+            step,
+        ),
+        family(
+            "kanari_rollout_checks_total",
+            "Judge results of the rollout's checks and critical path, by result (pass, fail, inconclusive).",
+            MetricType::COUNTER,
+            checks,
+        ),
+        family(
+            "kanari_rollout_judge_value",
+            "What each judge measured last (a ratio, or seconds for latencies).",
+            MetricType::GAUGE,
+            values,
+        ),
+        family(
+            "kanari_rollout_judge_limit",
+            "The limit each judge holds its value to.",
+            MetricType::GAUGE,
+            limits,
+        ),
+        family(
+            "kanari_rollbacks_total",
+            "Rollbacks, by the judge or event that caused them.",
+            MetricType::COUNTER,
+            rollbacks,
+        ),
+        family(
+            "kanari_promotions_total",
+            "Rollouts promoted to 100 %.",
+            MetricType::COUNTER,
+            promotions,
+        ),
+    ]
+}
+
 /// Every metric family, in the text format.
 pub fn render(view: &View) -> String {
     let fams = families(view);
@@ -224,6 +314,7 @@ pub fn families(view: &View) -> Vec<MetricFamily> {
             vec![gauge(&[("version", VERSION), ("commit", COMMIT)], 1.0)],
         ),
     ];
+    fams.extend(rollout_families(view));
     if let Some(n) = view.conntrack_entries {
         fams.push(family(
             "kanari_conntrack_entries",

@@ -7,7 +7,11 @@ use std::fmt::Write as _;
 use kanari_common::maps::{BASIS_POINTS, Group};
 use serde::{Deserialize, Serialize};
 
-use crate::view::View;
+use crate::{
+    analysis::{Judge, JudgeResult, Verdict},
+    config::Strategy,
+    view::View,
+};
 
 /// The window `kanari status` reports over.
 pub const WINDOW_SECONDS: u64 = 10;
@@ -25,6 +29,28 @@ pub struct ServiceStatus {
     pub vip: String,
     pub canary_weight_percent: f64,
     pub versions: Vec<VersionStatus>,
+    /// The rollout driving the weight, if the service has one.
+    pub rollout: Option<RolloutStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub strategy: String,
+    pub phase: String,
+    pub steps_percent: Vec<f64>,
+    /// Index into the steps.
+    pub step: usize,
+    pub passes: u32,
+    pub checks_per_step: u32,
+    pub failures: u32,
+    pub failure_limit: u32,
+    pub seconds_in_step: f64,
+    pub reason: String,
+    pub manual: bool,
+    pub last_check: Vec<JudgeResult>,
+    pub critical: Vec<JudgeResult>,
+    /// When the agent last wrote this service's weight (Unix ms).
+    pub weight_written_unix_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,13 +70,46 @@ pub struct VersionStatus {
     pub tcp_errors: u64,
 }
 
-/// The report for every configured service.
-pub fn report(view: &View) -> StatusReport {
+/// The report for every configured service; `now_ms` is the wall clock.
+pub fn report(view: &View, now_ms: u64) -> StatusReport {
     let services = view
         .config
         .services
         .iter()
         .map(|s| ServiceStatus {
+            rollout: s
+                .rollout
+                .as_ref()
+                .zip(view.rollouts.get(&s.name))
+                .map(|(spec, r)| {
+                    let st = &r.state;
+                    RolloutStatus {
+                        strategy: match spec.rollout.strategy {
+                            Strategy::Canary => "canary",
+                            Strategy::BlueGreen => "blue-green",
+                            Strategy::Ab => "ab",
+                        }
+                        .to_string(),
+                        phase: st.phase.name().to_string(),
+                        steps_percent: spec
+                            .rollout
+                            .steps
+                            .iter()
+                            .map(|w| *w as f64 / 100.0)
+                            .collect(),
+                        step: st.step,
+                        passes: st.passes,
+                        checks_per_step: spec.rollout.checks_per_step,
+                        failures: st.failures,
+                        failure_limit: spec.rollout.failure_limit,
+                        seconds_in_step: now_ms.saturating_sub(st.step_since_ms) as f64 / 1e3,
+                        reason: st.reason.clone(),
+                        manual: st.manual,
+                        last_check: st.last_check.clone(),
+                        critical: r.critical.clone(),
+                        weight_written_unix_ms: st.weight_written_ms,
+                    }
+                }),
             name: s.name.clone(),
             vip: s.vip.to_string(),
             canary_weight_percent: s.canary_weight as f64 * 100.0 / BASIS_POINTS as f64,
@@ -86,6 +145,54 @@ pub fn report(view: &View) -> StatusReport {
     }
 }
 
+/// `value vs limit` of a judge, in its unit.
+fn judged(r: &JudgeResult) -> String {
+    let latency = matches!(r.judge, Judge::LatencyP50 | Judge::LatencyP99);
+    let show = |v: f64| {
+        if latency {
+            format!("{:.2}ms", v * 1e3)
+        } else {
+            format!("{:.2}%", v * 100.0)
+        }
+    };
+    let value = r.value.map_or_else(|| "-".into(), show);
+    let limit = r.limit.map_or_else(|| "-".into(), show);
+    let (mark, why) = match &r.verdict {
+        Verdict::Pass => ("pass", String::new()),
+        Verdict::Fail(w) => ("FAIL", format!(": {w}")),
+        Verdict::Inconclusive(w) => ("inconclusive", format!(": {w}")),
+    };
+    format!("{} {mark} ({value} vs {limit}){why}", r.judge.name())
+}
+
+/// The steps as a bar, the current one in brackets.
+fn steps_bar(r: &RolloutStatus) -> String {
+    if r.strategy != "canary" {
+        return format!(
+            "{} (segment traffic, then {})",
+            r.strategy,
+            if r.strategy == "ab" {
+                "an operator decides"
+            } else {
+                "100 %"
+            }
+        );
+    }
+    let mut parts = Vec::new();
+    for (i, p) in r.steps_percent.iter().enumerate() {
+        let done = i < r.step || r.phase == "promoted";
+        let label = format!("{p}%");
+        parts.push(if i == r.step && r.phase != "promoted" {
+            format!("[{label}]")
+        } else if done {
+            format!("{label}✓")
+        } else {
+            label
+        });
+    }
+    parts.join(" ─ ")
+}
+
 fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
 }
@@ -102,6 +209,25 @@ pub fn render(r: &StatusReport) -> String {
             "service {} at {}: canary weight {}%",
             s.name, s.vip, s.canary_weight_percent
         );
+        if let Some(ro) = &s.rollout {
+            let _ = writeln!(
+                out,
+                "  rollout ({}): {}{} — {:.0}s on this step, checks {}/{} passed, {}/{} failed",
+                ro.strategy,
+                ro.phase.replace('_', " "),
+                if ro.manual { " (manual weight)" } else { "" },
+                ro.seconds_in_step,
+                ro.passes,
+                ro.checks_per_step,
+                ro.failures,
+                ro.failure_limit
+            );
+            let _ = writeln!(out, "  steps: {}", steps_bar(ro));
+            let _ = writeln!(out, "  why: {}", ro.reason);
+            for j in ro.last_check.iter().chain(ro.critical.iter()) {
+                let _ = writeln!(out, "    {}", judged(j));
+            }
+        }
         let _ = writeln!(
             out,
             "  {:<7} {:>8} {:>9} {:>8} {:>10} {:>10} {:>12} {:>10}",
@@ -159,7 +285,7 @@ mod tests {
         s.ttfb_hist[hist::bucket_index(20_000_000) as usize] = 100;
         s.refused = 2;
         let v = canary_view("10", s, 10);
-        let r = report(&v);
+        let r = report(&v, 0);
         let canary = &r.services[0].versions[1];
         assert_eq!(canary.version, "canary");
         assert_eq!(canary.requests, 100);

@@ -1,9 +1,20 @@
 //! What the agent knows at a moment, shared by the loop that updates it and
 //! the servers that show it (`/metrics`, the control socket). Pure data.
 
+use std::collections::BTreeMap;
+
 use kanari_common::maps::Counter;
 
-use crate::{config::Config, telemetry::Telemetry};
+use crate::{
+    analysis::JudgeResult, config::Config, engine::Counts, rollout::State, telemetry::Telemetry,
+};
+
+/// A rollout as shown: its state and the critical path's last results.
+#[derive(Clone, Debug)]
+pub struct RolloutView {
+    pub state: State,
+    pub critical: Vec<JudgeResult>,
+}
 
 pub struct View {
     pub config: Config,
@@ -14,6 +25,10 @@ pub struct View {
     pub conntrack_entries: Option<u64>,
     /// The programs are attached and the configuration applied.
     pub ready: bool,
+    /// Rollouts by service.
+    pub rollouts: BTreeMap<String, RolloutView>,
+    /// What the rollouts did, for the metrics.
+    pub rollout_counts: Counts,
 }
 
 impl View {
@@ -25,6 +40,8 @@ impl View {
             counters: Vec::new(),
             conntrack_entries: None,
             ready: false,
+            rollouts: BTreeMap::new(),
+            rollout_counts: Counts::default(),
         }
     }
 }
