@@ -53,12 +53,18 @@ pub struct Stopped {
     pub counters: BTreeMap<String, u64>,
 }
 
-/// A configuration with `control.socket` set to `socket` unless it sets one.
+/// A configuration with `control.socket` and `state.dir` in the agent's own
+/// directory (next to `socket`), unless it sets them.
 fn with_control_socket(yaml: &str, socket: &Path) -> String {
-    if yaml.lines().any(|l| l.starts_with("control:")) {
-        return yaml.to_string();
+    let mut out = yaml.to_string();
+    if !yaml.lines().any(|l| l.starts_with("control:")) {
+        out.push_str(&format!("\ncontrol:\n  socket: {}\n", socket.display()));
     }
-    format!("{yaml}\ncontrol:\n  socket: {}\n", socket.display())
+    if !yaml.lines().any(|l| l.starts_with("state:")) {
+        let dir = socket.parent().expect("a directory").join("state");
+        out.push_str(&format!("\nstate:\n  dir: {}\n", dir.display()));
+    }
+    out
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<()> {

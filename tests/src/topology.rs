@@ -165,6 +165,15 @@ impl Topology {
             .collect()
     }
 
+    /// The first canary backend's server.
+    pub fn canary_server(&self) -> &BackendHandle {
+        self.backends
+            .iter()
+            .find(|b| b.group == Group::Canary)
+            .and_then(|b| b.server.as_ref())
+            .expect("a running canary backend")
+    }
+
     /// The group a backend address belongs to.
     pub fn group_of(&self, addr: SocketAddrV4) -> Option<Group> {
         self.backends

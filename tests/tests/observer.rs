@@ -79,9 +79,10 @@ fn kernel_counts_equal_what_the_backends_served() {
         .iter()
         .find(|b| b.group == Group::Canary)
         .unwrap();
-    let canary_server = canary.server.as_ref().unwrap();
-    canary_server.behavior.set_error_rate(0.2);
-    canary_server.behavior.set_delay(Duration::from_millis(20));
+    topo.canary_server().behavior.set_error_rate(0.2);
+    topo.canary_server()
+        .behavior
+        .set_delay(Duration::from_millis(20));
     let agent = Agent::start(&topo.node, &topo.config(30.0, "", "tc")).expect("kanari starts");
 
     // 1,000 new connections (one request each) and 40 keep-alive connections of 25 requests.

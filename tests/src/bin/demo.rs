@@ -1,54 +1,67 @@
-//! `kanari-demo`: a split you can watch. Builds a client, a node running
-//! kanari and three HTTP backends (two stable, one canary) in network
-//! namespaces, drives HTTP traffic from many client addresses, and prints
-//! what each version served — first at the starting weight, then after a
-//! live weight change by SIGHUP, with keep-alive connections that stay on
-//! their backend. Everything is removed on exit, Ctrl-C included.
+//! `kanari-demo`: a canary rollout you can watch. Builds a client, a node
+//! running kanari and three HTTP backends (two stable, one canary) in network
+//! namespaces, drives steady traffic from many client addresses, and shows
+//! the rollout live until it ends:
 //!
-//! Run through `cargo xtask demo` (builds, checks the machine, runs as root).
+//! - by default the canary is healthy and is promoted step by step to 100 %;
+//! - `--faulty`: the canary starts answering 500 partway through and is
+//!   rolled back at once by the critical path;
+//! - `--slow`: the canary starts answering 50 ms later than stable, with no
+//!   errors, and is rolled back by the comparison with stable.
+//!
+//! Everything is removed on exit, Ctrl-C included. Run through
+//! `cargo xtask demo` (builds, checks the machine, runs as root).
 
 use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    io::IsTerminal as _,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use kanari_common::maps::Group;
+use kanari::status::{self, StatusReport};
 use kanari_tests::{
     agent::Agent,
-    client::{Conn, get_once, runtime},
-    topology::{Topology, TopologyOptions, VIP, client_addr},
+    client::runtime,
+    load::Load,
+    topology::{Topology, TopologyOptions, VIP},
 };
 
 #[derive(Parser)]
-#[command(about = "kanari's demo: a weighted, sticky canary split in network namespaces, live.")]
+#[command(about = "kanari's demo: a canary rollout in network namespaces, live.")]
 struct Args {
     /// The kanari binary to run.
     #[arg(long)]
     kanari: Option<PathBuf>,
-    /// Canary weight at the start, in percent.
-    #[arg(long, default_value_t = 10.0)]
-    weight: f64,
-    /// Canary weight after the live change, in percent.
-    #[arg(long, default_value_t = 50.0)]
-    then: f64,
-    /// Seconds per phase.
-    #[arg(long, default_value_t = 5)]
-    seconds: u64,
+    /// The canary starts answering 500 partway through.
+    #[arg(long, conflicts_with = "slow")]
+    faulty: bool,
+    /// The canary starts answering 50 ms slower partway through (no errors).
+    #[arg(long)]
+    slow: bool,
+    /// Seconds into the rollout when the canary turns bad.
+    #[arg(long, default_value_t = 12)]
+    fault_after: u64,
+    /// Requests per second the clients send (each on a new connection).
+    #[arg(long, default_value_t = 300.0)]
+    rate: f64,
     /// Ingress mode: auto, xdp or tc.
     #[arg(long, default_value = "auto")]
     mode: String,
 }
 
-/// Requests served in one second, by version.
-#[derive(Default)]
-struct Tally {
-    by_group: BTreeMap<Group, u64>,
-    errors: u64,
-}
+const ROLLOUT: &str = "    rollout:
+      steps: [5, 10, 25, 50, 100]
+      interval: 5s
+      checks_per_step: 2
+      min_requests: 20
+      progress_deadline: 1m
+    analysis:
+      limits: {max_error_rate: 5, max_latency_p99: 500ms}
+      compare_to_stable: {max_error_rate_increase: 1, max_latency_increase: 50, confidence: 0.99}
+      critical: {error_rate: 50, min_requests: 20}
+";
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -59,16 +72,22 @@ fn main() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "the demo creates network namespaces and loads eBPF programs: run it as root (`sudo cargo xtask demo`)"
+            "the demo creates network namespaces and loads eBPF programs: run it as root (`cargo xtask demo`)"
         );
     }
-    for w in [args.weight, args.then] {
-        if !(0.0..=100.0).contains(&w) {
-            bail!("weights are percentages from 0 to 100, not {w}");
-        }
-    }
-
-    println!("kanari demo: building namespaces (client, node, 2 stable + 1 canary backends)...");
+    let story = if args.faulty {
+        format!(
+            "the canary starts failing (HTTP 500) after {} s",
+            args.fault_after
+        )
+    } else if args.slow {
+        format!("the canary turns 50 ms slower after {} s", args.fault_after)
+    } else {
+        "the canary is healthy".to_string()
+    };
+    println!(
+        "kanari demo: {story}. Building namespaces (client, node, 2 stable + 1 canary backends)..."
+    );
     // The client sends complete checksums, as traffic arriving through a NIC
     // does, so XDP steers it (partial checksums from a local veth go to TC).
     let topo = Topology::new(&TopologyOptions {
@@ -76,127 +95,90 @@ fn main() -> Result<()> {
         ..Default::default()
     })
     .context("building the demo network")?;
-    let agent = Agent::start(&topo.node, &topo.config(args.weight, "", &args.mode))
+    let agent = Agent::start(&topo.node, &topo.config(0.0, ROLLOUT, &args.mode))
         .context("starting kanari")?;
-    for l in agent.logs().iter().filter(|l| l.contains("attached")) {
-        println!("  kanari: {}", l.split("kanari: ").last().unwrap_or(l));
-    }
-    println!(
-        "service web at {VIP}: stable {:?}, canary {:?}",
-        topo.backends_of(Group::Stable),
-        topo.backends_of(Group::Canary)
-    );
+    let load = Load::start(&topo.client, VIP, args.rate, 16, 0).context("starting the clients")?;
+    let canary = topo.canary_server();
 
-    let interrupted = topo.client.run_in(|| {
-        runtime().block_on(async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            tokio::pin!(ctrl_c);
-            let mut next_client = 0u32;
-            // Keep-alive connections opened in phase 1, to show they stay put.
-            let mut sticky: Vec<(Conn, SocketAddrV4)> = Vec::new();
-            for (phase, weight) in [(1, args.weight), (2, args.then)] {
-                if phase == 2 {
-                    println!("\nchanging the canary weight to {weight}% (config rewritten, SIGHUP)...");
-                    agent.reload(&topo.config(weight, "", &args.mode)).context("reloading")?;
+    let rt = runtime();
+    let tty = std::io::stdout().is_terminal();
+    let started = Instant::now();
+    let mut turned = false;
+    let outcome = rt.block_on(async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            if !turned
+                && started.elapsed() >= Duration::from_secs(args.fault_after)
+                && (args.faulty || args.slow)
+            {
+                turned = true;
+                if args.faulty {
+                    canary.behavior.set_error_rate(1.0);
                 } else {
-                    for i in 0..20 {
-                        let mut c = Conn::open(client_addr(60_000 + i), VIP).await?;
-                        let r = c.get().await?;
-                        sticky.push((c, r.backend));
-                    }
-                }
-                println!("\nphase {phase}: canary weight {weight}% — new connections, each from a new client address");
-                println!("  {:>4}  {:>9}  {:>7}  {:>7}  {:>13}  {:>6}", "sec", "requests", "stable", "canary", "canary share", "errors");
-                let start = Instant::now();
-                for sec in 1..=args.seconds {
-                    let mut tally = Tally::default();
-                    let until = start + Duration::from_secs(sec);
-                    while Instant::now() < until {
-                        let batch: Vec<Ipv4Addr> = (0..32).map(|i| client_addr(next_client + i)).collect();
-                        next_client += 32;
-                        let work = futures_join(batch);
-                        tokio::select! {
-                            replies = work => for r in replies {
-                                match r.ok().and_then(|r| topo.group_of(r.backend)) {
-                                    Some(g) => *tally.by_group.entry(g).or_default() += 1,
-                                    None => tally.errors += 1,
-                                }
-                            },
-                            _ = &mut ctrl_c => return Ok::<bool, anyhow::Error>(true),
-                        }
-                    }
-                    let s = tally.by_group.get(&Group::Stable).copied().unwrap_or(0);
-                    let c = tally.by_group.get(&Group::Canary).copied().unwrap_or(0);
-                    let total = s + c;
-                    println!(
-                        "  {sec:>4}  {total:>9}  {s:>7}  {c:>7}  {:>12.1}%  {:>6}",
-                        if total > 0 { c as f64 * 100.0 / total as f64 } else { 0.0 },
-                        tally.errors
-                    );
-                }
-                if phase == 2 {
-                    let mut kept = 0;
-                    for (c, backend) in &mut sticky {
-                        if c.get().await.is_ok_and(|r| r.backend == *backend) {
-                            kept += 1;
-                        }
-                    }
-                    println!("\n{kept} of {} keep-alive connections opened at {}% still answered by their first backend", sticky.len(), args.weight);
+                    canary.behavior.set_delay(Duration::from_millis(50));
                 }
             }
-            Ok(false)
-        })
-    })??;
-
-    // What the kernel measured, as `kanari status` shows it.
-    if let Some(k) = std::env::var_os("KANARI_BIN") {
-        let out = std::process::Command::new(k)
-            .args(["status", "--socket"])
-            .arg(&agent.socket)
-            .output();
-        if let Ok(out) = out
-            .as_ref()
-            .map_err(|_| ())
-            .and_then(|o| if o.status.success() { Ok(o) } else { Err(()) })
-        {
-            println!(
-                "\n$ kanari status   (measured in the kernel, last 10 s)\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-    }
-    println!("\nrequests served, as counted by each backend:");
-    for b in &topo.backends {
-        let n = b.server.as_ref().map_or(0, |s| s.stats.requests());
-        println!("  {:<6} {}  {n}", b.group.name(), b.addr);
-    }
-    match agent.stop() {
-        Ok(s) => {
-            let counters: Vec<String> = s
-                .counters
+            let body = kanari::api::control_get(&agent.socket, "/v1/status").await?;
+            let report: StatusReport = serde_json::from_slice(&body)?;
+            let outcomes = load.outcomes();
+            let failed = outcomes
                 .iter()
-                .filter(|(_, v)| **v > 0)
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            println!("kernel data path counters: {}", counters.join(" "));
+                .filter(|o| !matches!(o.result, Ok((_, 200))))
+                .count();
+            if tty {
+                print!("\x1b[2J\x1b[H");
+            } else {
+                println!();
+            }
+            println!(
+                "kanari demo — {story} — {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            if turned {
+                println!(
+                    "the canary is now {}",
+                    if args.faulty { "FAILING" } else { "SLOW" }
+                );
+            }
+            print!("{}", status::render(&report));
+            println!("clients: {} requests sent, {failed} failed", outcomes.len());
+            let phase = report.services[0]
+                .rollout
+                .as_ref()
+                .map(|r| r.phase.clone())
+                .unwrap_or_default();
+            if phase == "promoted" || phase == "rolled_back" {
+                return Ok::<_, anyhow::Error>(Some((
+                    phase,
+                    report.services[0]
+                        .rollout
+                        .clone()
+                        .expect("a rollout")
+                        .reason,
+                )));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = &mut ctrl_c => return Ok(None),
+            }
         }
-        Err(e) if interrupted => println!("kanari stopped with the interrupt ({e:#})"),
-        Err(e) => return Err(e),
+    })?;
+    let outcomes = load.stop();
+    let failed = outcomes
+        .iter()
+        .filter(|o| !matches!(o.result, Ok((_, 200))))
+        .count();
+    match outcome {
+        Some((phase, reason)) => println!(
+            "\nrollout {} after {:.0} s: {reason}\nclients saw {failed} failed requests of {}.",
+            phase.replace('_', " "),
+            started.elapsed().as_secs_f64(),
+            outcomes.len()
+        ),
+        None => println!("\ninterrupted."),
     }
+    let _ = agent.stop();
     println!("removing namespaces; done.");
     Ok(())
-}
-
-/// One request from each client address, all at once.
-async fn futures_join(clients: Vec<Ipv4Addr>) -> Vec<Result<kanari_tests::client::Reply>> {
-    let mut set = tokio::task::JoinSet::new();
-    for (i, c) in clients.into_iter().enumerate() {
-        set.spawn(async move { (i, get_once(c, VIP).await) });
-    }
-    let mut out: Vec<(usize, Result<_>)> = Vec::new();
-    while let Some(r) = set.join_next().await {
-        out.push(r.unwrap_or_else(|e| (usize::MAX, Err(anyhow::anyhow!("task: {e}")))));
-    }
-    out.sort_by_key(|(i, _)| *i);
-    out.into_iter().map(|(_, r)| r).collect()
 }

@@ -1,0 +1,113 @@
+//! Steady HTTP load from the client namespace: workers send one request per
+//! new connection, each from the next client address, at a target rate, and
+//! record every outcome with its time, until stopped.
+
+use std::{
+    net::SocketAddrV4,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Result;
+
+use crate::{
+    client::{get_once, runtime},
+    netns::Netns,
+    topology::client_addr,
+};
+
+/// One request's fate.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// When it was sent (Unix ms).
+    pub sent_ms: u64,
+    /// The backend that answered and its status, or the error.
+    pub result: Result<(SocketAddrV4, u16), String>,
+}
+
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Load {
+    /// Starts `workers` workers sending `rate` requests/s in total to `vip`
+    /// from client addresses numbered from `first_client` on.
+    pub fn start(
+        client: &Netns,
+        vip: SocketAddrV4,
+        rate: f64,
+        workers: u32,
+        first_client: u32,
+    ) -> Result<Load> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let (s, o) = (stop.clone(), outcomes.clone());
+        let next = Arc::new(AtomicU32::new(first_client));
+        let thread = client.spawn(move || {
+            runtime().block_on(async move {
+                let local = tokio::task::LocalSet::new();
+                let period = Duration::from_secs_f64(workers as f64 / rate);
+                for _ in 0..workers {
+                    let (s, o, next) = (s.clone(), o.clone(), next.clone());
+                    local.spawn_local(async move {
+                        let mut tick = tokio::time::interval(period);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        while !s.load(Ordering::SeqCst) {
+                            tick.tick().await;
+                            let src = client_addr(next.fetch_add(1, Ordering::SeqCst));
+                            let sent_ms = unix_ms();
+                            let result = get_once(src, vip)
+                                .await
+                                .map(|r| (r.backend, r.status))
+                                .map_err(|e| format!("{e:#}"));
+                            o.lock()
+                                .expect("outcomes")
+                                .push(Outcome { sent_ms, result });
+                        }
+                    });
+                }
+                local.await;
+            })
+        })?;
+        Ok(Load {
+            stop,
+            outcomes,
+            thread: Some(thread),
+        })
+    }
+
+    /// Everything recorded so far.
+    pub fn outcomes(&self) -> Vec<Outcome> {
+        self.outcomes.lock().expect("outcomes").clone()
+    }
+
+    /// Stops the workers and returns every outcome.
+    pub fn stop(mut self) -> Vec<Outcome> {
+        self.halt();
+        self.outcomes()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
