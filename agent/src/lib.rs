@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod engine;
 pub mod metrics;
+pub mod notify;
 pub mod pins;
 pub mod plan;
 pub mod rollout;

@@ -498,6 +498,11 @@ async fn run(path: PathBuf) -> Result<ExitCode> {
     agent.apply(config)?;
     agent.tick()?;
     view.lock().expect("view lock").ready = true;
+    kanari::notify::notify(&format!(
+        "READY=1\nSTATUS=steering {} service(s) on {} interface(s)",
+        agent.config.services.len(),
+        agent.config.interfaces.len()
+    ));
     info!(
         config = %path.display(),
         services = agent.config.services.len(),
@@ -540,6 +545,7 @@ async fn run(path: PathBuf) -> Result<ExitCode> {
         }
     }
     view.lock().expect("view lock").ready = false;
+    kanari::notify::notify("STOPPING=1");
     match agent.datapath.counter_totals() {
         Ok(counters) => {
             let summary: Vec<String> = counters
