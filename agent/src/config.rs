@@ -77,6 +77,8 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Where rollout state is kept across restarts.
     pub state_dir: PathBuf,
+    /// Where the data path's maps and links are pinned (on a bpf filesystem).
+    pub pin_dir: PathBuf,
     pub tick: Duration,
     pub services: Vec<Service>,
 }
@@ -231,6 +233,8 @@ struct RawConfig {
     #[serde(default)]
     state: RawState,
     #[serde(default)]
+    bpf: RawBpf,
+    #[serde(default)]
     telemetry: RawTelemetry,
     #[serde(default)]
     services: Vec<RawService>,
@@ -274,6 +278,20 @@ impl Default for RawControl {
     fn default() -> Self {
         Self {
             socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBpf {
+    pin_dir: PathBuf,
+}
+
+impl Default for RawBpf {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(crate::pins::PIN_ROOT),
         }
     }
 }
@@ -648,6 +666,17 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
             ),
         );
     }
+    let pin_dir = raw.bpf.pin_dir;
+    if !pin_dir.is_absolute() || pin_dir.parent().is_none() {
+        return err(
+            "bpf.pin_dir",
+            format!(
+                "`{}` is not an absolute directory below a bpf filesystem, e.g. {}",
+                pin_dir.display(),
+                crate::pins::PIN_ROOT
+            ),
+        );
+    }
     let state_dir = raw.state.dir;
     if !state_dir.is_absolute() {
         return err(
@@ -856,6 +885,7 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
         metrics_listen: raw.metrics.listen.0,
         control_socket,
         state_dir,
+        pin_dir,
         tick,
         services,
     })

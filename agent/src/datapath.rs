@@ -1,35 +1,63 @@
 //! The kernel side, seen from the agent: loads the eBPF object, attaches its
-//! programs to interfaces, and applies [`MapOp`]s to the maps.
+//! programs to interfaces, applies [`MapOp`]s to the maps and reads them.
 //!
-//! Everything this module attaches is owned by [`Datapath`]: dropping it
-//! detaches every program and frees every map (pinning for restart survival
-//! lives in [`crate::pins`] and comes later).
+//! With a pin root ([`crate::pins`]) every map and link is pinned: the data
+//! path outlives the agent, and a starting agent adopts it — the maps are
+//! reused as they are, and each pinned link is switched to the newly loaded
+//! program in one atomic update, so no packet meets a detached interface.
+//! Without one (tests of the object alone), dropping the [`Datapath`]
+//! detaches and frees everything.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, mem::size_of, net::SocketAddrV4};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::{self, SchedClassifierLinkId},
-        xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        xdp::XdpLink,
     },
     util::KernelVersion,
 };
-use kanari_common::maps::{
-    BackendSet, BackendStats, Counter, CounterKey, CtEntry, FlowKey, Group, Segment, SegmentKey,
-    Service, ServiceKey, names, programs,
+use kanari_common::{
+    maps::{
+        BACKEND_SET_SLOTS, BackendSet, BackendStats, Counter, CounterKey, CtEntry, FlowKey, Group,
+        Segment, SegmentKey, Service, ServiceKey, names, programs,
+    },
+    wire,
 };
+use tracing::{info, warn};
 
 use crate::{
-    config::{AttachMode, Interface},
-    plan::MapOp,
+    config::{AttachMode, Cidr, Config, Interface},
+    pins::{Hook, Pins},
+    plan::{Applied, AppliedService, MapOp},
 };
 
 /// The eBPF object, built by `build.rs` from `bpf/ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kanari"));
+
+/// Every map, with the key and value sizes this build expects of it.
+const MAPS: [(&str, usize, usize); 6] = [
+    (
+        names::SERVICES,
+        size_of::<ServiceKey>(),
+        size_of::<Service>(),
+    ),
+    (names::BACKENDS, size_of::<u32>(), size_of::<BackendSet>()),
+    (names::CONNTRACK, size_of::<FlowKey>(), size_of::<CtEntry>()),
+    // An LPM trie's key has its 4-byte prefix length in front.
+    (
+        names::SEGMENTS,
+        4 + size_of::<SegmentKey>(),
+        size_of::<Segment>(),
+    ),
+    (names::COUNTERS, size_of::<CounterKey>(), size_of::<u64>()),
+    (names::STATS, size_of::<u32>(), size_of::<BackendStats>()),
+];
 
 /// How the ingress path ended up attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,33 +78,72 @@ impl Attached {
     }
 }
 
+/// A link this agent holds. Dropping an unpinned one detaches it; dropping
+/// a pinned one only closes this process's handle.
+enum Held {
+    Xdp(XdpLink),
+    Tc(SchedClassifierLink),
+    Pinned(FdLink),
+}
+
 struct Links {
     mode: AttachMode,
     attached: Attached,
-    xdp: Option<XdpLinkId>,
-    tc_ingress: SchedClassifierLinkId,
-    tc_egress: SchedClassifierLinkId,
+    held: Vec<(Hook, Held)>,
+}
+
+/// Where the maps come from and how big the new ones are.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub conntrack_connections: u32,
+    pub max_backends: u32,
+    /// Pin everything here and adopt what is pinned; `None`: nothing outlives the process.
+    pub pins: Option<Pins>,
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     links: BTreeMap<String, Links>,
+    pins: Option<Pins>,
+    /// The maps were pinned by an earlier agent and are reused.
+    pub adopted: bool,
 }
 
 impl Datapath {
-    /// Loads the maps and programs into the kernel (nothing attached yet),
-    /// with room for `conntrack_connections` connections and statistics for
-    /// `max_backends` backends.
-    pub fn load(conntrack_connections: u32, max_backends: u32) -> Result<Self> {
+    /// Loads the maps (reusing pinned ones) and programs into the kernel;
+    /// nothing is attached yet.
+    pub fn load(opts: LoadOptions) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!(
                 "this kanari binary carries no eBPF object (it was built with AYA_BUILD_SKIP=1); \
                  rebuild it with `cargo xtask build`"
             );
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::CONNTRACK, conntrack_connections.saturating_mul(2))
-            .map_max_entries(names::STATS, max_backends)
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(
+                names::CONNTRACK,
+                opts.conntrack_connections.saturating_mul(2),
+            )
+            .map_max_entries(names::STATS, opts.max_backends);
+        let mut adopted = false;
+        let paths: Vec<(&str, std::path::PathBuf)> = match &opts.pins {
+            Some(p) => {
+                if let Some(w) = p.prepare()? {
+                    warn!("{w}");
+                }
+                adopted = p.has_maps();
+                for (name, key, value) in MAPS {
+                    check_layout(&p.map(name), name, key, value)?;
+                }
+                MAPS.iter().map(|(n, _, _)| (*n, p.map(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF maps and programs into the kernel")?;
         program::<Xdp>(&mut ebpf, programs::XDP_INGRESS)?
@@ -87,9 +154,16 @@ impl Datapath {
             p.load()
                 .with_context(|| format!("the kernel refused program {name}"))?;
         }
+        if adopted {
+            info!(
+                "adopting the pinned maps of a previous agent: conntrack, weights and counters carry on"
+            );
+        }
         Ok(Self {
             ebpf,
             links: BTreeMap::new(),
+            pins: opts.pins,
+            adopted,
         })
     }
 
@@ -103,9 +177,9 @@ impl Datapath {
         self.links.iter().map(|(n, l)| (n.as_str(), l.attached))
     }
 
-    /// Makes the attached interfaces exactly `wanted`: attaches new ones,
-    /// re-attaches those whose mode changed, detaches the rest. Returns how each
-    /// new attachment was made.
+    /// Makes the attached interfaces exactly `wanted`: attaches (or adopts)
+    /// new ones, re-attaches those whose mode changed, detaches the rest.
+    /// Returns how each new attachment was made.
     pub fn attach_all(&mut self, wanted: &[Interface]) -> Result<Vec<(String, Attached)>> {
         let stale: Vec<String> = self
             .links
@@ -126,8 +200,93 @@ impl Datapath {
         Ok(made)
     }
 
+    /// Switches a pinned link to this agent's program, atomically.
+    fn adopt(&mut self, path: &std::path::Path, hook: Hook) -> Result<Held> {
+        let fd: FdLink = PinnedLink::from_pin(path)
+            .with_context(|| format!("opening {}", path.display()))?
+            .into();
+        let fd = match hook {
+            Hook::Xdp => {
+                let p: &mut Xdp = program(&mut self.ebpf, programs::XDP_INGRESS)?;
+                let id = p.attach_to_link(XdpLink::try_from(fd)?)?;
+                FdLink::try_from(p.take_link(id)?)?
+            }
+            Hook::TcIngress | Hook::TcEgress => {
+                let name = if hook == Hook::TcIngress {
+                    programs::TC_INGRESS
+                } else {
+                    programs::TC_EGRESS
+                };
+                let p: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+                let id = p.attach_to_link(SchedClassifierLink::try_from(fd)?)?;
+                FdLink::try_from(p.take_link(id)?)?
+            }
+        };
+        Ok(Held::Pinned(fd))
+    }
+
+    /// Pins a fresh link when there is a pin root.
+    fn keep(&self, interface: &str, hook: Hook, held: Held) -> Result<Held> {
+        let Some(pins) = &self.pins else {
+            return Ok(held);
+        };
+        let path = pins.link(interface, hook);
+        let fd = match held {
+            Held::Xdp(l) => FdLink::try_from(l).map_err(|e| {
+                anyhow!("XDP on {interface} is not a bpf_link, it cannot be pinned: {e}")
+            })?,
+            Held::Tc(l) => FdLink::try_from(l).map_err(|e| {
+                anyhow!("TC on {interface} is not a bpf_link, it cannot be pinned: {e}")
+            })?,
+            Held::Pinned(l) => l,
+        };
+        let pinned = fd
+            .pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        Ok(Held::Pinned(pinned.into()))
+    }
+
     fn attach(&mut self, it: &Interface) -> Result<Attached> {
         let name = it.name.as_str();
+        // Adopt what a previous agent pinned for this interface, if it is
+        // complete and in the mode asked for; otherwise start clean.
+        if let Some(pins) = self.pins.clone() {
+            let exists = |h| pins.link(name, h).exists();
+            let has_xdp = exists(Hook::Xdp);
+            let complete = exists(Hook::TcIngress) && exists(Hook::TcEgress);
+            let mode_fits = match it.mode {
+                AttachMode::Tc => !has_xdp,
+                AttachMode::Xdp => has_xdp,
+                AttachMode::Auto => true,
+            };
+            if complete && mode_fits {
+                let mut held = Vec::new();
+                for hook in [Hook::TcIngress, Hook::TcEgress, Hook::Xdp] {
+                    if hook == Hook::Xdp && !has_xdp {
+                        continue;
+                    }
+                    held.push((hook, self.adopt(&pins.link(name, hook), hook)?));
+                }
+                let attached = if has_xdp { Attached::Xdp } else { Attached::Tc };
+                info!(
+                    interface = name,
+                    mode = attached.name(),
+                    "adopted the pinned attachment; programs replaced in place"
+                );
+                self.links.insert(
+                    it.name.clone(),
+                    Links {
+                        mode: it.mode,
+                        attached,
+                        held,
+                    },
+                );
+                return Ok(attached);
+            }
+            for hook in [Hook::Xdp, Hook::TcIngress, Hook::TcEgress] {
+                let _ = std::fs::remove_file(pins.link(name, hook));
+            }
+        }
         if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
             // Before tcx, TC programs hang off a clsact qdisc.
             if let Err(e) = tc::qdisc_add_clsact(name)
@@ -136,44 +295,45 @@ impl Datapath {
                 return Err(e).with_context(|| format!("adding the clsact qdisc to {name}"));
             }
         }
-        let tc_ingress = program::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS)?
-            .attach(name, TcAttachType::Ingress)
-            .with_context(|| format!("attaching TC ingress to {name}"))?;
-        let tc_egress = match program::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS)?
-            .attach(name, TcAttachType::Egress)
-            .with_context(|| format!("attaching TC egress to {name}"))
-        {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = program::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS)?
-                    .detach(tc_ingress);
-                return Err(e);
-            }
-        };
-        let xdp = match it.mode {
-            AttachMode::Tc => None,
-            AttachMode::Xdp | AttachMode::Auto => {
-                match program::<Xdp>(&mut self.ebpf, programs::XDP_INGRESS)?
-                    .attach(name, XdpMode::Driver)
-                {
-                    Ok(l) => Some(l),
-                    Err(e) if it.mode == AttachMode::Auto => {
-                        tracing::info!(interface = name, error = %e, "no native XDP here; steering in TC");
-                        None
-                    }
-                    Err(e) => {
-                        let _ = program::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS)?
-                            .detach(tc_ingress);
-                        let _ = program::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS)?
-                            .detach(tc_egress);
-                        return Err(anyhow!(e)).with_context(|| {
-                            format!("attaching XDP in driver mode to {name} (mode: xdp); use `mode: tc` or `mode: auto` where the driver has no XDP")
-                        });
-                    }
+        let mut held = Vec::new();
+        for (hook, prog, t) in [
+            (Hook::TcIngress, programs::TC_INGRESS, TcAttachType::Ingress),
+            (Hook::TcEgress, programs::TC_EGRESS, TcAttachType::Egress),
+        ] {
+            let p: &mut SchedClassifier = program(&mut self.ebpf, prog)?;
+            let id = p
+                .attach(name, t)
+                .with_context(|| format!("attaching {prog} to {name}"))?;
+            let link = Held::Tc(p.take_link(id)?);
+            held.push((hook, self.keep(name, hook, link)?));
+        }
+        if it.mode != AttachMode::Tc {
+            let p: &mut Xdp = program(&mut self.ebpf, programs::XDP_INGRESS)?;
+            match p.attach(name, XdpMode::Driver) {
+                Ok(id) => {
+                    let link = Held::Xdp(p.take_link(id)?);
+                    held.push((Hook::Xdp, self.keep(name, Hook::Xdp, link)?));
+                }
+                Err(e) if it.mode == AttachMode::Auto => {
+                    info!(interface = name, error = %e, "no native XDP here; steering in TC");
+                }
+                Err(e) => {
+                    self.links.insert(
+                        it.name.clone(),
+                        Links {
+                            mode: it.mode,
+                            attached: Attached::Tc,
+                            held,
+                        },
+                    );
+                    let _ = self.detach(name);
+                    return Err(anyhow!(e)).with_context(|| {
+                        format!("attaching XDP in driver mode to {name} (mode: xdp); use `mode: tc` or `mode: auto` where the driver has no XDP")
+                    });
                 }
             }
-        };
-        let attached = if xdp.is_some() {
+        }
+        let attached = if held.iter().any(|(h, _)| *h == Hook::Xdp) {
             Attached::Xdp
         } else {
             Attached::Tc
@@ -183,31 +343,113 @@ impl Datapath {
             Links {
                 mode: it.mode,
                 attached,
-                xdp,
-                tc_ingress,
-                tc_egress,
+                held,
             },
         );
         Ok(attached)
     }
 
-    /// Detaches kanari's programs from one interface.
+    /// Detaches kanari's programs from one interface (and unpins them).
     pub fn detach(&mut self, name: &str) -> Result<()> {
         let Some(l) = self.links.remove(name) else {
             return Ok(());
         };
-        if let Some(x) = l.xdp {
-            program::<Xdp>(&mut self.ebpf, programs::XDP_INGRESS)?
-                .detach(x)
-                .with_context(|| format!("detaching XDP from {name}"))?;
+        for (hook, held) in l.held {
+            if let Some(pins) = &self.pins {
+                let path = pins.link(name, hook);
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    return Err(e).with_context(|| format!("unpinning {}", path.display()));
+                }
+            }
+            // The last reference goes: the link detaches.
+            drop(held);
         }
-        program::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS)?
-            .detach(l.tc_ingress)
-            .with_context(|| format!("detaching TC ingress from {name}"))?;
-        program::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS)?
-            .detach(l.tc_egress)
-            .with_context(|| format!("detaching TC egress from {name}"))?;
         Ok(())
+    }
+
+    /// Detaches every interface and removes every pin: nothing of kanari is
+    /// left in the kernel once this agent's handles close.
+    pub fn uninstall(&mut self) -> Result<()> {
+        let names: Vec<String> = self.links.keys().cloned().collect();
+        for n in names {
+            self.detach(&n)?;
+        }
+        if let Some(pins) = &self.pins {
+            pins.remove_all()?;
+        }
+        Ok(())
+    }
+
+    /// What the maps hold, as a plan would have left it: how an agent adopting
+    /// a pinned data path learns the ids, slots and segments in force. Names
+    /// come from `config` (by VIP); a service no longer configured keeps its
+    /// VIP as name until the plan removes it.
+    pub fn read_applied(&self, config: &Config) -> Result<Applied> {
+        let services: HashMap<&MapData, ServiceKey, Service> = map(&self.ebpf, names::SERVICES)?;
+        let sets: Array<&MapData, BackendSet> = map(&self.ebpf, names::BACKENDS)?;
+        let segments: LpmTrie<&MapData, SegmentKey, Segment> = map(&self.ebpf, names::SEGMENTS)?;
+        let mut by_id: BTreeMap<u32, BTreeMap<Cidr, Group>> = BTreeMap::new();
+        for r in segments.iter() {
+            let (k, v) = r.context("reading segments")?;
+            let data = k.data();
+            let prefix_len = k.prefix_len().saturating_sub(SegmentKey::SERVICE_BITS) as u8;
+            let cidr = Cidr {
+                addr: wire::ipv4(data.addr),
+                prefix_len,
+            };
+            let group = if v.group == Group::Canary as u32 {
+                Group::Canary
+            } else {
+                Group::Stable
+            };
+            by_id
+                .entry(u32::from_be(data.service_id_be))
+                .or_default()
+                .insert(cidr, group);
+        }
+        let mut applied = Applied::default();
+        for r in services.iter() {
+            let (key, value) = r.context("reading services")?;
+            let vip = SocketAddrV4::new(wire::ipv4(key.addr), wire::host_port(key.port));
+            let name = config
+                .services
+                .iter()
+                .find(|s| s.vip == vip)
+                .map_or_else(|| vip.to_string(), |s| s.name.clone());
+            let mut backends: [Vec<(SocketAddrV4, u32)>; 2] = [Vec::new(), Vec::new()];
+            let mut generation = [0u32; 2];
+            for g in [Group::Stable, Group::Canary] {
+                let slot = value.backend_sets[g as usize];
+                if slot >= BACKEND_SET_SLOTS {
+                    bail!("service {vip} points at backend slot {slot}, beyond the table");
+                }
+                generation[g as usize] = slot & 1;
+                let set = sets
+                    .get(&slot, 0)
+                    .with_context(|| format!("reading backend slot {slot}"))?;
+                for b in set.backends.iter().take(set.len as usize) {
+                    backends[g as usize].push((
+                        SocketAddrV4::new(wire::ipv4(b.addr), wire::host_port(b.port)),
+                        b.id,
+                    ));
+                }
+            }
+            let segments = by_id.remove(&value.id).unwrap_or_default();
+            applied.services.insert(
+                vip,
+                AppliedService {
+                    name,
+                    key,
+                    value,
+                    backends,
+                    generation,
+                    segments,
+                },
+            );
+        }
+        Ok(applied)
     }
 
     /// Applies map writes in order.
@@ -437,4 +679,24 @@ where
         .map(name)
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
     T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Refuses a pinned map whose layout is not this build's (a build that
+/// changes a layout must also change the map's versioned name).
+fn check_layout(path: &std::path::Path, name: &str, key: usize, value: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapInfo::from_pin(path)
+        .with_context(|| format!("reading the pinned map {}", path.display()))?;
+    if info.key_size() as usize != key || info.value_size() as usize != value {
+        bail!(
+            "the pinned map {} ({name}) has keys of {} and values of {} bytes, this build expects {key} and {value}; \
+             remove the old data path first with `kanari uninstall`",
+            path.display(),
+            info.key_size(),
+            info.value_size()
+        );
+    }
+    Ok(())
 }

@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand};
 use kanari::{
     api::{self, CommandRequest, unix_ms},
     config::{self, Config, DEFAULT_CONTROL_SOCKET},
-    datapath::Datapath,
+    datapath::{Datapath, LoadOptions},
     engine::Engine,
+    pins::Pins,
     plan::{self, Applied},
     rollout::Action,
     status,
@@ -58,6 +59,18 @@ enum Command {
         /// The configuration file (YAML).
         #[arg(long, short, default_value = "/etc/kanari/kanari.yaml")]
         config: PathBuf,
+        /// On SIGTERM or SIGINT, detach everything and remove the pins (by
+        /// default the pinned data path keeps steering until the next agent).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove the pinned data path: detach kanari's programs from every
+    /// interface and free its maps (conntrack, weights, counters). Run it with
+    /// no agent running, or the agent re-pins on its next reload.
+    Uninstall {
+        /// The configuration whose bpf.pin_dir to clear (else the default).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Validate a configuration file: exit 0 when it is valid, 2 with the
     /// field and the fix when it is not. Interfaces must exist on this host.
@@ -129,7 +142,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => block_on(run(config)),
+        Command::Run {
+            config,
+            detach_on_exit,
+        } => block_on(run(config, detach_on_exit)),
+        Command::Uninstall { config } => uninstall(config),
         Command::Status { json, watch } => block_on(show_status(socket, json, watch)),
         Command::Pause { service } => block_on(command(socket, service, "pause", None)),
         Command::Resume { service } => block_on(command(socket, service, "resume", None)),
@@ -212,6 +229,35 @@ async fn command(
     }
 }
 
+fn uninstall(config: Option<PathBuf>) -> ExitCode {
+    let dir = match config.map(|c| config::load(&c, &|_| true)) {
+        None => PathBuf::from(kanari::pins::PIN_ROOT),
+        Some(Ok(c)) => c.pin_dir,
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match kanari::pins::Pins::new(&dir).remove_all() {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing pinned under {}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            println!(
+                "removed {} pin(s) under {}: kanari's programs are detached and its maps freed",
+                removed.len(),
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Whether an interface of this name exists in the agent's network namespace.
 fn interface_exists(name: &str) -> bool {
     let Ok(c) = std::ffi::CString::new(name) else {
@@ -271,6 +317,7 @@ impl Agent {
                 config.control_socket != self.config.control_socket,
             ),
             ("state.dir", config.state_dir != self.config.state_dir),
+            ("bpf.pin_dir", config.pin_dir != self.config.pin_dir),
         ];
         for (field, changed) in fixed_at_start {
             if changed {
@@ -283,6 +330,7 @@ impl Agent {
             metrics_listen: self.config.metrics_listen,
             control_socket: self.config.control_socket.clone(),
             state_dir: self.config.state_dir.clone(),
+            pin_dir: self.config.pin_dir.clone(),
             ..config
         };
         self.engine.sync(&config, unix_ms());
@@ -459,7 +507,7 @@ impl Agent {
     }
 }
 
-async fn run(path: PathBuf) -> Result<ExitCode> {
+async fn run(path: PathBuf, detach_on_exit: bool) -> Result<ExitCode> {
     let config = match config::load(&path, &interface_exists) {
         Ok(c) => c,
         Err(e) => {
@@ -485,10 +533,27 @@ async fn run(path: PathBuf) -> Result<ExitCode> {
         .into_future(),
     );
 
-    let datapath = Datapath::load(config.conntrack_connections, config.max_backends)?;
+    let datapath = Datapath::load(LoadOptions {
+        conntrack_connections: config.conntrack_connections,
+        max_backends: config.max_backends,
+        pins: Some(Pins::new(&config.pin_dir)),
+    })?;
+    // An adopted data path: learn what its maps hold, so the plan writes only
+    // what differs and the counters carry on.
+    let applied = if datapath.adopted {
+        datapath.read_applied(&config)?
+    } else {
+        Applied::default()
+    };
+    view.lock().expect("view lock").telemetry.adopt(
+        applied
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().flatten().map(|(_, id)| *id)),
+    );
     let mut agent = Agent {
         datapath,
-        applied: Applied::default(),
+        applied,
         engine: Engine::new(&config.state_dir),
         config: config.clone(),
         view: view.clone(),
@@ -512,6 +577,7 @@ async fn run(path: PathBuf) -> Result<ExitCode> {
         "ready"
     );
 
+    let path_of_pins = agent.config.pin_dir.clone();
     let mut ticks = tokio::time::interval(agent.config.tick);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -537,11 +603,14 @@ async fn run(path: PathBuf) -> Result<ExitCode> {
                             Err(e) => error!("config reload failed while applying: {e:#}"),
                         }
                     }
-                    Err(e) => error!("config reload rejected, the running configuration stays: {e}"),
+                    Err(e) => {
+                        view.lock().expect("view lock").reload_failures += 1;
+                        error!("config reload rejected, the running configuration stays: {e}");
+                    }
                 }
             }
-            _ = term.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = int.recv() => { info!("SIGINT: detaching"); break; }
+            _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
     view.lock().expect("view lock").ready = false;
@@ -556,7 +625,13 @@ async fn run(path: PathBuf) -> Result<ExitCode> {
         }
         Err(e) => warn!("reading the data path counters: {e:#}"),
     }
-    drop(agent);
-    info!("stopped; no program left attached");
+    if detach_on_exit {
+        agent.datapath.uninstall()?;
+        drop(agent);
+        info!("stopped; no program left attached");
+    } else {
+        drop(agent);
+        info!(pins = %path_of_pins.display(), "stopped; the pinned data path keeps steering (`kanari uninstall` removes it)");
+    }
     Ok(ExitCode::SUCCESS)
 }

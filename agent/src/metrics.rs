@@ -308,6 +308,12 @@ pub fn families(view: &View) -> Vec<MetricFamily> {
             weights,
         ),
         family(
+            "kanari_config_reload_failures_total",
+            "Configuration reloads (SIGHUP) rejected; the running configuration stayed.",
+            MetricType::COUNTER,
+            vec![counter(&[], view.reload_failures)],
+        ),
+        family(
             "kanari_build_info",
             "The running kanari build (always 1).",
             MetricType::GAUGE,

@@ -307,6 +307,9 @@ impl Recent {
 /// Per-backend and per-group totals, and windows over the last seconds.
 pub struct Telemetry {
     backends: BTreeMap<u32, BackendState>,
+    /// Ids whose slots an earlier agent filled for the same backends: their
+    /// counts are taken whole, so exported counters carry on across restarts.
+    adopted: std::collections::BTreeSet<u32>,
     groups: BTreeMap<(String, GroupName), GroupState>,
     /// Longest window kept, in seconds.
     horizon_s: u64,
@@ -349,6 +352,7 @@ impl Telemetry {
     pub fn new(horizon_s: u64) -> Self {
         Self {
             backends: BTreeMap::new(),
+            adopted: Default::default(),
             groups: BTreeMap::new(),
             horizon_s: horizon_s.max(1),
             now_ns: 0,
@@ -371,6 +375,17 @@ impl Telemetry {
                     tick.entry(group.clone()).or_default().add(&Recent::of(&d));
                     self.groups.entry(group).or_default().totals += &d;
                     s
+                }
+                // Adopted from an earlier agent: everything in the slot is this backend's.
+                None if self.adopted.remove(&id) => {
+                    let mut acc = Accumulator::new(&[]);
+                    let d = acc.update(&cur);
+                    self.groups.entry(group).or_default().totals += &d;
+                    BackendState {
+                        acc,
+                        key,
+                        totals: d,
+                    }
                 }
                 // New, or the id now names another backend: start from here.
                 _ => {
@@ -410,6 +425,12 @@ impl Telemetry {
                 g.marks.pop_front();
             }
         }
+    }
+
+    /// Marks backend ids whose kernel counts belong to the same backends as
+    /// before this agent started (an adopted data path).
+    pub fn adopt(&mut self, ids: impl IntoIterator<Item = u32>) {
+        self.adopted.extend(ids);
     }
 
     /// Forgets groups of services no longer configured.
@@ -603,6 +624,28 @@ mod tests {
             vec![(3, k, vec![stats(|s| s.requests[CLASS_2XX] = 1_000_010)])],
         );
         assert_eq!(t.group("web", Group::Stable).unwrap().requests(), 10);
+    }
+
+    #[test]
+    fn an_adopted_backend_keeps_its_counts() {
+        use kanari_common::http::CLASS_2XX;
+        let mut t = Telemetry::new(10);
+        let k = key("web", Group::Stable, 1);
+        t.adopt([3]);
+        t.update(
+            0,
+            vec![(3, k.clone(), vec![stats(|s| s.requests[CLASS_2XX] = 500)])],
+        );
+        assert_eq!(
+            t.backend(3).unwrap().1.requests(),
+            500,
+            "the counter carries on"
+        );
+        t.update(
+            250_000_000,
+            vec![(3, k, vec![stats(|s| s.requests[CLASS_2XX] = 510)])],
+        );
+        assert_eq!(t.backend(3).unwrap().1.requests(), 510);
     }
 
     #[test]

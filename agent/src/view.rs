@@ -29,6 +29,8 @@ pub struct View {
     pub rollouts: BTreeMap<String, RolloutView>,
     /// What the rollouts did, for the metrics.
     pub rollout_counts: Counts,
+    /// Reloads (SIGHUP) whose configuration was rejected.
+    pub reload_failures: u64,
 }
 
 impl View {
@@ -42,6 +44,7 @@ impl View {
             ready: false,
             rollouts: BTreeMap::new(),
             rollout_counts: Counts::default(),
+            reload_failures: 0,
         }
     }
 }

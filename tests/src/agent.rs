@@ -75,14 +75,28 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
 
 impl Agent {
     /// Starts `kanari run` in `ns` with `yaml` and waits until it is ready.
+    /// Starts `kanari run --detach-on-exit` in `ns` with `yaml` and waits
+    /// until it is ready: when it stops, nothing of it stays attached.
     pub fn start(ns: &Netns, yaml: &str) -> Result<Agent> {
         let agent = Self::spawn(ns, yaml)?;
         agent.wait_for("ready", 1)?;
         Ok(agent)
     }
 
+    /// Starts `kanari run` as in production: when it exits, its pinned data
+    /// path keeps steering until the next agent adopts it.
+    pub fn start_keeping(ns: &Netns, yaml: &str) -> Result<Agent> {
+        let agent = Self::spawn_with(ns, yaml, false)?;
+        agent.wait_for("ready", 1)?;
+        Ok(agent)
+    }
+
     /// Starts `kanari run` without waiting.
     pub fn spawn(ns: &Netns, yaml: &str) -> Result<Agent> {
+        Self::spawn_with(ns, yaml, true)
+    }
+
+    fn spawn_with(ns: &Netns, yaml: &str, detach_on_exit: bool) -> Result<Agent> {
         let dir = std::env::temp_dir().join(format!("kanari-test-{}", ns.name()));
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("kanari.yaml");
@@ -93,6 +107,7 @@ impl Agent {
             .command(kanari_bin().to_str().context("non-UTF-8 binary path")?)
             .args(["run", "--config"])
             .arg(&config_path)
+            .args(detach_on_exit.then_some("--detach-on-exit"))
             .env("KANARI_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -111,3 +111,108 @@ impl Drop for Load {
         self.halt();
     }
 }
+
+/// One request on a keep-alive connection.
+#[derive(Clone, Debug)]
+pub struct KeptOutcome {
+    /// Which connection (0-based).
+    pub conn: usize,
+    pub sent_ms: u64,
+    pub result: Result<(SocketAddrV4, u16), String>,
+}
+
+/// Keep-alive connections, each sending a request every `pause`, until
+/// stopped; a connection that fails is not reopened (its failure is the result).
+pub struct KeepAlive {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<KeptOutcome>>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl KeepAlive {
+    /// Opens `n` connections from client addresses numbered from `first_client` on.
+    pub fn start(
+        client: &Netns,
+        vip: SocketAddrV4,
+        n: usize,
+        pause: Duration,
+        first_client: u32,
+    ) -> Result<KeepAlive> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let (s, o) = (stop.clone(), outcomes.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let thread = client.spawn(move || {
+            runtime().block_on(async move {
+                let mut conns = Vec::new();
+                for i in 0..n {
+                    match crate::client::Conn::open(client_addr(first_client + i as u32), vip).await
+                    {
+                        Ok(c) => conns.push(c),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("opening connection {i}: {e:#}")));
+                            return;
+                        }
+                    }
+                }
+                let _ = ready_tx.send(Ok(()));
+                let local = tokio::task::LocalSet::new();
+                for (i, mut c) in conns.into_iter().enumerate() {
+                    let (s, o) = (s.clone(), o.clone());
+                    local.spawn_local(async move {
+                        while !s.load(Ordering::SeqCst) {
+                            let sent_ms = unix_ms();
+                            let result = c
+                                .get()
+                                .await
+                                .map(|r| (r.backend, r.status))
+                                .map_err(|e| format!("{e:#}"));
+                            let failed = result.is_err();
+                            o.lock().expect("outcomes").push(KeptOutcome {
+                                conn: i,
+                                sent_ms,
+                                result,
+                            });
+                            if failed {
+                                return;
+                            }
+                            tokio::time::sleep(pause).await;
+                        }
+                    });
+                }
+                local.await;
+            })
+        })?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(anyhow::Error::msg)?;
+        Ok(KeepAlive {
+            stop,
+            outcomes,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn outcomes(&self) -> Vec<KeptOutcome> {
+        self.outcomes.lock().expect("outcomes").clone()
+    }
+
+    pub fn stop(mut self) -> Vec<KeptOutcome> {
+        self.halt();
+        self.outcomes()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}

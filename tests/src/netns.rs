@@ -139,6 +139,46 @@ impl Drop for Netns {
     }
 }
 
+/// A bpf filesystem mounted for one test (the agent pins its data path in
+/// it); unmounted when dropped, which frees whatever is still pinned.
+#[derive(Debug)]
+pub struct BpfFs {
+    pub dir: std::path::PathBuf,
+}
+
+impl BpfFs {
+    pub fn mount(tag: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("kanari-test-{tag}-bpffs"));
+        std::fs::create_dir_all(&dir)?;
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+        // SAFETY: valid C strings; a bpf filesystem on a directory of ours.
+        if unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mounting a bpffs at {}", dir.display()));
+        }
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        if let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) {
+            // SAFETY: unmounting our own mount point.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// Fails (never skips) when the process cannot create namespaces and load
 /// eBPF programs. Outside CI, `KANARI_SKIP_PRIVILEGED=1` skips explicitly.
 pub fn require_root() -> bool {

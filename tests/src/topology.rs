@@ -68,6 +68,8 @@ pub struct Backend {
 
 pub struct Topology {
     pub tag: String,
+    /// Where agents on the node pin their data path.
+    pub bpffs: crate::netns::BpfFs,
     // Field order is drop order: backends (servers, then their namespaces) first.
     pub backends: Vec<Backend>,
     pub client: Netns,
@@ -108,6 +110,7 @@ impl Topology {
         let client = Netns::new(&tag, "cl")?;
         let node = Netns::new(&tag, "nd")?;
         let mut topo = Topology {
+            bpffs: crate::netns::BpfFs::mount(&tag)?,
             tag: tag.clone(),
             backends: Vec::new(),
             client,
@@ -165,6 +168,11 @@ impl Topology {
             .collect()
     }
 
+    /// Where an agent on the node pins its data path.
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        self.bpffs.dir.join("kanari")
+    }
+
     /// The first canary backend's server.
     pub fn canary_server(&self) -> &BackendHandle {
         self.backends
@@ -192,7 +200,8 @@ impl Topology {
                 .join(", ")
         };
         format!(
-            "interfaces:\n  - name: {NODE_IFACE}\n    mode: {mode}\nconntrack:\n  connections: 65536\nservices:\n  - name: web\n    vip: {VIP}\n    canary_weight: {canary_percent}\n    salt: 42\n    stable:\n      backends: [{}]\n    canary:\n      backends: [{}]\n{extra_service_yaml}",
+            "interfaces:\n  - name: {NODE_IFACE}\n    mode: {mode}\nconntrack:\n  connections: 65536\nbpf:\n  pin_dir: {}\nservices:\n  - name: web\n    vip: {VIP}\n    canary_weight: {canary_percent}\n    salt: 42\n    stable:\n      backends: [{}]\n    canary:\n      backends: [{}]\n{extra_service_yaml}",
+            self.pin_dir().display(),
             list(Group::Stable),
             list(Group::Canary),
         )

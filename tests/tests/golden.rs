@@ -95,8 +95,12 @@ struct Kanari {
 
 impl Kanari {
     fn load(config: Config) -> Self {
-        let mut dp = Datapath::load(config.conntrack_connections, config.max_backends)
-            .expect("loading the eBPF object into the kernel (as root: CAP_BPF, CAP_NET_ADMIN)");
+        let mut dp = Datapath::load(kanari::datapath::LoadOptions {
+            conntrack_connections: config.conntrack_connections,
+            max_backends: config.max_backends,
+            pins: None,
+        })
+        .expect("loading the eBPF object into the kernel (as root: CAP_BPF, CAP_NET_ADMIN)");
         let (ops, applied) = plan(&Applied::default(), &config).expect("planning the map writes");
         dp.apply(&ops).expect("writing the maps");
         Self {

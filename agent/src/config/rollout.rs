@@ -145,7 +145,7 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawCompare {
     max_error_rate_increase: Option<PercentField>,
-    max_latency_increase: Option<PercentField>,
+    max_latency_increase: Option<IncreaseField>,
     confidence: Option<f64>,
 }
 
@@ -164,6 +164,40 @@ struct PercentField(u32);
 impl<'de> Deserialize<'de> for PercentField {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         super::Weight::deserialize(d).map(|w| PercentField(w.0))
+    }
+}
+
+/// A relative increase in percent (`20`, `"150%"`): 0 to 10,000 %, kept as a fraction.
+#[derive(Clone, Copy)]
+struct IncreaseField(f64);
+
+impl<'de> Deserialize<'de> for IncreaseField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let p = match Raw::deserialize(d)? {
+            Raw::Number(n) => n,
+            Raw::Text(t) => t
+                .trim()
+                .trim_end_matches('%')
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{t}` is not a percentage; expected e.g. 20 or \"150%\""
+                    ))
+                })?,
+        };
+        if !p.is_finite() || !(0.0..=10_000.0).contains(&p) {
+            return Err(serde::de::Error::custom(format!(
+                "{p} is outside 0 to 10000 (percent of stable's median)"
+            )));
+        }
+        Ok(IncreaseField(p / 100.0))
     }
 }
 
@@ -290,7 +324,7 @@ pub(super) fn validate(
                     .max_error_rate_increase
                     .map(PercentField::fraction)
                     .filter(|_| facts.http),
-                max_latency_increase: c.max_latency_increase.map(PercentField::fraction),
+                max_latency_increase: c.max_latency_increase.map(|i| i.0),
                 confidence,
             })
         }
