@@ -711,6 +711,8 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
     let mut vips = BTreeMap::new();
     let mut services = Vec::new();
     let mut segments_total = 0usize;
+    // Which group each client CIDR is pinned to, and by which service.
+    let mut pinned: BTreeMap<Cidr, (Group, usize)> = BTreeMap::new();
     let mut backends_total = 0usize;
     for (i, s) in raw.services.into_iter().enumerate() {
         let at = |f: &str| format!("services[{i}].{f}");
@@ -843,6 +845,24 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
                     "the services list more than {max_backends} backends; raise limits.backends (about 1 KiB of kernel memory per backend per CPU)"
                 ),
             );
+        }
+        for (k, r) in segments.iter().enumerate() {
+            match pinned.get(&r.cidr) {
+                Some((g, j)) if *g != r.group => {
+                    return err(
+                        at(&format!("segments[{k}].group")),
+                        format!(
+                            "{} is pinned to {} here and to {} by services[{j}]: one group of clients sees one version; pin it to the same group in both",
+                            r.cidr,
+                            r.group.name(),
+                            g.name()
+                        ),
+                    );
+                }
+                _ => {
+                    pinned.insert(r.cidr, (r.group, i));
+                }
+            }
         }
         segments_total += segments.len();
         if segments_total > MAX_SEGMENTS as usize {
@@ -1269,6 +1289,18 @@ services:
                 "interfaces: [{name: eth0}]\nstate: {dir: state}\n".into(),
                 "state.dir",
                 "absolute path",
+            ),
+            (
+                svc(
+                    "    canary: {backends: [10.0.3.1:80]}\n    segments: [{cidr: 10.9.0.0/16, group: canary}]\n  - name: api\n    vip: 10.0.0.101:80\n    stable: {backends: [10.0.2.1:81]}\n    segments: [{cidr: 10.9.0.0/16, group: stable}]\n",
+                ),
+                "services[1].segments[0].group",
+                "pin it to the same group in both",
+            ),
+            (
+                "interfaces: [{name: eth0}]\nbpf: {pin_dir: kanari}\n".into(),
+                "bpf.pin_dir",
+                "absolute directory",
             ),
         ];
         for (text, field, needle) in cases {
