@@ -71,6 +71,10 @@ pub const MAX_TICK: Duration = Duration::from_secs(10);
 pub struct Config {
     pub interfaces: Vec<Interface>,
     pub conntrack_connections: u32,
+    /// The new-connection rate guard: new connections recorded per second
+    /// over the node (0: no limit). Past it, new connections are shed so a
+    /// SYN flood cannot push established ones out of conntrack.
+    pub new_connections_per_second: u32,
     /// Backends with kernel statistics, over all services (backend ids are below it).
     pub max_backends: u32,
     pub metrics_listen: SocketAddr,
@@ -365,12 +369,16 @@ struct RawInterface {
 struct RawConntrack {
     #[serde(default = "default_conntrack")]
     connections: u32,
+    /// New connections recorded per second over the node; absent: a
+    /// sixteenth of `connections`; 0: no limit.
+    new_per_second: Option<u32>,
 }
 
 impl Default for RawConntrack {
     fn default() -> Self {
         Self {
             connections: default_conntrack(),
+            new_per_second: None,
         }
     }
 }
@@ -638,6 +646,7 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
     }
 
     let connections = raw.conntrack.connections;
+    let new_connections_per_second = raw.conntrack.new_per_second.unwrap_or(connections / 16);
     if !(MIN_CONNTRACK_CONNECTIONS..=MAX_CONNTRACK_CONNECTIONS).contains(&connections) {
         return err(
             "conntrack.connections",
@@ -901,6 +910,7 @@ fn validate(raw: RawConfig, interface_exists: &dyn Fn(&str) -> bool) -> Result<C
     Ok(Config {
         interfaces,
         conntrack_connections: connections,
+        new_connections_per_second,
         max_backends,
         metrics_listen: raw.metrics.listen.0,
         control_socket,
@@ -976,6 +986,10 @@ services:
     fn defaults() {
         let c = parse("k.yaml", "interfaces: [{name: eth0}]\n", &exists).unwrap();
         assert_eq!(c.conntrack_connections, DEFAULT_CONNTRACK_CONNECTIONS);
+        assert_eq!(
+            c.new_connections_per_second,
+            DEFAULT_CONNTRACK_CONNECTIONS / 16
+        );
         assert_eq!(c.max_backends, DEFAULT_MAX_BACKENDS);
         assert_eq!(c.metrics_listen.to_string(), "0.0.0.0:9477");
         assert_eq!(c.control_socket, PathBuf::from("/run/kanari/kanari.sock"));

@@ -24,8 +24,8 @@ use aya::{
 };
 use kanari_common::{
     maps::{
-        BACKEND_SET_SLOTS, BackendSet, BackendStats, Counter, CounterKey, CtEntry, FlowKey, Group,
-        Segment, SegmentKey, Service, ServiceKey, names, programs,
+        BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, Counter, CounterKey, CtEntry, FlowKey,
+        Group, Segment, SegmentKey, Service, ServiceKey, Settings, names, programs,
     },
     wire,
 };
@@ -41,7 +41,7 @@ use crate::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kanari"));
 
 /// Every map, with the key and value sizes this build expects of it.
-const MAPS: [(&str, usize, usize); 6] = [
+const MAPS: [(&str, usize, usize); 8] = [
     (
         names::SERVICES,
         size_of::<ServiceKey>(),
@@ -57,6 +57,8 @@ const MAPS: [(&str, usize, usize); 6] = [
     ),
     (names::COUNTERS, size_of::<CounterKey>(), size_of::<u64>()),
     (names::STATS, size_of::<u32>(), size_of::<BackendStats>()),
+    (names::SETTINGS, size_of::<u32>(), size_of::<Settings>()),
+    (names::GUARD, size_of::<u32>(), size_of::<Bucket>()),
 ];
 
 /// How the ingress path ended up attached to an interface.
@@ -450,6 +452,27 @@ impl Datapath {
             );
         }
         Ok(applied)
+    }
+
+    /// Sets the new-connection rate guard: `per_second` over the node (0: no
+    /// limit), split evenly over the CPUs, each allowed a second's burst.
+    pub fn set_guard(&mut self, per_second: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?
+            .max(1) as u64;
+        let per_cpu = (per_second as u64).div_ceil(cpus);
+        let mut m: Array<&mut MapData, Settings> = map_mut(&mut self.ebpf, names::SETTINGS)?;
+        m.set(
+            0,
+            Settings {
+                new_per_sec_per_cpu: per_cpu,
+                burst: per_cpu,
+            },
+            0,
+        )
+        .context("writing the guard settings")?;
+        Ok(())
     }
 
     /// Applies map writes in order.

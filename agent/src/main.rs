@@ -335,6 +335,8 @@ impl Agent {
         };
         self.engine.sync(&config, unix_ms());
         self.config = config;
+        self.datapath
+            .set_guard(self.config.new_connections_per_second)?;
         let written = self.write_maps()?;
         for s in &written {
             self.engine.written(s, unix_ms());

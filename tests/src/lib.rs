@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod backend;
 pub mod client;
+pub mod flood;
 pub mod load;
 pub mod netns;
 pub mod prometheus;

@@ -224,3 +224,323 @@ fn a_killed_agent_loses_no_request_and_its_successor_resumes() {
         "nothing left after uninstall"
     );
 }
+
+/// A SYN flood far beyond the conntrack table (60,000 new tuples into room
+/// for 1,024 connections) while 50 keep-alive connections sit idle; then the
+/// weight moves to 100 %. `guard` is the new-connection rate guard.
+/// Returns the keep-alive requests that failed or moved, and the SYNs shed.
+fn flood(guard: u32) -> (usize, u64, u32) {
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let small = |weight: f64| {
+        topo.config(weight, "", "tc").replace(
+            "connections: 65536",
+            &format!("connections: 1024\n  new_per_second: {guard}"),
+        )
+    };
+    let agent = Agent::start(&topo.node, &small(0.0)).expect("kanari starts");
+    let (broken, sent) = topo
+        .client
+        .run_in(|| {
+            runtime().block_on(async {
+                let mut conns = Vec::new();
+                for i in 0..50 {
+                    let mut c = kanari_tests::client::Conn::open(
+                        kanari_tests::topology::client_addr(i),
+                        VIP,
+                    )
+                    .await
+                    .expect("connect");
+                    let first = c.get().await.expect("first request").backend;
+                    conns.push((c, first));
+                }
+                let sent =
+                    kanari_tests::flood::syn_flood(&topo.client, VIP, 60_000, 7).expect("flood");
+                agent.reload(&small(100.0)).expect("reload to 100 %");
+                let mut broken = 0;
+                for (c, first) in &mut conns {
+                    for _ in 0..3 {
+                        match c.get().await {
+                            Ok(r) if r.backend == *first && r.status == 200 => {}
+                            _ => broken += 1,
+                        }
+                    }
+                }
+                (broken, sent)
+            })
+        })
+        .expect("client thread");
+    let stopped = agent.stop().expect("kanari stops");
+    let shed = *stopped.counters.get("shed").expect("a shed counter");
+    (broken, shed, sent)
+}
+
+#[test]
+fn a_syn_flood_does_not_push_established_connections_out() {
+    if !require_root() {
+        return;
+    }
+    let (broken, shed, sent) = flood(200);
+    eprintln!(
+        "guard 200/s: {sent} flood SYNs sent, {shed} shed, {broken} of 150 keep-alive requests failed or moved"
+    );
+    assert_eq!(
+        broken, 0,
+        "established connections keep working through the flood"
+    );
+    assert!(
+        shed as f64 >= sent as f64 * 0.9,
+        "the guard shed {shed} of {sent}"
+    );
+}
+
+/// The same flood without the guard evicts the idle established entries:
+/// after the weight change their packets are steered anew and break. This
+/// is what the guard prevents (and shows the test above can fail).
+#[test]
+fn without_the_guard_a_syn_flood_breaks_established_connections() {
+    if !require_root() {
+        return;
+    }
+    let (broken, shed, sent) = flood(0);
+    eprintln!(
+        "no guard: {sent} flood SYNs sent, {shed} shed, {broken} of 150 keep-alive requests failed or moved"
+    );
+    assert_eq!(shed, 0);
+    assert!(
+        broken > 0,
+        "without the guard the flood evicts established connections"
+    );
+}
+
+/// The weight changes every 100 ms for 60 s while 200 keep-alive connections
+/// exchange requests: no connection is reset, none is answered by another
+/// backend than its own.
+#[test]
+fn weight_churn_moves_no_established_connection() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let yaml = topo.config(
+        0.0,
+        "    rollout: {steps: [10, 100], interval: 1h, progress_deadline: 2h}\n",
+        "tc",
+    );
+    let agent = Agent::start(&topo.node, &yaml).expect("kanari starts");
+    let kept = KeepAlive::start(&topo.client, VIP, 200, Duration::from_millis(100), 20_000)
+        .expect("keep-alive connections");
+    let started = Instant::now();
+    let mut changes = 0u32;
+    let mut x = 12345u32;
+    while started.elapsed() < Duration::from_secs(60) {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        let percent = [0.0, 5.0, 25.0, 50.0, 75.0, 100.0][(x >> 16) as usize % 6];
+        let body = format!("{{\"percent\": {percent}}}");
+        let (status, answer) = runtime()
+            .block_on(kanari::api::control_request(
+                &agent.socket,
+                "/v1/services/web/weight",
+                Some(body),
+            ))
+            .expect("set-weight");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        changes += 1;
+        let next = started + Duration::from_millis(100 * changes as u64);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let outcomes = kept.stop();
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !matches!(o.result, Ok((_, 200))))
+        .collect();
+    let mut backend_of: BTreeMap<usize, std::net::SocketAddrV4> = BTreeMap::new();
+    let mut moved = 0;
+    for o in outcomes.iter().filter(|o| o.result.is_ok()) {
+        let (b, _) = o.result.clone().unwrap();
+        if *backend_of.entry(o.conn).or_insert(b) != b {
+            moved += 1;
+        }
+    }
+    let used: std::collections::BTreeSet<_> = backend_of.values().collect();
+    eprintln!(
+        "{changes} weight changes in 60 s; {} requests on 200 keep-alive connections over {} backends: {} failed, {moved} moved",
+        outcomes.len(),
+        used.len(),
+        failed.len()
+    );
+    assert!(changes >= 500, "only {changes} weight changes");
+    assert!(failed.is_empty(), "{:?}", failed.first());
+    assert_eq!(moved, 0);
+    assert!(outcomes.len() >= 200 * 400, "{} requests", outcomes.len());
+    agent.stop().expect("kanari stops");
+}
+
+/// A canary backend removed and another added under load: connections to
+/// the remaining backends carry on untouched; a removed backend's
+/// established connections drain (they keep their backend until they
+/// close); new connections go only to the backends configured.
+#[test]
+fn backends_removed_and_added_under_load() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions {
+        stable: 1,
+        canary: 3,
+        ..Default::default()
+    })
+    .expect("topology");
+    let canaries = topo.backends_of(Group::Canary);
+    let with = |list: &[std::net::SocketAddrV4]| {
+        let all = topo.config(50.0, "", "tc");
+        let wanted = list
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let current = canaries
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        all.replace(
+            &format!("canary:\n      backends: [{current}]"),
+            &format!("canary:\n      backends: [{wanted}]"),
+        )
+    };
+    let agent = Agent::start(&topo.node, &with(&canaries[..2])).expect("kanari starts");
+    let kept = KeepAlive::start(&topo.client, VIP, 60, Duration::from_millis(50), 30_000)
+        .expect("keep-alive connections");
+    let load = Load::start(&topo.client, VIP, 300.0, 8, 0).expect("load");
+    std::thread::sleep(Duration::from_secs(1));
+    let removed_ms = unix_ms();
+    agent
+        .reload(&with(&canaries[..1]))
+        .expect("remove a canary backend");
+    std::thread::sleep(Duration::from_secs(2));
+    let added_ms = unix_ms();
+    agent
+        .reload(&with(&[canaries[0], canaries[2]]))
+        .expect("add one");
+    std::thread::sleep(Duration::from_secs(2));
+    let fresh = load.stop();
+    let kept = kept.stop();
+
+    assert!(
+        kept.iter().all(|o| matches!(o.result, Ok((_, 200)))),
+        "a keep-alive request failed: {:?}",
+        kept.iter().find(|o| o.result.is_err())
+    );
+    let mut backend_of: BTreeMap<usize, std::net::SocketAddrV4> = BTreeMap::new();
+    for o in &kept {
+        let (b, _) = o.result.clone().unwrap();
+        assert_eq!(
+            *backend_of.entry(o.conn).or_insert(b),
+            b,
+            "connection {} moved",
+            o.conn
+        );
+    }
+    let drained = backend_of.values().filter(|b| **b == canaries[1]).count();
+    assert!(
+        fresh.iter().all(|o| matches!(o.result, Ok((_, 200)))),
+        "a new connection failed"
+    );
+    let to = |b, from, until| {
+        fresh
+            .iter()
+            .filter(|o| o.sent_ms > from && o.sent_ms < until && o.result.as_ref().unwrap().0 == b)
+            .count()
+    };
+    assert!(
+        to(canaries[1], removed_ms + 100, u64::MAX) == 0,
+        "a new connection reached the removed backend"
+    );
+    assert!(
+        to(canaries[2], removed_ms, added_ms) == 0,
+        "a new connection reached the backend before it was added"
+    );
+    assert!(
+        to(canaries[2], added_ms + 100, u64::MAX) > 0,
+        "the added backend gets new connections"
+    );
+    eprintln!(
+        "{} keep-alive requests ({drained} connections drained from the removed backend) and {} new connections: none failed or moved",
+        kept.len(),
+        fresh.len()
+    );
+    agent.stop().expect("kanari stops");
+}
+
+/// Only the socket's owner (root) can talk to the control API; /metrics is
+/// read-only. Nothing changes for a refused caller.
+#[test]
+fn the_control_socket_is_root_only_and_metrics_read_only() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions {
+        stable: 1,
+        canary: 1,
+        ..Default::default()
+    })
+    .expect("topology");
+    let yaml = topo.config(
+        0.0,
+        "    rollout: {steps: [10, 100], interval: 1h, progress_deadline: 2h}\n",
+        "tc",
+    );
+    let agent = Agent::start(&topo.node, &yaml).expect("kanari starts");
+    let meta = std::fs::metadata(&agent.socket).expect("socket");
+    assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (0, 0o600));
+    // The socket's directory must let nobody through for this check to mean
+    // anything about the socket itself.
+    let dir = agent.socket.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(kanari_bin())
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["promote", "web"])
+        .output()
+        .expect("setpriv runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an unprivileged user promoted the canary: {stderr}"
+    );
+    assert!(stderr.contains("ermission denied"), "{stderr}");
+    let (w, r) = rollout(&agent.socket);
+    assert_eq!(
+        (r.phase.as_str(), w),
+        ("progressing", 10.0),
+        "nothing changed"
+    );
+    let addr: SocketAddr = "127.0.0.1:9477".parse().unwrap();
+    let post = topo
+        .node
+        .run_in(|| {
+            runtime().block_on(async {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (mut s, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let req = hyper::Request::post("/metrics")
+                    .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                    .unwrap();
+                s.send_request(req).await.unwrap().status().as_u16()
+            })
+        })
+        .unwrap();
+    assert_eq!(post, 405, "/metrics takes no POST");
+    agent.stop().expect("kanari stops");
+}

@@ -15,6 +15,8 @@ pub mod names {
     pub const SEGMENTS: &str = "KN_SEGMENTS_V1";
     pub const COUNTERS: &str = "KN_COUNTERS_V2";
     pub const STATS: &str = "KN_STATS_V1";
+    pub const SETTINGS: &str = "KN_SETTINGS_V1";
+    pub const GUARD: &str = "KN_GUARD_V1";
 }
 
 /// Program names (the function names in the eBPF object).
@@ -307,6 +309,61 @@ impl BackendStats {
     };
 }
 
+/// Value of `KN_SETTINGS_V1` (one element): knobs the agent sets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// New connections each CPU may record per second; 0: no limit.
+    pub new_per_sec_per_cpu: u64,
+    /// How many may come at once (the token bucket's depth).
+    pub burst: u64,
+}
+
+/// Value of `KN_GUARD_V1`, a per-CPU array of one token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    /// Tokens, in billionths (one new connection costs 1e9).
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+/// One token, in the bucket's unit.
+pub const TOKEN: u64 = 1_000_000_000;
+
+/// Whether a new connection may be recorded now, refilling `b` at `rate`
+/// per second up to `burst`; takes a token when it may. Pure, so the kernel's
+/// guard is tested on the host.
+#[inline(always)]
+pub fn admit(b: &mut Bucket, now_ns: u64, rate: u64, burst: u64) -> bool {
+    if rate == 0 {
+        return true;
+    }
+    // Bounded so the products stay below 2^63 without 128-bit arithmetic
+    // (which eBPF lacks): at most a second of refill, rate and burst of at
+    // most a billion.
+    let elapsed = now_ns.saturating_sub(b.last_ns);
+    let elapsed = if elapsed > TOKEN { TOKEN } else { elapsed };
+    let rate = if rate > TOKEN { TOKEN } else { rate };
+    let burst = if burst > TOKEN {
+        TOKEN
+    } else if burst == 0 {
+        1
+    } else {
+        burst
+    };
+    let cap = burst.wrapping_mul(TOKEN);
+    let refilled = b.tokens.saturating_add(elapsed.wrapping_mul(rate));
+    b.tokens = if refilled > cap { cap } else { refilled };
+    b.last_ns = now_ns;
+    if b.tokens >= TOKEN {
+        b.tokens -= TOKEN;
+        true
+    } else {
+        false
+    }
+}
+
 /// Direction index of `BackendStats::bytes` and `packets`.
 pub const TO_BACKEND: usize = 0;
 pub const FROM_BACKEND: usize = 1;
@@ -386,10 +443,13 @@ pub enum Counter {
     TcPassed = 11,
     /// TC egress passed a packet that is not a service's reply.
     EgressPassed = 12,
+    /// A new connection's SYN dropped by the new-connection rate guard (a
+    /// SYN flood must not evict established connections from conntrack).
+    Shed = 13,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::XdpSteered,
         Counter::XdpSteeredNew,
@@ -404,6 +464,7 @@ impl Counter {
         Counter::XdpPassed,
         Counter::TcPassed,
         Counter::EgressPassed,
+        Counter::Shed,
     ];
 
     #[inline(always)]
@@ -430,6 +491,7 @@ impl Counter {
             Counter::XdpPassed => "xdp_passed",
             Counter::TcPassed => "tc_passed",
             Counter::EgressPassed => "egress_passed",
+            Counter::Shed => "shed",
         }
     }
 }
@@ -442,6 +504,8 @@ const _: () = assert!(size_of::<FlowKey>() == 16);
 const _: () = assert!(size_of::<CtEntry>() == 40);
 const _: () = assert!(size_of::<BackendStats>() == 17 * 8 + 2 * 4 * crate::hist::BUCKETS);
 const _: () = assert!(size_of::<CounterKey>() == 8);
+const _: () = assert!(size_of::<Settings>() == 16);
+const _: () = assert!(size_of::<Bucket>() == 16);
 const _: () = assert!(size_of::<SegmentKey>() == 8);
 const _: () = assert!(size_of::<Segment>() == 4);
 
@@ -459,6 +523,8 @@ mod pod {
     unsafe impl aya::Pod for Segment {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Bucket {}
 }
 
 #[cfg(test)]
@@ -478,6 +544,34 @@ mod tests {
             }
         }
         assert!(backend_set_slot(MAX_SERVICES - 1, Group::Canary, 1) < BACKEND_SET_SLOTS);
+    }
+
+    #[test]
+    fn the_guard_admits_its_rate_and_burst() {
+        let mut b = Bucket::default();
+        // 100 per second, burst 10: starting full after a quiet second.
+        let t0 = 5_000_000_000;
+        let admitted = (0..50).filter(|_| admit(&mut b, t0, 100, 10)).count();
+        assert_eq!(admitted, 10, "the burst");
+        // Half a second later: 50 more.
+        let admitted = (0..200)
+            .filter(|_| admit(&mut b, t0 + 500_000_000, 100, 10))
+            .count();
+        assert_eq!(admitted, 10, "refill is capped at the burst");
+        let mut b = Bucket::default();
+        // A second of refill (100) is all a quiet bucket gets, whatever the burst.
+        assert_eq!(
+            (0..1000).filter(|_| admit(&mut b, t0, 100, 1000)).count(),
+            100
+        );
+        let admitted = (0..1000)
+            .filter(|_| admit(&mut b, t0 + 100_000_000, 100, 1000))
+            .count();
+        assert!((9..=11).contains(&admitted), "100/s over 0.1 s: {admitted}");
+        assert!(
+            (0..1000).all(|_| admit(&mut Bucket::default(), 0, 0, 0)),
+            "0 means no limit"
+        );
     }
 
     #[test]

@@ -28,7 +28,9 @@
 #![feature(asm_experimental_arch)]
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_UNSPEC, xdp_action},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action,
+    },
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
@@ -38,11 +40,11 @@ use kanari_common::{
     csum, hash, hist,
     http::{self, STATUS_LINE_LEN, StatusParse},
     maps::{
-        BACKEND_SET_SLOTS, BackendSet, BackendStats, CT_F_HTTP, CT_FORWARD, CT_REVERSE, Counter,
-        CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS, DEFAULT_MAX_BACKENDS, FROM_BACKEND,
-        FlowKey, Group, MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES,
-        SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS, Segment, SegmentKey,
-        Service, ServiceKey, TO_BACKEND,
+        BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, CT_F_HTTP, CT_FORWARD, CT_REVERSE,
+        Counter, CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS, DEFAULT_MAX_BACKENDS,
+        FROM_BACKEND, FlowKey, Group, MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS,
+        MAX_SERVICES, SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS, Segment,
+        SegmentKey, Service, ServiceKey, Settings, TO_BACKEND, admit,
     },
     select,
     wire::{
@@ -74,6 +76,29 @@ static COUNTERS: PerCpuHashMap<CounterKey, u64> =
 /// Sized by the agent from the configuration (`limits.backends`).
 #[map(name = "KN_STATS_V1")]
 static STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "KN_SETTINGS_V1")]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// The new-connection rate guard's token bucket, one per CPU.
+#[map(name = "KN_GUARD_V1")]
+static GUARD: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether this CPU may record another new connection now.
+#[inline(always)]
+fn admit_new() -> bool {
+    let Some(s) = SETTINGS.get(0) else {
+        return true;
+    };
+    if s.new_per_sec_per_cpu == 0 {
+        return true;
+    }
+    let Some(b) = GUARD.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array.
+    admit(unsafe { &mut *b }, now_ns(), s.new_per_sec_per_cpu, s.burst)
+}
 
 #[inline(always)]
 fn count(ifindex: u32, c: Counter) {
@@ -203,6 +228,11 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
         }
     }
 
+    // A SYN flood must not push established connections out of conntrack:
+    // past the guard's rate, new connections are shed (dropped; clients retry).
+    if syn && !admit_new() {
+        return Err(Counter::Shed);
+    }
     let flow = hash::flow_hash(&key, svc.salt);
     let group_hash = if svc.flags & SERVICE_F_CONNECTION_AFFINITY != 0 {
         flow
@@ -313,34 +343,49 @@ fn count_skip(ifindex: u32, s: Skip, passed: Counter) {
 
 #[xdp]
 pub fn kanari_xdp_ingress(ctx: XdpContext) -> u32 {
-    xdp_ingress(&ctx);
+    if xdp_ingress(&ctx) == Some(Counter::Shed) {
+        return xdp_action::XDP_DROP;
+    }
     xdp_action::XDP_PASS
 }
 
+/// Steers in XDP; `Some(Shed)` when the packet must be dropped.
 #[inline(always)]
-fn xdp_ingress(ctx: &XdpContext) {
+fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
     let ifindex = ctx.ingress_ifindex() as u32;
     let (start, end) = (ctx.data(), ctx.data_end());
     // SAFETY: data..data_end is the packet.
     let p = match unsafe { wire::parse_tcp4(start, end, end - start) } {
         Ok(p) => p,
-        Err(s) => return count_skip(ifindex, s, Counter::XdpPassed),
+        Err(s) => {
+            count_skip(ifindex, s, Counter::XdpPassed);
+            return None;
+        }
     };
     let Some(svc) = service_of(&p) else {
-        return count(ifindex, Counter::XdpPassed);
+        {
+            count(ifindex, Counter::XdpPassed);
+            return None;
+        }
     };
     if csum::looks_partial(p.check, p.saddr, p.daddr, p.l4_len) {
-        return count(ifindex, Counter::XdpDeferred);
+        {
+            count(ifindex, Counter::XdpDeferred);
+            return None;
+        }
     }
     let t = match steer(ifindex, &p, &svc) {
         Ok(t) => t,
-        Err(c) => return count(ifindex, c),
+        Err(c) => {
+            count(ifindex, c);
+            return (c == Counter::Shed).then_some(c);
+        }
     };
     let (Ok(ip), Ok(tcp)) = (
         wire::ptr_at_mut::<Ipv4Header>(start, end, ETH_HLEN),
         wire::ptr_at_mut::<TcpHeader>(start, end, p.l4_off),
     ) else {
-        return;
+        return None;
     };
     // SAFETY: both headers were bounds-checked just above.
     unsafe {
@@ -360,6 +405,7 @@ fn xdp_ingress(ctx: &XdpContext) {
             Counter::XdpSteered
         },
     );
+    None
 }
 
 /// Parses a TC packet, pulling the headers into the linear area when they
@@ -409,7 +455,9 @@ fn tc_rewrite(
 
 #[classifier]
 pub fn kanari_tc_ingress(ctx: TcContext) -> i32 {
-    tc_ingress(&ctx);
+    if tc_ingress(&ctx) == Some(Counter::Shed) {
+        return TC_ACT_SHOT;
+    }
     TC_ACT_UNSPEC
 }
 
@@ -419,19 +467,29 @@ fn ifindex_of(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// Steers in TC; `Some(Shed)` when the packet must be dropped.
 #[inline(always)]
-fn tc_ingress(ctx: &TcContext) {
+fn tc_ingress(ctx: &TcContext) -> Option<Counter> {
     let ifindex = ifindex_of(ctx);
     let p = match parse_tc(ctx) {
         Ok(p) => p,
-        Err(s) => return count_skip(ifindex, s, Counter::TcPassed),
+        Err(s) => {
+            count_skip(ifindex, s, Counter::TcPassed);
+            return None;
+        }
     };
     let Some(svc) = service_of(&p) else {
-        return count(ifindex, Counter::TcPassed);
+        {
+            count(ifindex, Counter::TcPassed);
+            return None;
+        }
     };
     let t = match steer(ifindex, &p, &svc) {
         Ok(t) => t,
-        Err(c) => return count(ifindex, c),
+        Err(c) => {
+            count(ifindex, c);
+            return (c == Counter::Shed).then_some(c);
+        }
     };
     let rewritten = tc_rewrite(
         ctx,
@@ -452,6 +510,7 @@ fn tc_ingress(ctx: &TcContext) {
             },
         );
     }
+    None
 }
 
 #[classifier]
