@@ -115,7 +115,19 @@ impl Datapath {
     /// Loads the maps (reusing pinned ones) and programs into the kernel;
     /// nothing is attached yet.
     pub fn load(opts: LoadOptions) -> Result<Self> {
-        if OBJECT.is_empty() {
+        // Another build of the data path, for staged upgrades and their tests.
+        let external = match std::env::var_os("KANARI_EBPF_OBJECT") {
+            Some(path) => {
+                let bytes = std::fs::read(&path).with_context(|| {
+                    format!("reading KANARI_EBPF_OBJECT={}", path.to_string_lossy())
+                })?;
+                info!(object = %path.to_string_lossy(), "loading the eBPF object named by KANARI_EBPF_OBJECT");
+                Some(bytes)
+            }
+            None => None,
+        };
+        let object: &[u8] = external.as_deref().unwrap_or(OBJECT);
+        if object.is_empty() {
             bail!(
                 "this kanari binary carries no eBPF object (it was built with AYA_BUILD_SKIP=1); \
                  rebuild it with `cargo xtask build`"
@@ -146,7 +158,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader
-            .load(OBJECT)
+            .load(object)
             .context("loading the eBPF maps and programs into the kernel")?;
         program::<Xdp>(&mut ebpf, programs::XDP_INGRESS)?
             .load()

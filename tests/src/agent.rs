@@ -86,17 +86,27 @@ impl Agent {
     /// Starts `kanari run` as in production: when it exits, its pinned data
     /// path keeps steering until the next agent adopts it.
     pub fn start_keeping(ns: &Netns, yaml: &str) -> Result<Agent> {
-        let agent = Self::spawn_with(ns, yaml, false)?;
+        Self::start_keeping_env(ns, yaml, &[])
+    }
+
+    /// [`Agent::start_keeping`] with extra environment variables.
+    pub fn start_keeping_env(ns: &Netns, yaml: &str, env: &[(&str, &Path)]) -> Result<Agent> {
+        let agent = Self::spawn_with(ns, yaml, false, env)?;
         agent.wait_for("ready", 1)?;
         Ok(agent)
     }
 
     /// Starts `kanari run` without waiting.
     pub fn spawn(ns: &Netns, yaml: &str) -> Result<Agent> {
-        Self::spawn_with(ns, yaml, true)
+        Self::spawn_with(ns, yaml, true, &[])
     }
 
-    fn spawn_with(ns: &Netns, yaml: &str, detach_on_exit: bool) -> Result<Agent> {
+    fn spawn_with(
+        ns: &Netns,
+        yaml: &str,
+        detach_on_exit: bool,
+        env: &[(&str, &Path)],
+    ) -> Result<Agent> {
         let dir = std::env::temp_dir().join(format!("kanari-test-{}", ns.name()));
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("kanari.yaml");
@@ -109,6 +119,7 @@ impl Agent {
             .arg(&config_path)
             .args(detach_on_exit.then_some("--detach-on-exit"))
             .env("KANARI_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -544,3 +544,143 @@ fn the_control_socket_is_root_only_and_metrics_read_only() {
     assert_eq!(post, 405, "/metrics takes no POST");
     agent.stop().expect("kanari stops");
 }
+
+/// Builds the `upgrade-marker` variant of the eBPF object (once per target
+/// directory): a different build of the data path for the upgrade test.
+fn upgrade_object() -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let target = root.join("target/upgrade-marker");
+    let mut cmd = std::process::Command::new("rustup");
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--package",
+        "kanari-ebpf",
+        "--features",
+        "upgrade-marker",
+        "--bins",
+        "--release",
+    ])
+    .args([
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+    ])
+    .arg(&target)
+    .current_dir(&root);
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "building the upgrade-marker object: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("bpfel-unknown-none/release/kanari")
+}
+
+/// An upgrade: the agent restarts with a different build of the eBPF
+/// object. The pinned links switch to the new programs in place: every
+/// established connection carries on and new ones are served, and the new
+/// programs are the ones running.
+#[test]
+fn an_upgraded_data_path_keeps_every_established_connection() {
+    if !require_root() {
+        return;
+    }
+    let object_b = upgrade_object();
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let yaml = topo.config(20.0, "", "tc");
+    let a = Agent::start_keeping(&topo.node, &yaml).expect("kanari (build A) starts");
+    let kept = KeepAlive::start(&topo.client, VIP, 50, Duration::from_millis(20), 50_000)
+        .expect("keep-alive connections");
+    let load = Load::start(&topo.client, VIP, 400.0, 8, 0).expect("load");
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = a.stop().expect("build A stops");
+    assert!(stopped.status.success());
+    let b = Agent::start_keeping_env(
+        &topo.node,
+        &yaml,
+        &[("KANARI_EBPF_OBJECT", object_b.as_path())],
+    )
+    .expect("kanari (build B) starts");
+    assert!(
+        b.logs()
+            .iter()
+            .any(|l| l.contains("adopted the pinned attachment")),
+        "{}",
+        b.logs().join("\n")
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let outcomes = load.stop();
+    let kept = kept.stop();
+
+    // Build B's programs run: its marker counts the packets they steer.
+    let marker = topo
+        .node
+        .run_in(|| {
+            let data = aya::maps::MapData::from_pin(topo.pin_dir().join("maps/KN_COUNTERS_V2"))
+                .expect("pinned counters");
+            let map = aya::maps::Map::PerCpuHashMap(data);
+            let counters: aya::maps::PerCpuHashMap<_, kanari_common::maps::CounterKey, u64> =
+                map.try_into().expect("a per-CPU hash");
+            counters
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| k.counter == 255)
+                .map(|(_, v)| v.iter().sum::<u64>())
+                .sum::<u64>()
+        })
+        .unwrap();
+    let failed = outcomes
+        .iter()
+        .filter(|o| !matches!(o.result, Ok((_, 200))))
+        .count();
+    let kept_failed = kept
+        .iter()
+        .filter(|o| !matches!(o.result, Ok((_, 200))))
+        .count();
+    let mut backend_of: BTreeMap<usize, std::net::SocketAddrV4> = BTreeMap::new();
+    for o in kept.iter().filter(|o| o.result.is_ok()) {
+        let (backend, _) = o.result.clone().unwrap();
+        assert_eq!(
+            *backend_of.entry(o.conn).or_insert(backend),
+            backend,
+            "connection {} moved",
+            o.conn
+        );
+    }
+    eprintln!(
+        "upgrade A -> B under load: {} new connections ({failed} failed), {} keep-alive requests ({kept_failed} failed); build B steered {marker} packets",
+        outcomes.len(),
+        kept.len()
+    );
+    assert_eq!((failed, kept_failed), (0, 0));
+    assert!(marker > 0, "the new build's programs are the ones running");
+    b.stop().expect("kanari stops");
+    let config = std::env::temp_dir().join(format!("kanari-test-{}-uninstall.yaml", topo.tag));
+    std::fs::write(&config, &yaml).expect("write config");
+    let out = std::process::Command::new(kanari_bin())
+        .args(["uninstall", "--config"])
+        .arg(&config)
+        .output()
+        .expect("uninstall runs");
+    let _ = std::fs::remove_file(&config);
+    assert!(out.status.success());
+}

@@ -100,6 +100,30 @@ fn admit_new() -> bool {
     admit(unsafe { &mut *b }, now_ns(), s.new_per_sec_per_cpu, s.burst)
 }
 
+/// The counter key the `upgrade-marker` build adds to every steered packet.
+#[cfg(feature = "upgrade-marker")]
+const UPGRADE_MARKER: u32 = 255;
+
+/// Counts a steered packet (and, in the `upgrade-marker` build, marks it).
+#[inline(always)]
+fn count_steered(ifindex: u32, c: Counter) {
+    count(ifindex, c);
+    #[cfg(feature = "upgrade-marker")]
+    {
+        let key = CounterKey {
+            ifindex,
+            counter: UPGRADE_MARKER,
+        };
+        match COUNTERS.get_ptr_mut(key) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            Some(v) => unsafe { *v += 1 },
+            None => {
+                let _ = COUNTERS.insert(key, 1, BPF_NOEXIST as u64);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn count(ifindex: u32, c: Counter) {
     let key = CounterKey {
@@ -397,7 +421,7 @@ fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
         (*tcp).check = csum::replace4(check, p.daddr, t.addr).to_ne_bytes();
     }
     observe_ingress(&p, &t);
-    count(
+    count_steered(
         ifindex,
         if t.created {
             Counter::XdpSteeredNew
@@ -501,7 +525,7 @@ fn tc_ingress(ctx: &TcContext) -> Option<Counter> {
     );
     if rewritten.is_ok() {
         observe_ingress(&p, &t);
-        count(
+        count_steered(
             ifindex,
             if t.created {
                 Counter::TcSteeredNew
