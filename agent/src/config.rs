@@ -544,11 +544,20 @@ pub fn parse(
     let raw: RawConfig = {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = match e.path().to_string() {
-                p if p == "." => "(top level)".to_string(),
-                p => p,
-            };
+            let path = e.path().to_string();
             let inner = e.into_inner();
+            let message = yaml_message(&inner);
+            // The parser's context ("while scanning a simple key at line 5")
+            // marks the broken line better than where it gave up.
+            let line = context_line(&inner.to_string()).or(inner.location().map(|l| l.line()));
+            // A syntax error stops the parser wherever it was; the field is
+            // the key on the broken line, found by its indentation.
+            let syntax = path.contains('?') || is_syntax_error(&message);
+            let field = match line.filter(|_| syntax).and_then(|l| path_at_line(text, l)) {
+                Some(p) => p,
+                None if path == "." || path.contains('?') => "(top level)".to_string(),
+                None => path,
+            };
             let file = match inner.location() {
                 Some(l) => format!("{file}:{}:{}", l.line(), l.column()),
                 None => file.to_string(),
@@ -556,7 +565,7 @@ pub fn parse(
             ConfigError {
                 file,
                 field,
-                message: yaml_message(&inner),
+                message,
             }
         })?
     };
@@ -574,13 +583,128 @@ fn yaml_message(e: &serde_yaml_ng::Error) -> String {
         Some(i) => msg[..i].to_string(),
         None => msg,
     };
-    // serde_yaml_ng prefixes its own path ("services[0]: ..."); ours is more complete.
+    // serde_yaml_ng prefixes its own path ("services[0]: ...", "telemetry: ...");
+    // the field part of the error already says where.
     match msg.split_once(": ") {
-        Some((head, rest)) if !head.contains(' ') && (head.contains('.') || head.contains('[')) => {
+        Some((head, rest)) if !head.is_empty() && !head.contains(char::is_whitespace) => {
             rest.to_string()
         }
         _ => msg,
     }
+}
+
+/// The line where the parser began what it could not finish — a key whose
+/// colon never came, a quote never closed (`..., while scanning a simple key
+/// at line 5 column 5`): that line is the broken one, not the line where the
+/// parser gave up.
+fn context_line(full: &str) -> Option<usize> {
+    let start = [
+        "while scanning a simple key",
+        "while scanning a quoted scalar",
+    ]
+    .iter()
+    .find_map(|c| full.find(c))?;
+    let ctx = &full[start..];
+    let at = ctx.find(" at line ")? + " at line ".len();
+    ctx[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether the parser's message is about the text's syntax rather than a value.
+fn is_syntax_error(message: &str) -> bool {
+    [
+        "did not find expected",
+        "could not find expected",
+        "found a tab character",
+        "found unexpected",
+        "mapping values are not allowed",
+        "found character that cannot start any token",
+        "while scanning",
+        "while parsing",
+    ]
+    .iter()
+    .any(|s| message.contains(s))
+}
+
+/// The field path of the key on `line` (1-based) of a block-style YAML text,
+/// from the keys and list items that enclose it by indentation; the key on the
+/// nearest line above with one when `line` has none. Tabs count as four spaces.
+fn path_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| {
+        l.chars()
+            .take_while(|c| *c == ' ' || *c == '\t')
+            .map(|c| if c == '\t' { 4 } else { 1 })
+            .sum::<usize>()
+    };
+    // A line's key: the name before its colon, after an optional `- `.
+    let key = |l: &str| -> Option<String> {
+        let t = l
+            .trim_start_matches([' ', '\t'])
+            .trim_start_matches("- ")
+            .trim_start();
+        let k: String = t
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        (!k.is_empty() && !t.starts_with('#')).then_some(k)
+    };
+    let mut at = line.checked_sub(1)?.min(lines.len().checked_sub(1)?);
+    while key(lines[at]).is_none() {
+        at = at.checked_sub(1)?;
+    }
+    let item = |l: &str| l.trim_start_matches([' ', '\t']).starts_with("- ");
+    let blank = |l: &str| l.trim().is_empty() || l.trim_start().starts_with('#');
+    // The index of the list item on line `i` among the items before it.
+    let index_of = |i: usize| {
+        let ind = indent(lines[i]);
+        let mut index = 0;
+        let mut j = i;
+        while j > 0 {
+            j -= 1;
+            let p = lines[j];
+            if blank(p) || indent(p) > ind {
+                continue;
+            }
+            if indent(p) == ind && item(p) {
+                index += 1;
+            } else {
+                break;
+            }
+        }
+        index
+    };
+    let mut parts = vec![key(lines[at])?];
+    if item(lines[at]) {
+        parts.push(format!("[{}]", index_of(at)));
+    }
+    let mut level = indent(lines[at]);
+    let mut i = at;
+    while i > 0 && level > 0 {
+        i -= 1;
+        let l = lines[i];
+        if blank(l) || indent(l) >= level {
+            continue;
+        }
+        level = indent(l);
+        if item(l) {
+            // Our key lives in this item (its first key shares the dash's line).
+            parts.push(format!("[{}]", index_of(i)));
+        } else if let Some(k) = key(l) {
+            parts.push(k);
+        }
+    }
+    let mut path = String::new();
+    for p in parts.iter().rev() {
+        if !p.starts_with('[') && !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(p);
+    }
+    Some(path)
 }
 
 type FieldError = (String, String);
@@ -1402,6 +1526,21 @@ services:
         let c = load(&path, &|_| true).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.services.len(), 2);
         assert!(c.services[1].rollout.is_some());
+    }
+
+    #[test]
+    fn a_line_s_field_path_comes_from_its_indentation() {
+        let text = "interfaces:\n  - name: eth0\nservices:\n  - name: web\n    vip: 1\n    stable:\n      backends: [x]\n  - name: api\n    vip: 2\n\tsalt: 3\n";
+        assert_eq!(path_at_line(text, 2).as_deref(), Some("interfaces[0].name"));
+        assert_eq!(path_at_line(text, 5).as_deref(), Some("services[0].vip"));
+        assert_eq!(
+            path_at_line(text, 7).as_deref(),
+            Some("services[0].stable.backends")
+        );
+        assert_eq!(path_at_line(text, 8).as_deref(), Some("services[1].name"));
+        assert_eq!(path_at_line(text, 9).as_deref(), Some("services[1].vip"));
+        assert_eq!(path_at_line(text, 10).as_deref(), Some("services[1].salt"));
+        assert_eq!(path_at_line(text, 3).as_deref(), Some("services"));
     }
 
     #[test]
