@@ -601,6 +601,8 @@ fn context_line(full: &str) -> Option<usize> {
     let start = [
         "while scanning a simple key",
         "while scanning a quoted scalar",
+        "while parsing a flow sequence",
+        "while parsing a flow mapping",
     ]
     .iter()
     .find_map(|c| full.find(c))?;
@@ -1547,6 +1549,15 @@ services:
     fn syntax_errors_carry_line_and_column() {
         let e = parse_err("interfaces:\n  - name: eth0\n   mode: [\n");
         assert!(e.file.starts_with("k.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn an_unclosed_bracket_names_the_key_it_opened_on() {
+        // The parser gives up on a later line; the broken one is where `[` opened.
+        let e = parse_err("interfaces: [name: n0\ncontrol:\n  socket: /tmp/x.sock\n");
+        assert_eq!(e.field, "interfaces", "{e}");
+        let e = parse_err("state:\n  dir: /tmp/s\nservices: {name: web\ncontrol: {}\n");
+        assert_eq!(e.field, "services", "{e}");
     }
 
     #[test]
