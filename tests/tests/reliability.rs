@@ -228,8 +228,9 @@ fn a_killed_agent_loses_no_request_and_its_successor_resumes() {
 /// A SYN flood far beyond the conntrack table (60,000 new tuples into room
 /// for 1,024 connections) while 50 keep-alive connections sit idle; then the
 /// weight moves to 100 %. `guard` is the new-connection rate guard.
-/// Returns the keep-alive requests that failed or moved, and the SYNs shed.
-fn flood(guard: u32) -> (usize, u64, u32) {
+/// Returns the keep-alive requests that failed or moved, the SYNs shed, the
+/// SYNs sent and the new connections recorded.
+fn flood(guard: u32) -> (usize, u64, u32, u64) {
     let topo = Topology::new(&TopologyOptions::default()).expect("topology");
     let small = |weight: f64| {
         topo.config(weight, "", "tc").replace(
@@ -271,7 +272,8 @@ fn flood(guard: u32) -> (usize, u64, u32) {
         .expect("client thread");
     let stopped = agent.stop().expect("kanari stops");
     let shed = *stopped.counters.get("shed").expect("a shed counter");
-    (broken, shed, sent)
+    let recorded = stopped.counters.get("tc_steered_new").copied().unwrap_or(0);
+    (broken, shed, sent, recorded)
 }
 
 #[test]
@@ -279,7 +281,7 @@ fn a_syn_flood_does_not_push_established_connections_out() {
     if !require_root() {
         return;
     }
-    let (broken, shed, sent) = flood(200);
+    let (broken, shed, sent, _) = flood(200);
     eprintln!(
         "guard 200/s: {sent} flood SYNs sent, {shed} shed, {broken} of 150 keep-alive requests failed or moved"
     );
@@ -293,22 +295,24 @@ fn a_syn_flood_does_not_push_established_connections_out() {
     );
 }
 
-/// The same flood without the guard evicts the idle established entries:
-/// after the weight change their packets are steered anew and break. This
-/// is what the guard prevents (and shows the test above can fail).
+/// The same flood without the guard: nothing is shed and the flood's
+/// connections go into the table, many times its size — the evictions the
+/// guard prevents. (Whether a given idle connection is evicted then depends
+/// on the LRU's per-CPU lists and the load, so the broken requests are
+/// reported, not asserted: runs here broke 150, 90 and 0 of 150.)
 #[test]
-fn without_the_guard_a_syn_flood_breaks_established_connections() {
+fn without_the_guard_a_syn_flood_overruns_the_table() {
     if !require_root() {
         return;
     }
-    let (broken, shed, sent) = flood(0);
+    let (broken, shed, sent, recorded) = flood(0);
     eprintln!(
-        "no guard: {sent} flood SYNs sent, {shed} shed, {broken} of 150 keep-alive requests failed or moved"
+        "no guard: {sent} flood SYNs sent, {shed} shed, {recorded} connections recorded, {broken} of 150 keep-alive requests failed or moved"
     );
     assert_eq!(shed, 0);
     assert!(
-        broken > 0,
-        "without the guard the flood evicts established connections"
+        recorded >= 10 * 1024,
+        "the flood recorded {recorded} connections in a table for 1,024"
     );
 }
 
