@@ -247,19 +247,24 @@ pub fn check(
             (Some(c), Some(s)) if s > 0.0 => Some(c / s - 1.0),
             _ => None,
         };
+        // Smaller slowdowns pass however significant: noise of the machine.
+        let floor = cmp.min_latency_increase.as_nanos() as f64;
+        let large_enough = matches!(medians, (Some(c), Some(s)) if c - s >= floor);
         let verdict = match (
             &too_few,
             increase,
             stats::mann_whitney(&canary.ttfb, &stable.ttfb),
         ) {
             (Some(why), _, _) => Verdict::Inconclusive(why.clone()),
-            (None, Some(inc), Some(mw)) if inc > rel && mw.z > z_crit => Verdict::Fail(format!(
-                "median time to first byte {} above stable's ({}), more than {} (Mann-Whitney z {:.1} > {z_crit:.2})",
-                pct(inc),
-                medians.1.map_or_else(String::new, |s| ms(s / 1e9)),
-                pct(rel),
-                mw.z
-            )),
+            (None, Some(inc), Some(mw)) if inc > rel && large_enough && mw.z > z_crit => {
+                Verdict::Fail(format!(
+                    "median time to first byte {} above stable's ({}), more than {} (Mann-Whitney z {:.1} > {z_crit:.2})",
+                    pct(inc),
+                    medians.1.map_or_else(String::new, |s| ms(s / 1e9)),
+                    pct(rel),
+                    mw.z
+                ))
+            }
             (None, Some(_), Some(_)) => Verdict::Pass,
             _ => Verdict::Inconclusive("no latency samples".into()),
         };
@@ -371,6 +376,7 @@ pub(crate) mod tests {
             compare: Some(Compare {
                 max_error_rate_increase: Some(0.01),
                 max_latency_increase: Some(0.2),
+                min_latency_increase: crate::config::rollout::DEFAULT_MIN_LATENCY_INCREASE,
                 confidence: 0.99,
             }),
             critical: Critical {
@@ -434,15 +440,35 @@ pub(crate) mod tests {
 
     #[test]
     fn a_slower_canary_fails_the_comparison_while_limits_pass() {
-        // 30 % slower at the median, same errors, well under the 500 ms limit.
+        // 30 % (3 ms) slower at the median, same errors, well under the 500 ms limit.
         let rs = check(
             &analysis(),
             100,
-            &totals(1000, 0, 2_600_000),
-            &totals(9000, 0, 2_000_000),
+            &totals(1000, 0, 13_000_000),
+            &totals(9000, 0, 10_000_000),
             true,
         );
         assert_eq!(verdict_of(&rs, Judge::LatencyP99), &Verdict::Pass);
+        assert!(
+            matches!(verdict_of(&rs, Judge::LatencyVsStable), Verdict::Fail(_)),
+            "{rs:#?}"
+        );
+    }
+
+    #[test]
+    fn a_slowdown_under_the_absolute_floor_passes() {
+        // 30 % slower, but stable answers in 50 µs: 15 µs is the machine's noise.
+        let (canary, stable) = (totals(1000, 0, 65_000), totals(9000, 0, 50_000));
+        let rs = check(&analysis(), 100, &canary, &stable, true);
+        assert_eq!(
+            verdict_of(&rs, Judge::LatencyVsStable),
+            &Verdict::Pass,
+            "{rs:#?}"
+        );
+        // Without the floor the same data fails: the floor is what passes it.
+        let mut a = analysis();
+        a.compare.as_mut().unwrap().min_latency_increase = Duration::ZERO;
+        let rs = check(&a, 100, &canary, &stable, true);
         assert!(
             matches!(verdict_of(&rs, Judge::LatencyVsStable), Verdict::Fail(_)),
             "{rs:#?}"

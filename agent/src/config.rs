@@ -1481,6 +1481,7 @@ services:
             ),
             (Some(0.01), Some(0.2), 0.99)
         );
+        assert_eq!(cmp.min_latency_increase, Duration::from_millis(1));
         assert_eq!(
             (
                 r.analysis.critical.error_rate,
@@ -1493,7 +1494,7 @@ services:
 
         let text = text.replace(
             "rollout: {}",
-            "rollout: {step_weight: 20, max_weight: 60, interval: 5s, on_rollback: cut}\n    analysis:\n      limits: {max_error_rate: 2, max_latency_p99: 250ms}\n      compare_to_stable: {max_latency_increase: \"10%\", confidence: 0.95}\n      critical: {error_rate: 40, min_requests: 10}",
+            "rollout: {step_weight: 20, max_weight: 60, interval: 5s, on_rollback: cut}\n    analysis:\n      limits: {max_error_rate: 2, max_latency_p99: 250ms}\n      compare_to_stable: {max_latency_increase: \"10%\", min_latency_increase: 5ms, confidence: 0.95}\n      critical: {error_rate: 40, min_requests: 10}",
         );
         let c = parse("k.yaml", &text, &exists).unwrap();
         let r = c.services[0].rollout.as_ref().unwrap();
@@ -1513,6 +1514,7 @@ services:
             ),
             (None, Some(0.1), 0.95)
         );
+        assert_eq!(cmp.min_latency_increase, Duration::from_millis(5));
         assert_eq!(
             (
                 r.analysis.critical.error_rate,

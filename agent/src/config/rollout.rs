@@ -20,6 +20,7 @@
 //!   compare_to_stable:        # statistical comparison with stable (on by default)
 //!     max_error_rate_increase: 1   # percentage points, two-proportion test
 //!     max_latency_increase: 20     # percent of stable's median, Mann-Whitney U test
+//!     min_latency_increase: 1ms    # and at least this much (a smaller slowdown passes)
 //!     confidence: 0.99
 //!   critical:                 # every tick: roll back at once
 //!     error_rate: 50          # percent, over at least min_requests
@@ -28,6 +29,11 @@
 //! ```
 
 use std::time::Duration;
+
+/// `compare_to_stable.min_latency_increase` by default: below a millisecond,
+/// a slower median is noise of the machine, not of the release (measured: a
+/// healthy canary 21 % "slower" than stable's 0.05 ms failed the test).
+pub const DEFAULT_MIN_LATENCY_INCREASE: Duration = Duration::from_millis(1);
 
 use kanari_common::maps::BASIS_POINTS;
 use serde::Deserialize;
@@ -84,6 +90,9 @@ pub struct Compare {
     pub max_error_rate_increase: Option<f64>,
     /// Relative increase of the median time to first byte (fraction).
     pub max_latency_increase: Option<f64>,
+    /// The smallest increase of the median that can fail the latency
+    /// comparison: with thousands of samples a microsecond is significant.
+    pub min_latency_increase: Duration,
     pub confidence: f64,
 }
 
@@ -146,6 +155,7 @@ struct RawLimits {
 struct RawCompare {
     max_error_rate_increase: Option<PercentField>,
     max_latency_increase: Option<IncreaseField>,
+    min_latency_increase: Option<DurationField>,
     confidence: Option<f64>,
 }
 
@@ -309,6 +319,7 @@ pub(super) fn validate(
         None => Some(Compare {
             max_error_rate_increase: facts.http.then_some(0.01),
             max_latency_increase: Some(0.2),
+            min_latency_increase: DEFAULT_MIN_LATENCY_INCREASE,
             confidence: 0.99,
         }),
         Some(c) => {
@@ -325,6 +336,9 @@ pub(super) fn validate(
                     .map(PercentField::fraction)
                     .filter(|_| facts.http),
                 max_latency_increase: c.max_latency_increase.map(|i| i.0),
+                min_latency_increase: c
+                    .min_latency_increase
+                    .map_or(DEFAULT_MIN_LATENCY_INCREASE, |d| d.0),
                 confidence,
             })
         }
