@@ -5,8 +5,10 @@
 
 pub mod agent;
 pub mod backend;
+pub mod bench;
 pub mod client;
 pub mod flood;
+pub mod frames;
 pub mod load;
 pub mod netns;
 pub mod prometheus;

@@ -71,19 +71,17 @@ use std::{
     time::Instant,
 };
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use etherparse::{Ipv4Header, TcpHeader};
 use kanari::{
-    config::{self, Affinity, Config},
-    datapath::{Datapath, LoadOptions},
-    plan::{Applied, plan},
+    config::{self, Config},
+    datapath::Datapath,
+    plan::Applied,
 };
 use kanari_common::{
-    hash::{backend_hash, client_hash, flow_hash},
-    maps::{CT_FORWARD, CT_REVERSE, Counter, FROM_BACKEND, FlowKey, Group, TO_BACKEND, programs},
-    select::{backend_index, bucket, choose_group},
-    wire,
+    maps::{CT_FORWARD, CT_REVERSE, Counter, FROM_BACKEND, TO_BACKEND},
+    wire::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
+use kanari_tests::frames::{self, Hook, Loaded, SYN_OPTIONS, TCP_PSH};
 
 // ---- Configuration --------------------------------------------------------------------------
 
@@ -126,38 +124,9 @@ services:
 }
 
 /// The backend of a new connection of `client` to `svc`, computed on the host
-/// as `steer()` does in the kernel (see golden.rs).
+/// as `steer()` does in the kernel (see [`frames::predict`]).
 fn predict(svc: &config::Service, client: SocketAddrV4) -> SocketAddrV4 {
-    let key = FlowKey::new(
-        wire::addr(*client.ip()),
-        wire::addr(*svc.vip.ip()),
-        wire::port(client.port()),
-        wire::port(svc.vip.port()),
-    );
-    let flow = flow_hash(&key, svc.salt);
-    let group_hash = match svc.affinity {
-        Affinity::Client => client_hash(key.saddr, svc.salt),
-        Affinity::Connection => flow,
-    };
-    let segment = svc
-        .segments
-        .iter()
-        .filter(|s| s.cidr.contains(*client.ip()))
-        .max_by_key(|s| s.cidr.prefix_len)
-        .map(|s| s.group);
-    let group = choose_group(
-        svc.canary_weight,
-        bucket(group_hash),
-        segment,
-        svc.stable.len() as u32,
-        svc.canary.len() as u32,
-    )
-    .expect("the service has backends");
-    let list = match group {
-        Group::Stable => &svc.stable,
-        Group::Canary => &svc.canary,
-    };
-    list[backend_index(backend_hash(flow), list.len() as u32) as usize]
+    frames::predict(svc, client).1
 }
 
 // ---- The generator --------------------------------------------------------------------------
@@ -238,22 +207,12 @@ fn cases_from_env() -> usize {
 
 // ---- Frames ---------------------------------------------------------------------------------
 
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_PSH: u8 = 0x08;
-const TCP_ACK: u8 = 0x10;
 const ETH_IPV4: [u8; 2] = [0x08, 0x00];
 const ETH_IPV6: [u8; 2] = [0x86, 0xdd];
 const ETH_ARP: [u8; 2] = [0x08, 0x06];
 const ETH_VLAN: [u8; 2] = [0x81, 0x00];
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
-/// MSS, SACK permitted, timestamps, NOP, window scale: a Linux SYN's options.
-const SYN_OPTIONS: [u8; 20] = [
-    0x02, 0x04, 0x05, 0xb4, 0x04, 0x02, 0x08, 0x0a, 0x00, 0x01, 0xe2, 0x40, 0x00, 0x00, 0x00, 0x00,
-    0x01, 0x03, 0x03, 0x07,
-];
 const HTTP_GET: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: web.example\r\n\r\n";
 const STATUS_LINES: [&[u8]; 8] = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
@@ -543,80 +502,11 @@ fn checksum_offsets(f: &[u8], p: &Parsed) -> Result<(u16, u16), String> {
 
 // ---- Running the programs -------------------------------------------------------------------
 
-const XDP_PASS: u32 = 2;
-const TC_ACT_UNSPEC: u32 = -1i32 as u32;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    TcIngress,
-    TcEgress,
-}
-
-const HOOKS: [Hook; 3] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress];
-
-impl Hook {
-    fn program(self) -> &'static str {
-        match self {
-            Hook::Xdp => programs::XDP_INGRESS,
-            Hook::TcIngress => programs::TC_INGRESS,
-            Hook::TcEgress => programs::TC_EGRESS,
-        }
-    }
-
-    fn pass(self) -> u32 {
-        match self {
-            Hook::Xdp => XDP_PASS,
-            Hook::TcIngress | Hook::TcEgress => TC_ACT_UNSPEC,
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The kernel refuses the test run itself (`EINVAL`) before the program
-    /// runs: see the header of golden.rs.
-    fn kernel_refuses(self, f: &[u8]) -> bool {
-        if f.len() < 14 {
-            return true;
-        }
-        let skb = self != Hook::Xdp;
-        skb && ((f[12..14] == ETH_IPV4 && f.len() < 34) || (f[12..14] == ETH_IPV6 && f.len() < 54))
-    }
-}
-
 /// One test run; `None` when the kernel refused the data.
 fn test_run(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> Result<Option<(u32, Vec<u8>)>, String> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..Default::default()
-    };
-    let prog = dp
-        .ebpf_mut()
-        .program_mut(hook.program())
-        .expect("the object has the program");
-    let result = match hook {
-        Hook::Xdp => <&mut Xdp>::try_from(prog)
-            .expect("an XDP program")
-            .test_run(opts),
-        Hook::TcIngress | Hook::TcEgress => <&mut SchedClassifier>::try_from(prog)
-            .expect("a TC program")
-            .test_run(opts),
-    };
-    match result {
-        Ok(r) => {
-            out.truncate(r.data_size_out as usize);
-            Ok(Some((r.return_value, out)))
-        }
-        Err(aya::programs::ProgramError::SyscallError(s))
-            if s.io_error.raw_os_error() == Some(libc::EINVAL) && hook.kernel_refuses(frame) =>
-        {
-            Ok(None)
-        }
+    match frames::test_run(dp, hook, frame, 1) {
+        Ok((r, out)) => Ok(Some((r.return_value, out))),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && hook.kernel_refuses(frame) => Ok(None),
         Err(e) => Err(format!("the test run failed: {e:?}")),
     }
 }
@@ -682,14 +572,11 @@ fn first_difference(a: &[u8], b: &[u8]) -> String {
 impl Fuzz {
     fn new(seed: u64) -> Self {
         let config = config();
-        let mut dp = Datapath::load(LoadOptions {
-            conntrack_connections: config.conntrack_connections,
-            max_backends: config.max_backends,
-            pins: None,
-        })
-        .expect("loading the eBPF object into the kernel (as root: CAP_BPF, CAP_NET_ADMIN)");
-        let (ops, applied) = plan(&Applied::default(), &config).expect("planning the map writes");
-        dp.apply(&ops).expect("writing the maps");
+        let Loaded {
+            dp,
+            config,
+            applied,
+        } = Loaded::load(config).expect("loading the data path with the fuzz configuration");
         Self {
             seed,
             rng: Rng(seed),
@@ -730,7 +617,7 @@ impl Fuzz {
     fn run_case(&mut self, case: &Case) {
         *self.kinds.entry(case.kind).or_default() += 1;
         let class = classify(&case.frame);
-        for hook in HOOKS {
+        for hook in Hook::ALL {
             if let Err(e) = self.run_hook(hook, &case.frame, class) {
                 panic!(
                     "fuzz case {index} ({kind}) through {hook:?}: {e}\n\
@@ -750,10 +637,10 @@ impl Fuzz {
 
     fn run_hook(&mut self, hook: Hook, frame: &[u8], class: Class) -> Result<(), String> {
         let Some((verdict, out)) = test_run(&mut self.dp, hook, frame)? else {
-            self.stats[hook.index()].refused += 1;
+            self.stats[hook as usize].refused += 1;
             return Ok(());
         };
-        let st = &mut self.stats[hook.index()];
+        let st = &mut self.stats[hook as usize];
         st.runs += 1;
         if class.malformed() {
             st.malformed += 1;
@@ -770,7 +657,7 @@ impl Fuzz {
             Hook::TcEgress => self.check_egress(frame, &out, class),
         };
         outcome.map_err(|e| format!("{e}\noutput:{}", hex(&out)))?;
-        let st = &mut self.stats[hook.index()];
+        let st = &mut self.stats[hook as usize];
         if untouched {
             st.untouched += 1;
         } else {
@@ -802,7 +689,7 @@ impl Fuzz {
         };
         let partial = looks_partial(input, &p);
         if hook == Hook::Xdp && partial {
-            self.stats[hook.index()].deferred += 1;
+            self.stats[hook as usize].deferred += 1;
             return if out == input {
                 Ok(())
             } else {
@@ -917,7 +804,7 @@ impl Fuzz {
             ));
         }
         if before == (0xffff, 0xffff) {
-            self.stats[hook.index()].valid_checksums += 1;
+            self.stats[hook as usize].valid_checksums += 1;
         }
         Ok(())
     }
@@ -1528,8 +1415,8 @@ fn random_and_mutated_frames_pass_untouched_or_translated_correctly() {
         fuzz.opened.len(),
         2 * CONNTRACK_CONNECTIONS
     );
-    for hook in HOOKS {
-        let s = fuzz.stats[hook.index()];
+    for hook in Hook::ALL {
+        let s = fuzz.stats[hook as usize];
         eprintln!(
             "  {:<18} ran {:>6}, translated {:>6} ({} with valid checksums), untouched {:>6} \
              (of which malformed {}, left to TC {}), refused by the kernel {}",

@@ -34,27 +34,24 @@ use std::{
     time::Instant,
 };
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
-use etherparse::{
-    IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv4Options, PacketBuilder,
-    TcpHeader, VlanId,
-};
+use etherparse::{Ipv4Header, PacketBuilder, TcpHeader};
 use kanari::{
     config::{self, Affinity, Config},
     datapath::Datapath,
-    plan::{Applied, plan},
 };
 use kanari_common::{
     csum,
-    hash::{backend_hash, client_hash, flow_hash},
     hist::{self, bucket_index},
     http::{CLASS_2XX, CLASS_3XX, CLASS_4XX, CLASS_5XX, CLASS_NONE, CLASS_OTHER, CLASSES},
     maps::{
         BackendStats, CT_F_HTTP, CT_FORWARD, CT_REVERSE, Counter, CtEntry, FROM_BACKEND, FlowKey,
         Group, TO_BACKEND, programs,
     },
-    select::{backend_index, bucket, choose_group},
     wire::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+use kanari_tests::frames::{
+    self, CLIENT_MAC, HTTP_GET, Hook, Loaded, ROUTER_MAC, SYN_OPTIONS, TC_ACT_UNSPEC, TCP_PSH,
+    Tcp4, XDP_PASS, predict, reply, response, syn_ack, test_run,
 };
 
 // ---- The service under test -----------------------------------------------------------------
@@ -86,36 +83,33 @@ services:
     config::parse("golden.yaml", &text, &|_| true).expect("the test configuration is valid")
 }
 
-/// A loaded (not attached) data path with `config` applied.
-struct Kanari {
-    dp: Datapath,
-    config: Config,
-    applied: Applied,
+/// A loaded (not attached) data path with `config` applied (see
+/// [`kanari_tests::frames::Loaded`]), with the checks of these tests.
+struct Kanari(Loaded);
+
+impl std::ops::Deref for Kanari {
+    type Target = Loaded;
+    fn deref(&self) -> &Loaded {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Kanari {
+    fn deref_mut(&mut self) -> &mut Loaded {
+        &mut self.0
+    }
 }
 
 impl Kanari {
     fn load(config: Config) -> Self {
-        let mut dp = Datapath::load(kanari::datapath::LoadOptions {
-            conntrack_connections: config.conntrack_connections,
-            max_backends: config.max_backends,
-            pins: None,
-        })
-        .expect("loading the eBPF object into the kernel (as root: CAP_BPF, CAP_NET_ADMIN)");
-        let (ops, applied) = plan(&Applied::default(), &config).expect("planning the map writes");
-        dp.apply(&ops).expect("writing the maps");
-        Self {
-            dp,
-            config,
-            applied,
-        }
+        Self(Loaded::load(config).expect("loading the data path with the test configuration"))
     }
 
     /// Switches to `config` the way the agent does: a plan from what the maps hold.
     fn reconfigure(&mut self, config: Config) {
-        let (ops, applied) = plan(&self.applied, &config).expect("planning the map writes");
-        self.dp.apply(&ops).expect("writing the maps");
-        self.applied = applied;
-        self.config = config;
+        self.0
+            .reconfigure(config)
+            .expect("applying the new configuration");
     }
 
     fn service(&self) -> &config::Service {
@@ -437,44 +431,6 @@ fn answered(frame: &[u8]) -> Seen {
     }
 }
 
-/// The group and backend of a new connection, computed on the host exactly as
-/// `steer()` in the eBPF program does.
-fn predict(svc: &config::Service, client: SocketAddrV4) -> (Group, SocketAddrV4) {
-    let vip = svc.vip;
-    let key = FlowKey::new(
-        wire::addr(*client.ip()),
-        wire::addr(*vip.ip()),
-        wire::port(client.port()),
-        wire::port(vip.port()),
-    );
-    let flow = flow_hash(&key, svc.salt);
-    let group_hash = match svc.affinity {
-        Affinity::Client => client_hash(key.saddr, svc.salt),
-        Affinity::Connection => flow,
-    };
-    // The longest matching prefix, as the LPM trie answers.
-    let segment = svc
-        .segments
-        .iter()
-        .filter(|s| s.cidr.contains(*client.ip()))
-        .max_by_key(|s| s.cidr.prefix_len)
-        .map(|s| s.group);
-    let group = choose_group(
-        svc.canary_weight,
-        bucket(group_hash),
-        segment,
-        svc.stable.len() as u32,
-        svc.canary.len() as u32,
-    )
-    .expect("the service has backends");
-    let list = match group {
-        Group::Stable => &svc.stable,
-        Group::Canary => &svc.canary,
-    };
-    let idx = backend_index(backend_hash(flow), list.len() as u32) as usize;
-    (group, list[idx])
-}
-
 fn group_of(backend: SocketAddrV4) -> Group {
     if CANARY.contains(&backend) {
         Group::Canary
@@ -492,94 +448,6 @@ fn nth_client(i: u32) -> SocketAddrV4 {
 }
 
 // ---- Running the programs -------------------------------------------------------------------
-
-const XDP_PASS: u32 = 2;
-/// `TC_ACT_UNSPEC` (-1) as the test run reports it.
-const TC_ACT_UNSPEC: u32 = -1i32 as u32;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    TcIngress,
-    TcEgress,
-}
-
-impl Hook {
-    fn program(self) -> &'static str {
-        match self {
-            Hook::Xdp => programs::XDP_INGRESS,
-            Hook::TcIngress => programs::TC_INGRESS,
-            Hook::TcEgress => programs::TC_EGRESS,
-        }
-    }
-
-    /// The verdict of "let the packet go on" (the programs never drop).
-    fn pass(self) -> u32 {
-        match self {
-            Hook::Xdp => XDP_PASS,
-            Hook::TcIngress | Hook::TcEgress => TC_ACT_UNSPEC,
-        }
-    }
-
-    fn new_counter(self) -> Counter {
-        match self {
-            Hook::Xdp => Counter::XdpSteeredNew,
-            Hook::TcIngress => Counter::TcSteeredNew,
-            Hook::TcEgress => unreachable!("egress creates no connections"),
-        }
-    }
-
-    fn known_counter(self) -> Counter {
-        match self {
-            Hook::Xdp => Counter::XdpSteered,
-            Hook::TcIngress => Counter::TcSteered,
-            Hook::TcEgress => Counter::TcReversed,
-        }
-    }
-
-    /// What the hook counts for a well-formed packet it passes untouched.
-    fn passed_counter(self) -> Counter {
-        match self {
-            Hook::Xdp => Counter::XdpPassed,
-            Hook::TcIngress => Counter::TcPassed,
-            Hook::TcEgress => Counter::EgressPassed,
-        }
-    }
-}
-
-/// One `BPF_PROG_TEST_RUN` of `hook` with `frame`, `repeat` times in the kernel.
-fn test_run(
-    dp: &mut Datapath,
-    hook: Hook,
-    frame: &[u8],
-    repeat: u32,
-) -> std::io::Result<(TestRunResult, Vec<u8>)> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        repeat,
-        ..Default::default()
-    };
-    let prog = dp
-        .ebpf_mut()
-        .program_mut(hook.program())
-        .expect("the object has the program");
-    let result = match hook {
-        Hook::Xdp => <&mut Xdp>::try_from(prog)
-            .expect("an XDP program")
-            .test_run(opts),
-        Hook::TcIngress | Hook::TcEgress => <&mut SchedClassifier>::try_from(prog)
-            .expect("a TC program")
-            .test_run(opts),
-    };
-    let result = result.map_err(|e| match e {
-        aya::programs::ProgramError::SyscallError(s) => s.io_error,
-        e => std::io::Error::other(e),
-    })?;
-    out.truncate(result.data_size_out as usize);
-    Ok((result, out))
-}
 
 fn run(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>) {
     let (r, out) = test_run(dp, hook, frame, 1)
@@ -603,129 +471,8 @@ fn run_tc(dp: &mut Datapath, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
 
 // ---- Frames ---------------------------------------------------------------------------------
 
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
-const TCP_PSH: u8 = 0x08;
-/// The options of a Linux SYN: MSS 1460, SACK permitted, timestamps, NOP, window scale 7.
-const SYN_OPTIONS: [u8; 20] = [
-    0x02, 0x04, 0x05, 0xb4, 0x04, 0x02, 0x08, 0x0a, 0x00, 0x01, 0xe2, 0x40, 0x00, 0x00, 0x00, 0x00,
-    0x01, 0x03, 0x03, 0x07,
-];
 /// 8 bytes of IPv4 options (IHL 7): NOP, NOP, Router Alert (RFC 2113), NOP, End of list.
 const IP_OPTIONS: [u8; 8] = [0x01, 0x01, 0x94, 0x04, 0x00, 0x00, 0x01, 0x00];
-const HTTP_GET: &[u8] =
-    b"GET /index.html HTTP/1.1\r\nHost: web.example\r\nUser-Agent: golden\r\n\r\n";
-
-/// An Ethernet / IPv4 / TCP frame, built with etherparse (so both checksums
-/// are computed by it).
-#[derive(Clone, Debug)]
-struct Tcp4 {
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    flags: u8,
-    tcp_options: Vec<u8>,
-    ip_options: Vec<u8>,
-    payload: Vec<u8>,
-    more_fragments: bool,
-    fragment_offset: u16,
-    vlan: Option<u16>,
-}
-
-impl Tcp4 {
-    fn new(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Self {
-        Self {
-            src,
-            dst,
-            flags,
-            tcp_options: Vec::new(),
-            ip_options: Vec::new(),
-            payload: Vec::new(),
-            more_fragments: false,
-            fragment_offset: 0,
-            vlan: None,
-        }
-    }
-
-    /// A SYN as Linux sends it (with TCP options).
-    fn syn(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self::new(src, dst, TCP_SYN).tcp_options(&SYN_OPTIONS)
-    }
-
-    fn tcp_options(mut self, o: &[u8]) -> Self {
-        self.tcp_options = o.to_vec();
-        self
-    }
-
-    fn ip_options(mut self, o: &[u8]) -> Self {
-        self.ip_options = o.to_vec();
-        self
-    }
-
-    fn payload(mut self, p: &[u8]) -> Self {
-        self.payload = p.to_vec();
-        self
-    }
-
-    fn fragment(mut self, more_fragments: bool, offset_in_8_bytes: u16) -> Self {
-        self.more_fragments = more_fragments;
-        self.fragment_offset = offset_in_8_bytes;
-        self
-    }
-
-    fn vlan(mut self, id: u16) -> Self {
-        self.vlan = Some(id);
-        self
-    }
-
-    fn build(&self) -> Vec<u8> {
-        let mut ip = Ipv4Header::new(
-            0,
-            64,
-            IpNumber::TCP,
-            self.src.ip().octets(),
-            self.dst.ip().octets(),
-        )
-        .unwrap();
-        ip.identification = 0x1c46;
-        ip.options = Ipv4Options::try_from(&self.ip_options[..]).expect("IPv4 options fit");
-        let fragment = self.more_fragments || self.fragment_offset != 0;
-        ip.dont_fragment = !fragment;
-        ip.more_fragments = self.more_fragments;
-        ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).unwrap();
-        let ip = IpHeaders::Ipv4(ip, Ipv4Extensions::default());
-        let eth = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_MAC);
-        let l3 = match self.vlan {
-            Some(id) => eth.single_vlan(VlanId::try_new(id).unwrap()).ip(ip),
-            None => eth.ip(ip),
-        };
-        let mut b = l3.tcp(self.src.port(), self.dst.port(), 0x1234_5678, 64240);
-        if self.flags & TCP_SYN != 0 {
-            b = b.syn();
-        }
-        if self.flags & TCP_ACK != 0 {
-            b = b.ack(0x0bad_cafe);
-        }
-        if self.flags & TCP_PSH != 0 {
-            b = b.psh();
-        }
-        if self.flags & TCP_RST != 0 {
-            b = b.rst();
-        }
-        if self.flags & TCP_FIN != 0 {
-            b = b.fin();
-        }
-        let b = b.options_raw(&self.tcp_options).expect("TCP options fit");
-        let mut frame = Vec::new();
-        b.write(&mut frame, &self.payload)
-            .expect("building the frame");
-        frame
-    }
-}
-
-/// The reply of `backend` to `client` (what the backend sends before reverse NAT).
-fn reply(backend: SocketAddrV4, client: SocketAddrV4, flags: u8) -> Tcp4 {
-    Tcp4::new(backend, client, flags)
-}
 
 fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut f = Vec::new();
@@ -1353,25 +1100,9 @@ fn connection_affinity_splits_by_flow_hash(hook: Hook) {
 
 // ---- 13: the observer: connect time ---------------------------------------------------------
 
-/// A SYN-ACK with Linux's options, from `backend` to `client` (before reverse NAT).
-fn syn_ack(backend: SocketAddrV4, client: SocketAddrV4) -> Vec<u8> {
-    reply(backend, client, TCP_SYN | TCP_ACK)
-        .tcp_options(&SYN_OPTIONS)
-        .build()
-}
-
 /// A data segment (ACK|PSH) of `client` to the VIP.
 fn request(client: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    Tcp4::new(client, VIP, TCP_ACK | TCP_PSH)
-        .payload(payload)
-        .build()
-}
-
-/// A data segment (ACK|PSH) of `backend` to `client` (before reverse NAT).
-fn response(backend: SocketAddrV4, client: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    reply(backend, client, TCP_ACK | TCP_PSH)
-        .payload(payload)
-        .build()
+    frames::request(client, VIP, payload)
 }
 
 /// SYN, SYN-ACK, ACK of `client` through `hook`: returns its backend, with

