@@ -534,12 +534,12 @@ fn report(
             },
             ws.len().to_string(),
             format!(
-                "**{:.2} %** ({:.2}–{:.2})",
-                median(&cpu),
-                cpu.iter().copied().fold(f64::INFINITY, f64::min),
-                cpu.iter().copied().fold(0.0, f64::max)
+                "**{:.3} %** ({:.3}–{:.3})",
+                median(&cpu_ns),
+                cpu_ns.iter().copied().fold(f64::INFINITY, f64::min),
+                cpu_ns.iter().copied().fold(0.0, f64::max)
             ),
-            format!("{:.3} %", median(&cpu_ns)),
+            format!("{:.2} %", median(&cpu)),
             format!("{rss_max:.1} MiB"),
             if ok.is_empty() {
                 "—".into()
@@ -549,22 +549,24 @@ fn report(
         ]);
         summary.insert(
             phase.to_string(),
-            json!({"cpu_percent_median": median(&cpu), "cpu_percent": cpu, "cpu_percent_schedstat": cpu_ns, "requests_per_sec_median": median(&rps), "rss_mib_max": rss_max}),
+            json!({"cpu_percent_median": median(&cpu), "cpu_percent_schedstat_median": median(&cpu_ns), "cpu_percent": cpu, "cpu_percent_schedstat": cpu_ns, "requests_per_sec_median": median(&rps), "rss_mib_max": rss_max}),
         );
     }
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "**Agent CPU and memory** (release build; CPU as a share of one core from `/proc/PID/stat` \
-         utime + stime over each window; RSS sampled every 250 ms; median (min–max) over windows):\n"
+        "**Agent CPU and memory** (release build; CPU as a share of one core from the time on CPU in \
+         each thread's `/proc/PID/task/TID/schedstat` (ns resolution) over each window, and, as a cross-check, \
+         from `/proc/PID/stat` utime + stime (clock ticks: 10 ms granularity, so short bursts round to 0); \
+         RSS sampled every 250 ms; median (min–max) over windows):\n"
     );
     md.push_str(&table(
         &[
             "load (keep-alive, 64 connections)",
             "requests/s achieved",
             "windows",
-            "agent CPU (% of one core)",
-            "same, from schedstat",
+            "agent CPU (% of one core, schedstat)",
+            "same, from stat ticks",
             "agent RSS (max)",
             "oha success rate",
         ],
@@ -699,9 +701,9 @@ fn report(
             name: format!("footprint: agent CPU at {}", fixed_label()),
             goal: format!("≤ {CPU_TARGET_PERCENT:.0} % of one core"),
             measured: format!(
-                "{cpu:.2} % ({cpu_ns:.2} % from schedstat; at {rps:.0} requests/s achieved)"
+                "{cpu_ns:.2} % from schedstat ({cpu:.2} % from stat ticks; at {rps:.0} requests/s achieved)"
             ),
-            met: cpu <= CPU_TARGET_PERCENT,
+            met: cpu_ns.max(cpu) <= CPU_TARGET_PERCENT,
         });
     }
 
