@@ -605,9 +605,8 @@ impl Datapath {
 
     /// How many entries the conntrack table holds (both directions).
     pub fn conntrack_entries(&self) -> Result<u64> {
-        let mut total = 0u64;
-        self.scan_conntrack(|k, _| total += k.len() as u64)?;
-        Ok(total)
+        use std::os::fd::AsFd as _;
+        count_lru(self.conntrack_map()?.fd().as_fd())
     }
 
     /// Drops every conntrack entry of `service_id`'s connections to `group`
@@ -722,10 +721,15 @@ impl ConntrackReader {
     /// How many entries the table holds (both directions): a walk of all of them.
     pub fn entries(&self) -> Result<u64> {
         use std::os::fd::AsFd as _;
-        let mut total = 0u64;
-        scan_lru(self.fd.as_fd(), |k, _| total += k.len() as u64)?;
-        Ok(total)
+        count_lru(self.fd.as_fd())
     }
+}
+
+/// How many entries the LRU map behind `fd` holds: a walk of all of them.
+fn count_lru(fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+    let mut total = 0u64;
+    scan_lru(fd, |k, _| total += k.len() as u64)?;
+    Ok(total)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>

@@ -47,6 +47,14 @@ fn conntrack_count_pause(walk: Duration) -> Duration {
 /// its own. Counting walks every entry (`BPF_MAP_LOOKUP_BATCH`, ~0.3 µs each),
 /// which on the tick would delay the critical path by as much (0.64 s for a
 /// full million-connection table) and compete with the data path's own work.
+/// Counts the conntrack entries into the view; returns how long the walk took.
+fn count_conntrack(reader: &ConntrackReader, view: &api::Shared) -> Result<Duration> {
+    let t = Instant::now();
+    let n = reader.entries()?;
+    view.lock().expect("view lock").conntrack_entries = Some(n);
+    Ok(t.elapsed())
+}
+
 /// `walk` is how long the last count took.
 fn spawn_conntrack_counter(
     reader: ConntrackReader,
@@ -58,12 +66,10 @@ fn spawn_conntrack_counter(
         .spawn(move || {
             loop {
                 std::thread::sleep(conntrack_count_pause(walk));
-                let t = Instant::now();
-                match reader.entries() {
-                    Ok(n) => view.lock().expect("view lock").conntrack_entries = Some(n),
+                match count_conntrack(&reader, &view) {
+                    Ok(took) => walk = took,
                     Err(e) => warn!("counting conntrack entries: {e:#}"),
                 }
-                walk = t.elapsed();
             }
         })
         .context("starting the conntrack counting thread")?;
@@ -588,9 +594,8 @@ async fn run(path: PathBuf, detach_on_exit: bool) -> Result<ExitCode> {
     agent.apply(config)?;
     agent.tick()?;
     let conntrack = agent.datapath.conntrack_reader()?;
-    let walk = Instant::now();
-    view.lock().expect("view lock").conntrack_entries = Some(conntrack.entries()?);
-    spawn_conntrack_counter(conntrack, view.clone(), walk.elapsed())?;
+    let walk = count_conntrack(&conntrack, &view)?;
+    spawn_conntrack_counter(conntrack, view.clone(), walk)?;
     view.lock().expect("view lock").ready = true;
     kanari::notify::notify(&format!(
         "READY=1\nSTATUS=steering {} service(s) on {} interface(s)",
