@@ -28,10 +28,42 @@ pub struct Outcome {
     pub result: Result<(SocketAddrV4, u16), String>,
 }
 
-pub struct Load {
+/// A load generator's thread and what it records, until stopped (or dropped).
+pub struct Recorder<T> {
     stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    outcomes: Arc<Mutex<Vec<T>>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+/// New connections at a target rate: see [`Load::start`].
+pub type Load = Recorder<Outcome>;
+
+impl<T: Clone> Recorder<T> {
+    /// Everything recorded so far.
+    pub fn outcomes(&self) -> Vec<T> {
+        self.outcomes.lock().expect("outcomes").clone()
+    }
+
+    /// Stops the workers and returns every outcome.
+    pub fn stop(mut self) -> Vec<T> {
+        self.halt();
+        self.outcomes()
+    }
+}
+
+impl<T> Recorder<T> {
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<T> Drop for Recorder<T> {
+    fn drop(&mut self) {
+        self.halt();
+    }
 }
 
 pub fn unix_ms() -> u64 {
@@ -86,30 +118,6 @@ impl Load {
             thread: Some(thread),
         })
     }
-
-    /// Everything recorded so far.
-    pub fn outcomes(&self) -> Vec<Outcome> {
-        self.outcomes.lock().expect("outcomes").clone()
-    }
-
-    /// Stops the workers and returns every outcome.
-    pub fn stop(mut self) -> Vec<Outcome> {
-        self.halt();
-        self.outcomes()
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.halt();
-    }
 }
 
 /// One request on a keep-alive connection.
@@ -123,11 +131,7 @@ pub struct KeptOutcome {
 
 /// Keep-alive connections, each sending a request every `pause`, until
 /// stopped; a connection that fails is not reopened (its failure is the result).
-pub struct KeepAlive {
-    stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<KeptOutcome>>>,
-    thread: Option<std::thread::JoinHandle<Result<()>>>,
-}
+pub type KeepAlive = Recorder<KeptOutcome>;
 
 impl KeepAlive {
     /// Opens `n` connections from client addresses numbered from `first_client` on.
@@ -192,27 +196,5 @@ impl KeepAlive {
             outcomes,
             thread: Some(thread),
         })
-    }
-
-    pub fn outcomes(&self) -> Vec<KeptOutcome> {
-        self.outcomes.lock().expect("outcomes").clone()
-    }
-
-    pub fn stop(mut self) -> Vec<KeptOutcome> {
-        self.halt();
-        self.outcomes()
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for KeepAlive {
-    fn drop(&mut self) {
-        self.halt();
     }
 }
