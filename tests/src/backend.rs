@@ -22,7 +22,7 @@ use hyper::{Request, Response, body::Bytes, server::conn::http1, service::servic
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::netns::Netns;
+use crate::{netns::Netns, rng::splitmix64};
 
 /// How a backend behaves; every knob can change while it serves.
 #[derive(Debug)]
@@ -101,14 +101,6 @@ impl Stats {
     pub fn resets(&self) -> u64 {
         self.resets.load(Ordering::SeqCst)
     }
-}
-
-/// SplitMix64: a tiny, well-distributed generator, enough for a seeded error share.
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The answer body: `<version> <address>\n`.

@@ -12,4 +12,5 @@ pub mod frames;
 pub mod load;
 pub mod netns;
 pub mod prometheus;
+pub mod rng;
 pub mod topology;

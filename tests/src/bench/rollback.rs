@@ -34,6 +34,7 @@ use super::{
 use crate::{
     agent::Agent,
     client::runtime,
+    rng::splitmix64,
     topology::{Topology, TopologyOptions, VIP},
 };
 
@@ -235,14 +236,6 @@ struct Run {
     /// The timeline's range, ms from the fault.
     span_ms: (i64, i64),
     attached: Vec<String>,
-}
-
-/// SplitMix64 for the seeded fault phases.
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 fn status(rt: &tokio::runtime::Runtime, agent: &Agent) -> Result<(f64, RolloutStatus)> {
