@@ -285,14 +285,9 @@ fn bench(args: &[String]) -> Result<()> {
         .current_dir(root())
         .arg("--kanari")
         .arg(bin.join("kanari"))
-        .args([
-            "--out",
-            "bench/results",
-            "--command-line",
-            &command_line,
-            "--commit",
-            &commit,
-        ])
+        // Results go to kanari-bench's default, bench/results under the
+        // root, unless the caller names `--out`.
+        .args(["--command-line", &command_line, "--commit", &commit])
         .args(args)
         .env("KANARI_BIN", bin.join("kanari"))
         .env("KANARI_TEST_BACKEND_BIN", bin.join("kanari-test-backend"));
