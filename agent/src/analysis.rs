@@ -376,7 +376,7 @@ pub(crate) mod tests {
             compare: Some(Compare {
                 max_error_rate_increase: Some(0.01),
                 max_latency_increase: Some(0.2),
-                min_latency_increase: crate::config::rollout::DEFAULT_MIN_LATENCY_INCREASE,
+                min_latency_increase: crate::config::DEFAULT_MIN_LATENCY_INCREASE,
                 confidence: 0.99,
             }),
             critical: Critical {

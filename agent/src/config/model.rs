@@ -1,0 +1,228 @@
+//! The configuration once validated: what the rest of the agent is given.
+//! Plain data; [`super::validate`] builds it from the file as written.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use kanari_common::maps::Group;
+use serde::Deserialize;
+
+/// A configuration that passed validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub interfaces: Vec<Interface>,
+    pub conntrack_connections: u32,
+    /// The new-connection rate guard: new connections recorded per second
+    /// over the node (0: no limit). Past it, new connections are shed so a
+    /// SYN flood cannot push established ones out of conntrack.
+    pub new_connections_per_second: u32,
+    /// Backends with kernel statistics, over all services (backend ids are below it).
+    pub max_backends: u32,
+    pub metrics_listen: SocketAddr,
+    pub control_socket: PathBuf,
+    /// Where rollout state is kept across restarts.
+    pub state_dir: PathBuf,
+    /// Where the data path's maps and links are pinned (on a bpf filesystem).
+    pub pin_dir: PathBuf,
+    pub tick: Duration,
+    pub services: Vec<Service>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub mode: AttachMode,
+}
+
+/// How the ingress program is attached to an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// XDP in the driver where the interface supports it, else TC.
+    #[default]
+    Auto,
+    /// XDP in the driver; an error where the interface does not support it.
+    Xdp,
+    /// TC ingress (tcx on kernels >= 6.6, clsact before).
+    Tc,
+}
+
+/// What a new connection's group is decided by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    /// The client address: a client sees one version across connections.
+    #[default]
+    Client,
+    /// The connection's 5-tuple: finer split, no per-client consistency.
+    Connection,
+}
+
+/// What the service speaks: how its exchanges are observed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.x: each exchange is timed and classed by its status (2xx..5xx).
+    #[default]
+    Http,
+    /// Any TCP protocol: exchanges are timed, without a class.
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub vip: SocketAddrV4,
+    pub affinity: Affinity,
+    pub protocol: Protocol,
+    /// Basis points, 0..=10000.
+    pub canary_weight: u32,
+    pub salt: u32,
+    pub stable: Vec<SocketAddrV4>,
+    pub canary: Vec<SocketAddrV4>,
+    pub segments: Vec<SegmentRule>,
+    /// How the canary's weight is driven; `None`: `canary_weight` is fixed.
+    pub rollout: Option<RolloutSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RolloutSpec {
+    pub rollout: Rollout,
+    pub analysis: Analysis,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentRule {
+    pub cidr: Cidr,
+    pub group: Group,
+}
+
+/// An IPv4 prefix with no host bits set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = prefix_mask(self.prefix_len);
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+}
+
+fn prefix_mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - len as u32)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = s.split_once('/').ok_or_else(|| {
+            format!("`{s}` is not a CIDR; expected ADDRESS/PREFIX, e.g. 10.1.5.0/24")
+        })?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| {
+            format!("`{addr}` in `{s}` is not an IPv4 address; expected e.g. 10.1.5.0/24")
+        })?;
+        let prefix_len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("prefix length `{len}` in `{s}` must be 0 to 32"))?;
+        let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
+        if net != addr {
+            return Err(format!("`{s}` has host bits set; write {net}/{prefix_len}"));
+        }
+        Ok(Cidr { addr, prefix_len })
+    }
+}
+
+// ---- A service's rollout ----------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The weight goes up step by step while checks pass.
+    #[default]
+    Canary,
+    /// Analysis on segment traffic only (weight 0), then one switch to 100 %.
+    BlueGreen,
+    /// Segments only: the weight stays 0; analysis runs until an operator promotes.
+    Ab,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRollback {
+    /// Weight 0: new connections go to stable, existing canary connections finish.
+    #[default]
+    Drain,
+    /// Weight 0 and the canary's conntrack entries dropped: its connections stop.
+    Cut,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    pub strategy: Strategy,
+    /// Canary weights in basis points, strictly increasing (`canary` strategy).
+    pub steps: Vec<u32>,
+    pub interval: Duration,
+    pub checks_per_step: u32,
+    pub min_requests: u64,
+    pub failure_limit: u32,
+    pub progress_deadline: Duration,
+    pub on_rollback: OnRollback,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Limits {
+    /// Fractions (0..=1).
+    pub max_error_rate: Option<f64>,
+    pub max_latency_p99: Option<Duration>,
+    pub max_latency_p50: Option<Duration>,
+    pub max_connect_errors_rate: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compare {
+    /// Absolute increase of the 5xx share (fraction).
+    pub max_error_rate_increase: Option<f64>,
+    /// Relative increase of the median time to first byte (fraction).
+    pub max_latency_increase: Option<f64>,
+    /// The smallest increase of the median that can fail the latency
+    /// comparison: with thousands of samples a microsecond is significant.
+    pub min_latency_increase: Duration,
+    pub confidence: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Critical {
+    pub error_rate: Option<f64>,
+    pub connect_error_rate: Option<f64>,
+    pub min_requests: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Analysis {
+    pub limits: Limits,
+    pub compare: Option<Compare>,
+    pub critical: Critical,
+}
+
+pub const DEFAULT_STEPS: [u32; 6] = [1, 5, 10, 25, 50, 100];

@@ -1,0 +1,349 @@
+//! From the file as written to a [`Config`]: every rule across fields and
+//! services, each failure naming the field and the fix.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kanari_common::maps::{
+    BASIS_POINTS, Group, MAX_BACKENDS_PER_GROUP, MAX_SEGMENTS, MAX_SERVICES,
+};
+
+use super::{
+    Cidr, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR, FieldError, Interface,
+    MAX_CONNTRACK_CONNECTIONS, MAX_LIMIT_BACKENDS, MAX_TICK, MIN_CONNTRACK_CONNECTIONS, MIN_TICK,
+    Protocol, RolloutSpec, SegmentRule, Service, err, raw::RawConfig, rollout,
+};
+
+/// The salt of a service without one in the file: FNV-1a of its name, so a
+/// restart or a reload keeps every client in its group.
+pub fn default_salt(name: &str) -> u32 {
+    name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    })
+}
+
+pub(super) fn validate(
+    raw: RawConfig,
+    interface_exists: &dyn Fn(&str) -> bool,
+) -> Result<Config, FieldError> {
+    if raw.interfaces.is_empty() {
+        return err(
+            "interfaces",
+            "at least one interface is required: the one where client traffic enters, e.g. `- name: eth0`",
+        );
+    }
+    let mut names = BTreeSet::new();
+    let mut interfaces = Vec::new();
+    for (i, it) in raw.interfaces.into_iter().enumerate() {
+        let field = format!("interfaces[{i}].name");
+        if it.name.is_empty()
+            || it.name.len() > 15
+            || it.name.contains('/')
+            || it.name.contains(char::is_whitespace)
+        {
+            return err(
+                field,
+                format!(
+                    "`{}` is not an interface name (1 to 15 characters, no `/` or spaces)",
+                    it.name
+                ),
+            );
+        }
+        if !names.insert(it.name.clone()) {
+            return err(
+                field,
+                format!(
+                    "interface `{}` is listed twice; list each interface once",
+                    it.name
+                ),
+            );
+        }
+        if !interface_exists(&it.name) {
+            return err(
+                field,
+                format!(
+                    "interface `{}` does not exist on this host; `ip link` lists the interfaces",
+                    it.name
+                ),
+            );
+        }
+        interfaces.push(Interface {
+            name: it.name,
+            mode: it.mode,
+        });
+    }
+
+    let connections = raw.conntrack.connections;
+    let new_connections_per_second = raw.conntrack.new_per_second.unwrap_or(connections / 16);
+    if !(MIN_CONNTRACK_CONNECTIONS..=MAX_CONNTRACK_CONNECTIONS).contains(&connections) {
+        return err(
+            "conntrack.connections",
+            format!(
+                "{connections} is outside {MIN_CONNTRACK_CONNECTIONS} to {MAX_CONNTRACK_CONNECTIONS}"
+            ),
+        );
+    }
+
+    let max_backends = raw.limits.backends;
+    if !(1..=MAX_LIMIT_BACKENDS).contains(&max_backends) {
+        return err(
+            "limits.backends",
+            format!("{max_backends} is outside 1 to {MAX_LIMIT_BACKENDS}"),
+        );
+    }
+    let tick = raw.telemetry.tick.0;
+    if !(MIN_TICK..=MAX_TICK).contains(&tick) {
+        return err(
+            "telemetry.tick",
+            format!(
+                "{} is outside {} to {}",
+                humantime::format_duration(tick),
+                humantime::format_duration(MIN_TICK),
+                humantime::format_duration(MAX_TICK)
+            ),
+        );
+    }
+    let pin_dir = raw.bpf.pin_dir;
+    if !pin_dir.is_absolute() || pin_dir.parent().is_none() {
+        return err(
+            "bpf.pin_dir",
+            format!(
+                "`{}` is not an absolute directory below a bpf filesystem, e.g. {}",
+                pin_dir.display(),
+                crate::pins::PIN_ROOT
+            ),
+        );
+    }
+    let state_dir = raw.state.dir;
+    if !state_dir.is_absolute() {
+        return err(
+            "state.dir",
+            format!(
+                "`{}` is not an absolute path, e.g. {DEFAULT_STATE_DIR}",
+                state_dir.display()
+            ),
+        );
+    }
+    let control_socket = raw.control.socket;
+    if !control_socket.is_absolute() {
+        return err(
+            "control.socket",
+            format!(
+                "`{}` is not an absolute path, e.g. {DEFAULT_CONTROL_SOCKET}",
+                control_socket.display()
+            ),
+        );
+    }
+
+    if raw.services.len() > MAX_SERVICES as usize {
+        return err(
+            "services",
+            format!(
+                "{} services; at most {MAX_SERVICES} are supported",
+                raw.services.len()
+            ),
+        );
+    }
+    let mut service_names = BTreeMap::new();
+    let mut vips = BTreeMap::new();
+    let mut services = Vec::new();
+    let mut segments_total = 0usize;
+    // Which group each client CIDR is pinned to, and by which service.
+    let mut pinned: BTreeMap<Cidr, (Group, usize)> = BTreeMap::new();
+    let mut backends_total = 0usize;
+    for (i, s) in raw.services.into_iter().enumerate() {
+        let at = |f: &str| format!("services[{i}].{f}");
+        if s.name.is_empty()
+            || s.name.len() > 63
+            || !s
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return err(
+                at("name"),
+                format!(
+                    "`{}` is not a service name: 1 to 63 of a-z, A-Z, 0-9, `-`, `_`, `.`",
+                    s.name
+                ),
+            );
+        }
+        if let Some(j) = service_names.insert(s.name.clone(), i) {
+            return err(
+                at("name"),
+                format!(
+                    "`{}` is also the name of services[{j}]; names must be unique",
+                    s.name
+                ),
+            );
+        }
+        let vip = s.vip.0;
+        if let Some(j) = vips.insert(vip, i) {
+            return err(
+                at("vip"),
+                format!("{vip} is also the VIP of services[{j}]; each VIP:port is one service"),
+            );
+        }
+        let stable: Vec<_> = s.stable.backends.iter().map(|e| e.0).collect();
+        let canary: Vec<_> = s.canary.backends.iter().map(|e| e.0).collect();
+        if stable.is_empty() {
+            return err(
+                at("stable.backends"),
+                "at least one stable backend is required",
+            );
+        }
+        for (group, list) in [("stable", &stable), ("canary", &canary)] {
+            if list.len() > MAX_BACKENDS_PER_GROUP {
+                return err(
+                    at(&format!("{group}.backends")),
+                    format!(
+                        "{} backends; at most {MAX_BACKENDS_PER_GROUP} per group",
+                        list.len()
+                    ),
+                );
+            }
+            let mut seen = BTreeSet::new();
+            for (k, b) in list.iter().enumerate() {
+                if !seen.insert(*b) {
+                    return err(
+                        at(&format!("{group}.backends[{k}]")),
+                        format!("{b} is listed twice"),
+                    );
+                }
+                if *b == vip {
+                    return err(
+                        at(&format!("{group}.backends[{k}]")),
+                        format!(
+                            "{b} is the service's own VIP; a backend must be a different address or port"
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(k) = canary.iter().position(|b| stable.contains(b)) {
+            return err(
+                at(&format!("canary.backends[{k}]")),
+                format!(
+                    "{} is also a stable backend; a backend belongs to one group",
+                    canary[k]
+                ),
+            );
+        }
+        if s.rollout.is_some() && s.canary_weight.is_some_and(|w| w.0 > 0) {
+            return err(
+                at("canary_weight"),
+                "the rollout drives this service's weight; remove canary_weight (or the rollout, for a fixed split)",
+            );
+        }
+        if s.analysis.is_some() && s.rollout.is_none() {
+            return err(
+                at("analysis"),
+                "analysis judges a rollout: add a rollout section (or remove analysis)",
+            );
+        }
+        let weight = s.canary_weight.map_or(0, |w| w.0);
+        if weight > 0 && canary.is_empty() {
+            return err(
+                at("canary_weight"),
+                format!(
+                    "{}% for the canary, but canary.backends is empty; add canary backends or set 0",
+                    weight as f64 / 100.0
+                ),
+            );
+        }
+        let mut segments: Vec<SegmentRule> = Vec::new();
+        for (k, seg) in s.segments.iter().enumerate() {
+            let rule = SegmentRule {
+                cidr: seg.cidr.0,
+                group: seg.group.0,
+            };
+            if let Some(j) = segments.iter().position(|r| r.cidr == rule.cidr) {
+                return err(
+                    at(&format!("segments[{k}].cidr")),
+                    format!("{} is also segments[{j}]", rule.cidr),
+                );
+            }
+            if rule.group == Group::Canary && canary.is_empty() {
+                return err(
+                    at(&format!("segments[{k}].group")),
+                    format!(
+                        "{} is pinned to the canary, but canary.backends is empty",
+                        rule.cidr
+                    ),
+                );
+            }
+            segments.push(rule);
+        }
+        backends_total += stable.len() + canary.len();
+        if backends_total > max_backends as usize {
+            return err(
+                "limits.backends",
+                format!(
+                    "the services list more than {max_backends} backends; raise limits.backends (about 1 KiB of kernel memory per backend per CPU)"
+                ),
+            );
+        }
+        for (k, r) in segments.iter().enumerate() {
+            match pinned.get(&r.cidr) {
+                Some((g, j)) if *g != r.group => {
+                    return err(
+                        at(&format!("segments[{k}].group")),
+                        format!(
+                            "{} is pinned to {} here and to {} by services[{j}]: one group of clients sees one version; pin it to the same group in both",
+                            r.cidr,
+                            r.group.name(),
+                            g.name()
+                        ),
+                    );
+                }
+                _ => {
+                    pinned.insert(r.cidr, (r.group, i));
+                }
+            }
+        }
+        segments_total += segments.len();
+        if segments_total > MAX_SEGMENTS as usize {
+            return err(
+                at("segments"),
+                format!("more than {MAX_SEGMENTS} segments over all services"),
+            );
+        }
+        debug_assert!(weight <= BASIS_POINTS);
+        let rollout = match s.rollout {
+            None => None,
+            Some(r) => {
+                let facts = rollout::ServiceFacts {
+                    has_canary_backends: !canary.is_empty(),
+                    canary_segments: segments.iter().filter(|r| r.group == Group::Canary).count(),
+                    http: s.protocol == Protocol::Http,
+                };
+                let (rollout, analysis) =
+                    rollout::validate(r, s.analysis.unwrap_or_default(), &facts, &at)?;
+                Some(RolloutSpec { rollout, analysis })
+            }
+        };
+        services.push(Service {
+            salt: s.salt.unwrap_or_else(|| default_salt(&s.name)),
+            name: s.name,
+            vip,
+            affinity: s.affinity,
+            protocol: s.protocol,
+            canary_weight: weight,
+            stable,
+            canary,
+            segments,
+            rollout,
+        });
+    }
+    Ok(Config {
+        interfaces,
+        conntrack_connections: connections,
+        new_connections_per_second,
+        max_backends,
+        metrics_listen: raw.metrics.listen.0,
+        control_socket,
+        state_dir,
+        pin_dir,
+        tick,
+        services,
+    })
+}
