@@ -504,6 +504,8 @@ mod tests {
             failure_limit: 1,
             progress_deadline: Duration::from_secs(60),
             on_rollback: OnRollback::Drain,
+            watch_after_promotion: Duration::from_secs(300),
+            duration: None,
         }
     }
 

@@ -1333,7 +1333,7 @@ fn every_dashboard_and_alert_expression_returns_data() {
     let topo = Topology::new(&TopologyOptions::default()).expect("topology");
     let base = topo.config(
         0.0,
-        "    rollout: {steps: [10, 100], interval: 1s, checks_per_step: 1000, min_requests: 10, progress_deadline: 10m}\n",
+        "    rollout: {steps: [10, 100], interval: 1s, checks_per_step: 1000, min_requests: 10, progress_deadline: 1h}\n",
         "tc",
     );
     assert!(base.contains("connections: 65536"));

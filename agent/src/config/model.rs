@@ -85,6 +85,11 @@ pub struct Service {
     pub salt: u32,
     pub stable: Vec<SocketAddrV4>,
     pub canary: Vec<SocketAddrV4>,
+    /// What stable runs (`stable.revision`), when the file says.
+    pub stable_revision: Option<String>,
+    /// What the canary runs (`canary.revision`), when the file says; else a
+    /// rollout tells revisions apart by their backends.
+    pub canary_revision: Option<String>,
     pub segments: Vec<SegmentRule>,
     /// How the canary's weight is driven; `None`: `canary_weight` is fixed.
     pub rollout: Option<RolloutSpec>,
@@ -188,6 +193,13 @@ pub struct Rollout {
     pub failure_limit: u32,
     pub progress_deadline: Duration,
     pub on_rollback: OnRollback,
+    /// After a promotion, how long the critical path keeps judging the
+    /// promoted canary while the previous version's backends are still
+    /// configured (a failure there rolls back to them).
+    pub watch_after_promotion: Duration,
+    /// `ab` only: how long the experiment runs before it is promoted on a
+    /// passing check; `None`: until an operator decides.
+    pub duration: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

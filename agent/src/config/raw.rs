@@ -208,6 +208,8 @@ pub(super) struct RawService {
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawGroup {
+    /// What the group runs (an image tag, a build id): free text.
+    pub(super) revision: Option<String>,
     #[serde(default)]
     pub(super) backends: Vec<Endpoint>,
 }
@@ -334,6 +336,8 @@ pub(super) struct RawRollout {
     pub(super) progress_deadline: Option<DurationField>,
     #[serde(default)]
     pub(super) on_rollback: OnRollback,
+    pub(super) watch_after_promotion: Option<DurationField>,
+    pub(super) duration: Option<DurationField>,
 }
 
 #[derive(Deserialize, Default)]
@@ -355,9 +359,10 @@ pub(super) struct RawAnalysisLimits {
     pub(super) max_connect_errors_rate: Option<PercentField>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCompare {
+    pub(super) enabled: Option<bool>,
     pub(super) max_error_rate_increase: Option<PercentField>,
     pub(super) max_latency_increase: Option<IncreaseField>,
     pub(super) min_latency_increase: Option<DurationField>,

@@ -11,19 +11,22 @@
 //!   failure_limit: 1          # failed checks before rolling back
 //!   progress_deadline: 10m    # longest time on one step (inconclusive checks hold it)
 //!   on_rollback: drain        # drain (weight 0) | cut (also drop canary connections)
+//!   watch_after_promotion: 5m # the critical path watches a promoted canary this long
+//!   duration: 1h              # ab only: promoted on a passing check after this long
 //! analysis:
 //!   limits:                   # fixed limits on the canary (none by default)
 //!     max_error_rate: 1       # percent of HTTP responses that are 5xx
 //!     max_latency_p99: 500ms
 //!     max_latency_p50: 100ms
 //!     max_connect_errors_rate: 1   # percent of connections refused or unanswered
-//!   compare_to_stable:        # statistical comparison with stable (on by default)
+//!   compare_to_stable:        # statistical comparison with stable (on by default;
+//!     enabled: true           #   unwritten fields keep their defaults)
 //!     max_error_rate_increase: 1   # percentage points, two-proportion test
 //!     max_latency_increase: 20     # percent of stable's median, Mann-Whitney U test
 //!     min_latency_increase: 1ms    # and at least this much (a smaller slowdown passes)
-//!     confidence: 0.99
+//!     confidence: 0.99        # 0.9 to 0.9999
 //!   critical:                 # every tick: roll back at once
-//!     error_rate: 50          # percent, over at least min_requests
+//!     error_rate: 50          # percent (1 to 100), over at least min_requests (5 or more)
 //!     connect_error_rate: 50
 //!     min_requests: 20
 //! ```
@@ -104,6 +107,13 @@ pub(super) fn validate(
             "blue-green and ab analyse segment traffic: add a segment pinned to the canary (segments: [{cidr: ..., group: canary}])",
         );
     }
+    if rollout.strategy == Strategy::Canary && steps.iter().all(|w| *w >= BASIS_POINTS) {
+        return err(
+            at("rollout.steps"),
+            "at least one step must be below 100 %: reaching 100 % is the promotion, and a \
+             canary must be judged beside stable first, e.g. [10, 50, 100]",
+        );
+    }
     let interval = rollout.interval.map_or(Duration::from_secs(30), |d| d.0);
     if interval < Duration::from_secs(1) || interval > Duration::from_secs(3600) {
         return err(at("rollout.interval"), "must be 1s to 1h");
@@ -116,14 +126,63 @@ pub(super) fn validate(
     if failure_limit == 0 {
         return err(at("rollout.failure_limit"), "must be at least 1");
     }
+    let min_requests = rollout.min_requests.unwrap_or(DEFAULT_MIN_REQUESTS);
+    if min_requests < MIN_MIN_REQUESTS {
+        return err(
+            at("rollout.min_requests"),
+            format!(
+                "{min_requests} is below {MIN_MIN_REQUESTS}: a check on fewer canary requests \
+                 judges noise; safe values are {MIN_MIN_REQUESTS} or more (default {DEFAULT_MIN_REQUESTS})"
+            ),
+        );
+    }
+    // The least time a step takes: checks_per_step passing checks.
+    let step_time = interval.saturating_mul(checks_per_step);
     let progress_deadline = rollout
         .progress_deadline
         .map_or(Duration::from_secs(600), |d| d.0);
-    if progress_deadline < interval {
+    if progress_deadline <= step_time {
         return err(
             at("rollout.progress_deadline"),
-            "must be at least one interval",
+            format!(
+                "{} leaves no time to pass a step: it must be more than checks_per_step x interval ({}), e.g. {}",
+                humantime::format_duration(progress_deadline),
+                humantime::format_duration(step_time),
+                humantime::format_duration(
+                    step_time.saturating_mul(10).max(Duration::from_secs(600))
+                )
+            ),
         );
+    }
+    let watch_after_promotion = rollout
+        .watch_after_promotion
+        .map_or(DEFAULT_WATCH_AFTER_PROMOTION, |d| d.0);
+    if watch_after_promotion > MAX_WATCH_AFTER_PROMOTION {
+        return err(
+            at("rollout.watch_after_promotion"),
+            format!(
+                "must be 0s (off) to {}",
+                humantime::format_duration(MAX_WATCH_AFTER_PROMOTION)
+            ),
+        );
+    }
+    let duration = rollout.duration.map(|d| d.0);
+    if let Some(d) = duration {
+        if rollout.strategy != Strategy::Ab {
+            return err(
+                at("rollout.duration"),
+                "only an ab rollout runs for a duration; canary and blue-green end when their checks pass",
+            );
+        }
+        if d < step_time {
+            return err(
+                at("rollout.duration"),
+                format!(
+                    "must be at least checks_per_step x interval ({}), the time one verdict takes",
+                    humantime::format_duration(step_time)
+                ),
+            );
+        }
     }
     if !facts.has_canary_backends {
         return err(at("canary.backends"), "a rollout needs canary backends");
@@ -136,67 +195,130 @@ pub(super) fn validate(
             "error rates need HTTP status codes: this service has protocol: tcp",
         );
     }
-    let compare = match analysis.compare_to_stable {
-        None => Some(Compare {
-            max_error_rate_increase: facts.http.then_some(0.01),
-            max_latency_increase: Some(0.2),
-            min_latency_increase: DEFAULT_MIN_LATENCY_INCREASE,
-            confidence: 0.99,
-        }),
-        Some(c) => {
-            let confidence = c.confidence.unwrap_or(0.99);
-            if !(0.5..1.0).contains(&confidence) {
-                return err(
-                    at("analysis.compare_to_stable.confidence"),
-                    "must be at least 0.5 and below 1, e.g. 0.99",
-                );
-            }
-            Some(Compare {
-                max_error_rate_increase: c
-                    .max_error_rate_increase
-                    .map(PercentField::fraction)
-                    .filter(|_| facts.http),
-                max_latency_increase: c.max_latency_increase.map(|i| i.0),
-                min_latency_increase: c
-                    .min_latency_increase
-                    .map_or(DEFAULT_MIN_LATENCY_INCREASE, |d| d.0),
-                confidence,
-            })
+    // Every field not written keeps its default: writing one field changes that one.
+    let c = analysis.compare_to_stable.unwrap_or_default();
+    let compare = if c.enabled == Some(false) {
+        None
+    } else {
+        let confidence = c.confidence.unwrap_or(DEFAULT_CONFIDENCE);
+        if !(MIN_CONFIDENCE..=MAX_CONFIDENCE).contains(&confidence) {
+            return err(
+                at("analysis.compare_to_stable.confidence"),
+                format!(
+                    "{confidence} is outside {MIN_CONFIDENCE} to {MAX_CONFIDENCE}: below, equal \
+                     versions fail by chance; e.g. {DEFAULT_CONFIDENCE}"
+                ),
+            );
         }
+        Some(Compare {
+            max_error_rate_increase: facts.http.then(|| {
+                c.max_error_rate_increase
+                    .map_or(DEFAULT_MAX_ERROR_RATE_INCREASE, PercentField::fraction)
+            }),
+            max_latency_increase: Some(
+                c.max_latency_increase
+                    .map_or(DEFAULT_MAX_LATENCY_INCREASE, |i| i.0),
+            ),
+            min_latency_increase: c
+                .min_latency_increase
+                .map_or(DEFAULT_MIN_LATENCY_INCREASE, |d| d.0),
+            confidence,
+        })
     };
+    let rate = |field: &str, p: Option<PercentField>| -> Result<f64, FieldError> {
+        let bp = p.map_or(DEFAULT_CRITICAL_RATE, |p| p.0);
+        if bp < MIN_CRITICAL_RATE {
+            return err(
+                at(&format!("analysis.critical.{field}")),
+                format!(
+                    "{}% would roll back a healthy canary on its first failure; safe values \
+                     are {}% to 100% (default {}%)",
+                    bp as f64 / 100.0,
+                    MIN_CRITICAL_RATE / 100,
+                    DEFAULT_CRITICAL_RATE / 100
+                ),
+            );
+        }
+        Ok(bp as f64 / BASIS_POINTS as f64)
+    };
+    let critical_min = analysis
+        .critical
+        .min_requests
+        .unwrap_or(DEFAULT_CRITICAL_MIN_REQUESTS);
+    if critical_min < MIN_CRITICAL_MIN_REQUESTS {
+        return err(
+            at("analysis.critical.min_requests"),
+            format!(
+                "{critical_min} is below {MIN_CRITICAL_MIN_REQUESTS}: one unlucky request would \
+                 roll back; safe values are {MIN_CRITICAL_MIN_REQUESTS} or more (default \
+                 {DEFAULT_CRITICAL_MIN_REQUESTS})"
+            ),
+        );
+    }
     let critical = Critical {
-        error_rate: analysis
-            .critical
-            .error_rate
-            .map_or(facts.http.then_some(0.5), |p| Some(p.fraction())),
-        connect_error_rate: Some(
-            analysis
-                .critical
-                .connect_error_rate
-                .map_or(0.5, PercentField::fraction),
-        ),
-        min_requests: analysis.critical.min_requests.unwrap_or(20).max(1),
+        error_rate: match facts.http {
+            true => Some(rate("error_rate", analysis.critical.error_rate)?),
+            false => None,
+        },
+        connect_error_rate: Some(rate(
+            "connect_error_rate",
+            analysis.critical.connect_error_rate,
+        )?),
+        min_requests: critical_min,
     };
+    let limits = Limits {
+        max_error_rate: l.max_error_rate.map(PercentField::fraction),
+        max_latency_p99: l.max_latency_p99.map(|d| d.0),
+        max_latency_p50: l.max_latency_p50.map(|d| d.0),
+        max_connect_errors_rate: l.max_connect_errors_rate.map(PercentField::fraction),
+    };
+    let judged = limits.max_error_rate.is_some()
+        || limits.max_latency_p99.is_some()
+        || limits.max_latency_p50.is_some()
+        || limits.max_connect_errors_rate.is_some()
+        || compare.is_some();
+    if !judged {
+        return err(
+            at("analysis"),
+            "a check needs at least one judge: keep compare_to_stable on (remove enabled: false) \
+             or set a limit under analysis.limits",
+        );
+    }
     Ok((
         Rollout {
             strategy: rollout.strategy,
             steps,
             interval,
             checks_per_step,
-            min_requests: rollout.min_requests.unwrap_or(100),
+            min_requests,
             failure_limit,
             progress_deadline,
             on_rollback: rollout.on_rollback,
+            watch_after_promotion,
+            duration,
         },
         Analysis {
-            limits: Limits {
-                max_error_rate: l.max_error_rate.map(PercentField::fraction),
-                max_latency_p99: l.max_latency_p99.map(|d| d.0),
-                max_latency_p50: l.max_latency_p50.map(|d| d.0),
-                max_connect_errors_rate: l.max_connect_errors_rate.map(PercentField::fraction),
-            },
+            limits,
             compare,
             critical,
         },
     ))
 }
+
+/// `rollout.min_requests` by default, and its least safe value.
+pub const DEFAULT_MIN_REQUESTS: u64 = 100;
+pub const MIN_MIN_REQUESTS: u64 = 10;
+/// `compare_to_stable` defaults and the confidence's safe range.
+pub const DEFAULT_CONFIDENCE: f64 = 0.99;
+pub const MIN_CONFIDENCE: f64 = 0.9;
+pub const MAX_CONFIDENCE: f64 = 0.9999;
+pub const DEFAULT_MAX_ERROR_RATE_INCREASE: f64 = 0.01;
+pub const DEFAULT_MAX_LATENCY_INCREASE: f64 = 0.2;
+/// `critical.error_rate` and `critical.connect_error_rate`, basis points.
+pub const DEFAULT_CRITICAL_RATE: u32 = 5000;
+pub const MIN_CRITICAL_RATE: u32 = 100;
+pub const DEFAULT_CRITICAL_MIN_REQUESTS: u64 = 20;
+pub const MIN_CRITICAL_MIN_REQUESTS: u64 = 5;
+/// `rollout.watch_after_promotion` by default and at most.
+pub const DEFAULT_WATCH_AFTER_PROMOTION: Duration = Duration::from_secs(300);
+pub const MAX_WATCH_AFTER_PROMOTION: Duration = Duration::from_secs(24 * 3600);

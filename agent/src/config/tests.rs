@@ -357,14 +357,89 @@ fn bad_inputs_name_the_field_and_the_fix() {
                 "    canary: {backends: [10.0.3.1:80]}\n    rollout: {interval: 10s, progress_deadline: 5s}\n",
             ),
             "services[0].rollout.progress_deadline",
-            "at least one interval",
+            "must be more than checks_per_step x interval (10s)",
+        ),
+        (
+            svc(
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {interval: 10s, checks_per_step: 3, progress_deadline: 30s}\n",
+            ),
+            "services[0].rollout.progress_deadline",
+            "must be more than checks_per_step x interval (30s)",
+        ),
+        (
+            svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {steps: [100]}\n"),
+            "services[0].rollout.steps",
+            "at least one step must be below 100 %",
+        ),
+        (
+            svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {min_requests: 0}\n"),
+            "services[0].rollout.min_requests",
+            "safe values are 10 or more",
+        ),
+        (
+            svc(
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {critical: {error_rate: 0}}\n",
+            ),
+            "services[0].analysis.critical.error_rate",
+            "safe values are 1% to 100%",
+        ),
+        (
+            svc(
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {critical: {connect_error_rate: 0.5}}\n",
+            ),
+            "services[0].analysis.critical.connect_error_rate",
+            "safe values are 1% to 100%",
+        ),
+        (
+            svc(
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {critical: {min_requests: 0}}\n",
+            ),
+            "services[0].analysis.critical.min_requests",
+            "safe values are 5 or more",
+        ),
+        (
+            svc(
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {compare_to_stable: {confidence: 0.5}}\n",
+            ),
+            "services[0].analysis.compare_to_stable.confidence",
+            "outside 0.9 to 0.9999",
+        ),
+        (
+            svc(
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {compare_to_stable: {enabled: false}}\n",
+            ),
+            "services[0].analysis",
+            "a check needs at least one judge",
+        ),
+        (
+            svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {duration: 1h}\n"),
+            "services[0].rollout.duration",
+            "only an ab rollout",
+        ),
+        (
+            svc(
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {watch_after_promotion: 30h}\n",
+            ),
+            "services[0].rollout.watch_after_promotion",
+            "0s (off) to 1day",
+        ),
+        (
+            svc("    canary: {revision: \"\", backends: [10.0.3.1:80]}\n"),
+            "services[0].canary.revision",
+            "not a revision",
+        ),
+        (
+            svc("    canary: {revision: v2, backends: [10.0.3.1:80]}\n")
+                .replace("stable: {backends", "stable: {revision: v2, backends"),
+            "services[0].canary.revision",
+            "also stable's revision",
         ),
         (
             svc(
                 "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {compare_to_stable: {confidence: 1.5}}\n",
             ),
             "services[0].analysis.compare_to_stable.confidence",
-            "below 1",
+            "outside 0.9 to 0.9999",
         ),
         (
             svc(
@@ -472,7 +547,8 @@ fn rollouts_parse_with_defaults() {
             cmp.max_latency_increase,
             cmp.confidence
         ),
-        (None, Some(0.1), 0.95)
+        (Some(0.01), Some(0.1), 0.95),
+        "the fields not written keep their defaults"
     );
     assert_eq!(cmp.min_latency_increase, Duration::from_millis(5));
     assert_eq!(

@@ -21,6 +21,17 @@ pub fn default_salt(name: &str) -> u32 {
     })
 }
 
+/// A revision as written: a short printable name, e.g. an image tag.
+fn revision(r: &str) -> Result<(), String> {
+    if r.is_empty() || r.len() > 128 || r.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "`{}` is not a revision: 1 to 128 printable characters, e.g. an image tag like v1.4.2",
+            r.escape_default()
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn validate(
     raw: RawConfig,
     interface_exists: &dyn Fn(&str) -> bool,
@@ -185,6 +196,24 @@ pub(super) fn validate(
         }
         let stable: Vec<_> = s.stable.backends.iter().map(|e| e.0).collect();
         let canary: Vec<_> = s.canary.backends.iter().map(|e| e.0).collect();
+        for (group, r) in [
+            ("stable", &s.stable.revision),
+            ("canary", &s.canary.revision),
+        ] {
+            if let Some(r) = r {
+                revision(r).or_else(|m| err(at(&format!("{group}.revision")), m))?;
+            }
+        }
+        if let (Some(a), Some(b)) = (&s.stable.revision, &s.canary.revision)
+            && a == b
+        {
+            return err(
+                at("canary.revision"),
+                format!(
+                    "`{b}` is also stable's revision: a canary runs something stable does not (a new image tag, a build id)"
+                ),
+            );
+        }
         if stable.is_empty() {
             return err(
                 at("stable.backends"),
@@ -330,6 +359,8 @@ pub(super) fn validate(
             canary_weight: weight,
             stable,
             canary,
+            stable_revision: s.stable.revision,
+            canary_revision: s.canary.revision,
             segments,
             rollout,
         });

@@ -53,7 +53,7 @@ const SERVICE: &str = "    affinity: connection
       interval: 10s
       checks_per_step: 1000
       min_requests: 50
-      progress_deadline: 1h
+      progress_deadline: 4h
     analysis:
       compare_to_stable: {max_latency_increase: 1000}
 ";
