@@ -498,6 +498,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_significant_slowdown_below_the_relative_threshold_passes() {
+        // 10 % (2 ms) slower at the median: above the 1 ms floor, and
+        // significant with 5,000 canary samples, but below the 20 % allowed.
+        let (canary, stable) = (totals(5000, 0, 22_000_000), totals(50_000, 0, 20_000_000));
+        let rs = check(&analysis(), 100, &canary, &stable, true);
+        let lat = rs
+            .iter()
+            .find(|r| r.judge == Judge::LatencyVsStable)
+            .unwrap();
+        assert_eq!(lat.verdict, Verdict::Pass, "{lat:?}");
+        let inc = lat.value.unwrap();
+        assert!((0.05..0.2).contains(&inc), "{inc}");
+        // Allowed 5 % instead, the same data fails: the threshold is what passes it.
+        let mut a = analysis();
+        a.compare.as_mut().unwrap().max_latency_increase = Some(0.05);
+        let rs = check(&a, 100, &canary, &stable, true);
+        assert!(
+            matches!(verdict_of(&rs, Judge::LatencyVsStable), Verdict::Fail(_)),
+            "{rs:#?}"
+        );
+    }
+
+    #[test]
     fn the_critical_path_needs_enough_requests() {
         let c = analysis().critical;
         let bad = Recent {

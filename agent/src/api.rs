@@ -1,11 +1,12 @@
 //! The agent's HTTP surfaces: `/metrics` (and `/healthz`) on a TCP listener
 //! for Prometheus, and the control API on a unix socket (mode 0600) for the
-//! CLI. Both only read the shared [`View`].
+//! CLI. Both read the snapshot the agent's loop publishes; verbs go to the
+//! loop and are answered once the kernel holds their result.
 
 use std::{
     os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -21,61 +22,63 @@ use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{engine::Command, metrics, status, view::View};
+use crate::{metrics, snapshot::Snapshot, status, verb::Verb};
 
-pub type Shared = Arc<Mutex<View>>;
+/// What the loop publishes.
+pub type Snapshots = watch::Receiver<Arc<Snapshot>>;
 
 /// The text-format content type Prometheus expects.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-pub fn metrics_router(view: Shared) -> Router {
+pub fn metrics_router(snapshots: Snapshots) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(v): State<Shared>| async move {
-                let text = metrics::render(&v.lock().expect("view lock"));
+            get(|State(s): State<Snapshots>| async move {
+                let snapshot = s.borrow().clone();
                 (
                     [(axum::http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-                    text,
+                    metrics::render(&snapshot),
                 )
             }),
         )
         .route(
             "/healthz",
-            get(|State(v): State<Shared>| async move {
-                if v.lock().expect("view lock").ready {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+            get(|State(s): State<Snapshots>| async move {
+                let snapshot = s.borrow().clone();
+                match snapshot.health(std::time::Instant::now()) {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                 }
             }),
         )
-        .with_state(view)
+        .with_state(snapshots)
 }
 
-/// An operator command on its way to the agent's loop, with where to answer.
-pub struct CommandRequest {
+/// How a verb ended: `Refused` when it does not apply (409), `Unapplied`
+/// when the state took it but the kernel has not (503; the loop retries).
+#[derive(Debug)]
+pub enum VerbError {
+    Refused(String),
+    Unapplied(String),
+}
+
+/// An operator's verb on its way to the agent's loop, with where to answer.
+pub struct VerbRequest {
     pub service: String,
-    pub command: Command,
-    pub reply: oneshot::Sender<Result<String, String>>,
+    pub verb: Verb,
+    pub reply: oneshot::Sender<Result<String, VerbError>>,
 }
 
 #[derive(Clone)]
 struct Control {
-    view: Shared,
-    commands: mpsc::Sender<CommandRequest>,
+    snapshots: Snapshots,
+    verbs: mpsc::Sender<VerbRequest>,
 }
 
-/// The body of `POST /v1/services/{name}/weight`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WeightBody {
-    pub percent: f64,
-}
-
-/// What the control API answers to a command.
+/// What the control API answers to a verb.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Answer {
     pub ok: bool,
@@ -86,83 +89,69 @@ fn answer(code: StatusCode, ok: bool, message: String) -> axum::response::Respon
     (code, Json(Answer { ok, message })).into_response()
 }
 
-async fn send(c: &Control, service: String, command: Command) -> axum::response::Response {
-    let (reply, rx) = oneshot::channel();
-    if c.commands
-        .send(CommandRequest {
-            service,
-            command,
-            reply,
-        })
-        .await
-        .is_err()
-    {
-        return answer(
+async fn send(c: &Control, service: String, verb: Verb) -> axum::response::Response {
+    let stopping = || {
+        answer(
             StatusCode::SERVICE_UNAVAILABLE,
             false,
             "the agent is stopping".into(),
-        );
+        )
+    };
+    let (reply, rx) = oneshot::channel();
+    let request = VerbRequest {
+        service,
+        verb,
+        reply,
+    };
+    if c.verbs.send(request).await.is_err() {
+        return stopping();
     }
     match rx.await {
         Ok(Ok(msg)) => answer(StatusCode::OK, true, msg),
-        Ok(Err(msg)) => answer(StatusCode::CONFLICT, false, msg),
-        Err(_) => answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            false,
-            "the agent is stopping".into(),
-        ),
+        Ok(Err(VerbError::Refused(msg))) => answer(StatusCode::CONFLICT, false, msg),
+        Ok(Err(VerbError::Unapplied(msg))) => answer(StatusCode::SERVICE_UNAVAILABLE, false, msg),
+        Err(_) => stopping(),
     }
 }
 
-/// Bodies larger than this are refused (413): commands are tiny.
+/// Bodies larger than this are refused (413): verbs are tiny.
 const MAX_BODY: usize = 4096;
 
-pub fn control_router(view: Shared, commands: mpsc::Sender<CommandRequest>) -> Router {
+pub fn control_router(snapshots: Snapshots, verbs: mpsc::Sender<VerbRequest>) -> Router {
     Router::new()
         .route(
             "/v1/status",
             get(|State(c): State<Control>| async move {
-                Json(status::report(&c.view.lock().expect("view lock"), unix_ms()))
+                let snapshot = c.snapshots.borrow().clone();
+                Json(status::report(&snapshot))
             }),
         )
         .route(
             "/v1/services/{name}/{verb}",
-            post(|State(c): State<Control>, AxPath((name, verb)): AxPath<(String, String)>, body: Bytes| async move {
-                let command = match verb.as_str() {
-                    "pause" => Command::Pause,
-                    "resume" => Command::Resume,
-                    "promote" => Command::Promote,
-                    "abort" => Command::Abort,
-                    "start" => Command::Start,
-                    "weight" => match serde_json::from_slice::<WeightBody>(&body) {
-                        Ok(w) => match crate::config::percent_to_basis_points(w.percent) {
-                            Ok(bp) => Command::SetWeight(bp),
-                            Err(e) => return answer(StatusCode::BAD_REQUEST, false, format!("percent: {e}")),
-                        },
-                        Err(e) => {
-                            return answer(StatusCode::BAD_REQUEST, false, format!("expected {{\"percent\": 0 to 100}}: {e}"));
-                        }
-                    },
-                    other => {
-                        return answer(
-                            StatusCode::NOT_FOUND,
-                            false,
-                            format!("unknown command `{other}`; one of pause, resume, promote, abort, start, weight"),
-                        );
+            post(
+                |State(c): State<Control>,
+                 AxPath((name, verb)): AxPath<(String, String)>,
+                 body: Bytes| async move {
+                    match Verb::parse(&verb, &body) {
+                        Ok(v) => send(&c, name, v).await,
+                        Err((true, msg)) => answer(StatusCode::NOT_FOUND, false, msg),
+                        Err((false, msg)) => answer(StatusCode::BAD_REQUEST, false, msg),
                     }
-                };
-                send(&c, name, command).await
-            }),
+                },
+            ),
         )
         .fallback(|| async {
             answer(
                 StatusCode::NOT_FOUND,
                 false,
-                "unknown request; the API has GET /v1/status and POST /v1/services/NAME/{pause,resume,promote,abort,start,weight}".into(),
+                format!(
+                    "unknown request; the API has GET /v1/status and POST /v1/services/NAME/VERB ({})",
+                    crate::verb::NAMES
+                ),
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Control { view, commands })
+        .with_state(Control { snapshots, verbs })
 }
 
 /// The wall clock in Unix milliseconds.

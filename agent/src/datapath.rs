@@ -487,8 +487,12 @@ impl Datapath {
         Ok(())
     }
 
-    /// Applies map writes in order.
+    /// Applies map writes in order; stops at the first that fails.
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
+        #[cfg(feature = "fault-injection")]
+        if !ops.is_empty() {
+            crate::faults::map_write()?;
+        }
         for op in ops {
             match op {
                 MapOp::WriteBackendSet { slot, set } => {
@@ -717,11 +721,26 @@ pub struct ConntrackReader {
     fd: std::os::fd::OwnedFd,
 }
 
+/// What one walk of the conntrack table found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConntrackScan {
+    /// Entries (two per connection).
+    pub entries: u64,
+    /// The backend ids the entries carry.
+    pub backend_ids: std::collections::BTreeSet<u32>,
+}
+
 impl ConntrackReader {
-    /// How many entries the table holds (both directions): a walk of all of them.
-    pub fn entries(&self) -> Result<u64> {
+    /// Walks the whole table: how many entries it holds and which backend
+    /// ids they carry.
+    pub fn scan(&self) -> Result<ConntrackScan> {
         use std::os::fd::AsFd as _;
-        count_lru(self.fd.as_fd())
+        let mut out = ConntrackScan::default();
+        scan_lru(self.fd.as_fd(), |keys, values| {
+            out.entries += keys.len() as u64;
+            out.backend_ids.extend(values.iter().map(|v| v.backend_id));
+        })?;
+        Ok(out)
     }
 }
 

@@ -1,6 +1,6 @@
-//! `/metrics` in the Prometheus text format, built from a [`View`] with the
-//! `prometheus` crate's model and encoder. Pure: the HTTP server lives in
-//! `main.rs`.
+//! `/metrics` in the Prometheus text format, built with the
+//! `prometheus` crate's model and encoder, from a [`Snapshot`]. Pure: the
+//! HTTP server lives in [`crate::api`].
 //!
 //! Label values come from the configuration only (service, version, backend
 //! address, interface) and fixed sets (class, kind, direction, action): no
@@ -16,7 +16,10 @@ use prometheus::{
     proto::{self, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::{telemetry::Histogram, view::View};
+use crate::{
+    snapshot::{Snapshot, TickStats},
+    telemetry::Histogram,
+};
 
 /// The build, as the binary knows it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -95,9 +98,30 @@ fn histogram(pairs: &[(&str, &str)], h: &Histogram, sum_ns: u64) -> Metric {
     m
 }
 
+fn tick_histogram(t: &TickStats) -> Metric {
+    let mut m = Metric::default();
+    let mut p = proto::Histogram::default();
+    p.set_bucket(
+        TickStats::BOUNDS
+            .iter()
+            .zip(t.buckets)
+            .map(|(bound, n)| {
+                let mut b = proto::Bucket::default();
+                b.set_upper_bound(*bound);
+                b.set_cumulative_count(n);
+                b
+            })
+            .collect(),
+    );
+    p.set_sample_count(t.count);
+    p.set_sample_sum(t.sum_seconds);
+    m.set_histogram(p);
+    m
+}
+
 /// The rollouts: phase, step, checks, judge values beside their limits,
 /// rollbacks by reason, promotions.
-fn rollout_families(view: &View) -> Vec<MetricFamily> {
+fn rollout_families(view: &Snapshot) -> Vec<MetricFamily> {
     let mut phase = Vec::new();
     let mut step = Vec::new();
     let mut values = Vec::new();
@@ -132,7 +156,7 @@ fn rollout_families(view: &View) -> Vec<MetricFamily> {
     let rollbacks = c
         .rollbacks
         .iter()
-        .map(|((s, r), n)| counter(&[("service", s.as_str()), ("reason", r.as_str())], *n))
+        .map(|((s, r), n)| counter(&[("service", s.as_str()), ("reason", r)], *n))
         .collect();
     let promotions = c
         .promotions
@@ -186,7 +210,7 @@ fn rollout_families(view: &View) -> Vec<MetricFamily> {
 }
 
 /// Every metric family, in the text format.
-pub fn render(view: &View) -> String {
+pub fn render(view: &Snapshot) -> String {
     let fams = families(view);
     let mut out = Vec::new();
     TextEncoder::new()
@@ -195,7 +219,7 @@ pub fn render(view: &View) -> String {
     String::from_utf8(out).expect("the text format is UTF-8")
 }
 
-pub fn families(view: &View) -> Vec<MetricFamily> {
+pub fn families(view: &Snapshot) -> Vec<MetricFamily> {
     let t = &view.telemetry;
     let mut requests = Vec::new();
     let mut durations = Vec::new();
@@ -248,7 +272,7 @@ pub fn families(view: &View) -> Vec<MetricFamily> {
         .map(|s| {
             gauge(
                 &[("service", s.name.as_str())],
-                s.canary_weight as f64 / BASIS_POINTS as f64,
+                view.weight(s) as f64 / BASIS_POINTS as f64,
             )
         })
         .collect();
@@ -303,7 +327,7 @@ pub fn families(view: &View) -> Vec<MetricFamily> {
         ),
         family(
             "kanari_canary_weight_ratio",
-            "Share of new clients or connections sent to the canary (0 to 1).",
+            "Share of new clients or connections sent to the canary (0 to 1), as the kernel holds it.",
             MetricType::GAUGE,
             weights,
         ),
@@ -312,6 +336,37 @@ pub fn families(view: &View) -> Vec<MetricFamily> {
             "Configuration reloads (SIGHUP) rejected; the running configuration stayed.",
             MetricType::COUNTER,
             vec![counter(&[], view.reload_failures)],
+        ),
+        family(
+            "kanari_datapath_write_failures_total",
+            "Writes to the data path's maps that failed; each is retried on the next tick.",
+            MetricType::COUNTER,
+            vec![counter(&[], view.write_failures)],
+        ),
+        family(
+            "kanari_datapath_in_sync",
+            "1 while the kernel holds what the agent wants (weights, backends, segments), 0 while a write is being retried.",
+            MetricType::GAUGE,
+            vec![gauge(
+                &[],
+                if view.disagreement.is_none() {
+                    1.0
+                } else {
+                    0.0
+                },
+            )],
+        ),
+        family(
+            "kanari_backend_ids_quarantined",
+            "Backend ids held back from new backends while conntrack entries may still carry them.",
+            MetricType::GAUGE,
+            vec![gauge(&[], view.quarantined_ids as f64)],
+        ),
+        family(
+            "kanari_tick_duration_seconds",
+            "How long each tick of the agent's loop took: reading the kernel's counters, judging, writing the maps.",
+            MetricType::HISTOGRAM,
+            vec![tick_histogram(&view.ticks)],
         ),
         family(
             "kanari_build_info",
@@ -345,16 +400,17 @@ mod tests {
     use kanari_common::maps::{BackendStats, Counter as DpCounter};
 
     use super::*;
-    use crate::view::fixture::canary_view;
+    use crate::snapshot::fixture::canary_snapshot;
 
-    fn view() -> View {
+    fn view() -> Snapshot {
         let mut s = BackendStats::ZERO;
         s.requests[kanari_common::http::CLASS_5XX] = 3;
         s.requests[kanari_common::http::CLASS_2XX] = 7;
         s.ttfb_hist[hist::bucket_index(20_000_000) as usize] = 10;
         s.ttfb_sum_ns = 200_000_000;
-        let mut v = canary_view("12.5", s, 1);
-        v.counters = vec![("eth0".into(), DpCounter::XdpSteered, 42)];
+        let mut v = canary_snapshot("12.5", s, 1);
+        v.counters = std::sync::Arc::new(vec![("eth0".into(), DpCounter::XdpSteered, 42)]);
+        v.ticks.record(0.003);
         v.conntrack_entries = Some(8);
         v
     }
@@ -373,6 +429,9 @@ mod tests {
             "kanari_conntrack_entries",
             "kanari_conntrack_capacity",
             "kanari_canary_weight_ratio",
+            "kanari_datapath_write_failures_total",
+            "kanari_datapath_in_sync",
+            "kanari_tick_duration_seconds",
             "kanari_build_info",
         ] {
             assert!(
@@ -388,6 +447,15 @@ mod tests {
         ));
         assert!(text.contains(r#"kanari_request_duration_seconds_count{service="web",version="canary",backend="10.0.3.1:80"} 10"#));
         assert!(text.contains(r#"kanari_request_duration_seconds_sum{service="web",version="canary",backend="10.0.3.1:80"} 0.2"#));
+        assert!(
+            text.contains("kanari_tick_duration_seconds_bucket{le=\"0.0025\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kanari_tick_duration_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("kanari_datapath_in_sync 1"));
     }
 
     #[test]

@@ -10,7 +10,13 @@
 //!   (its VIP) and the backend stay in the configuration, whatever their order
 //!   in the file, so counters keep their meaning;
 //! - segments are written before the service flag that makes the kernel look
-//!   them up, and removed after it.
+//!   them up, and removed after it;
+//! - a backend id freed by one backend is not given to another while
+//!   conntrack entries may still carry it ([`Quarantine`]): the drained
+//!   backend's packets would be counted as the new one's.
+//!
+//! What the rollouts want of a service (its weight, its canary segments on
+//! or off) comes beside the configuration as [`Override`]s.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -76,7 +82,7 @@ impl Applied {
         self.services.values().map(|s| s.value.id).collect()
     }
 
-    fn backend_ids(&self) -> BTreeMap<(SocketAddrV4, Group, SocketAddrV4), u32> {
+    pub fn backend_ids(&self) -> BTreeMap<(SocketAddrV4, Group, SocketAddrV4), u32> {
         let mut ids = BTreeMap::new();
         for (vip, s) in &self.services {
             for g in [Group::Stable, Group::Canary] {
@@ -94,6 +100,89 @@ impl Applied {
     }
 }
 
+/// What a rollout wants of its service's map value, over the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Override {
+    /// The canary weight, basis points.
+    pub weight: u32,
+    /// Whether the canary's segments send it their clients.
+    pub canary_segments: bool,
+}
+
+/// The writes of a plan, and what the maps hold once they are done.
+#[derive(Debug)]
+pub struct Plan {
+    pub ops: Vec<MapOp>,
+    pub next: Applied,
+    /// Quarantined ids given out before they drained, for want of free ones.
+    pub reclaimed: Vec<u32>,
+}
+
+/// Backend ids no longer configured whose conntrack entries may still
+/// carry them: each with when it was freed (agent clock, ms). An id is
+/// released once a walk of the table that began after it was freed finds
+/// no entry with it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Quarantine {
+    ids: BTreeMap<u32, u64>,
+}
+
+impl Quarantine {
+    /// Holds the ids `before` had and `after` does not.
+    pub fn hold_freed(&mut self, before: &Applied, after: &Applied, now_ms: u64) {
+        let kept: BTreeSet<u32> = after.backend_ids().into_values().collect();
+        for id in before.backend_ids().into_values() {
+            if !kept.contains(&id) {
+                self.ids.entry(id).or_insert(now_ms);
+            }
+        }
+        // An id configured again is in use, not draining.
+        self.ids.retain(|id, _| !kept.contains(id));
+    }
+
+    /// Holds ids found in conntrack that nothing configured owns (left by a
+    /// backend removed while no agent ran).
+    pub fn hold(&mut self, ids: impl IntoIterator<Item = u32>, now_ms: u64) {
+        for id in ids {
+            self.ids.entry(id).or_insert(now_ms);
+        }
+    }
+
+    /// Releases the ids a walk of the table begun at `walk_started_ms` did
+    /// not find in `referenced`; returns them.
+    pub fn release_drained(
+        &mut self,
+        walk_started_ms: u64,
+        referenced: &BTreeSet<u32>,
+    ) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .ids
+            .iter()
+            .filter(|(id, since)| **since <= walk_started_ms && !referenced.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            self.ids.remove(id);
+        }
+        gone
+    }
+
+    /// The held ids, the longest held first.
+    pub fn held(&self) -> Vec<u32> {
+        let mut v: Vec<(u64, u32)> = self.ids.iter().map(|(id, t)| (*t, *id)).collect();
+        v.sort();
+        v.into_iter().map(|(_, id)| id).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
 fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
     (0..limit).find(|i| !used.contains(i))
 }
@@ -105,12 +194,21 @@ fn segment_key(service_id: u32, cidr: Cidr) -> (SegmentKey, u32) {
     )
 }
 
-/// The writes that make the maps hold `config`, and what they will hold then.
+/// The writes that make the maps hold `config` with the rollouts'
+/// `overrides`, and what they will hold then. New backends get ids neither
+/// in use nor in `quarantined` (the longest held first), unless none is left.
 ///
 /// Fails only when ids run out, which validation's limits prevent.
-pub fn plan(applied: &Applied, config: &Config) -> Result<(Vec<MapOp>, Applied), String> {
+pub fn plan(
+    applied: &Applied,
+    config: &Config,
+    overrides: &BTreeMap<String, Override>,
+    quarantined: &[u32],
+) -> Result<Plan, String> {
     let mut ops = Vec::new();
     let mut next = Applied::default();
+    let mut reclaimed = Vec::new();
+    let mut reclaimable = quarantined.iter().copied();
 
     // Ids of services and backends that stay keep their ids; the rest are free.
     let wanted_vips: BTreeSet<_> = config.services.iter().map(|s| s.vip).collect();
@@ -134,6 +232,12 @@ pub fn plan(applied: &Applied, config: &Config) -> Result<(Vec<MapOp>, Applied),
         .iter()
         .filter(|(k, _)| wanted_backends.contains(k))
         .map(|(_, id)| *id)
+        .collect();
+    // Ids this plan frees are draining from now on: not for new backends either.
+    let mut taken: BTreeSet<u32> = old_backend_ids
+        .values()
+        .chain(quarantined)
+        .copied()
         .collect();
     debug_assert!(used_service_ids.len() <= applied.service_ids().len());
 
@@ -162,9 +266,18 @@ pub fn plan(applied: &Applied, config: &Config) -> Result<(Vec<MapOp>, Applied),
                 let id = match old_backend_ids.get(&(svc.vip, g, *b)) {
                     Some(id) => *id,
                     None => {
-                        let id = lowest_free(&used_backend_ids, config.max_backends)
-                            .ok_or("no free backend id")?;
+                        let id = match lowest_free(&taken, config.max_backends) {
+                            Some(id) => id,
+                            None => {
+                                let id = reclaimable
+                                    .find(|id| !used_backend_ids.contains(id))
+                                    .ok_or("no free backend id")?;
+                                reclaimed.push(id);
+                                id
+                            }
+                        };
                         used_backend_ids.insert(id);
+                        taken.insert(id);
                         id
                     }
                 };
@@ -194,8 +307,13 @@ pub fn plan(applied: &Applied, config: &Config) -> Result<(Vec<MapOp>, Applied),
             slots[g as usize] = backend_set_slot(id, g, generation[g as usize]);
         }
 
-        let segments: BTreeMap<Cidr, Group> =
-            svc.segments.iter().map(|r| (r.cidr, r.group)).collect();
+        let over = overrides.get(&svc.name);
+        let segments: BTreeMap<Cidr, Group> = svc
+            .segments
+            .iter()
+            .filter(|r| r.group != Group::Canary || over.is_none_or(|o| o.canary_segments))
+            .map(|r| (r.cidr, r.group))
+            .collect();
         let old_segments = old.map(|o| &o.segments);
         for (cidr, group) in &segments {
             if old_segments.and_then(|s| s.get(cidr)) != Some(group) {
@@ -220,7 +338,7 @@ pub fn plan(applied: &Applied, config: &Config) -> Result<(Vec<MapOp>, Applied),
         }
         let value = Service {
             id,
-            canary_weight: svc.canary_weight,
+            canary_weight: over.map_or(svc.canary_weight, |o| o.weight),
             salt: svc.salt,
             flags,
             backend_sets: slots,
@@ -259,7 +377,11 @@ pub fn plan(applied: &Applied, config: &Config) -> Result<(Vec<MapOp>, Applied),
             ops.push(MapOp::DeleteSegment { key, prefix_len });
         }
     }
-    Ok((ops, next))
+    Ok(Plan {
+        ops,
+        next,
+        reclaimed,
+    })
 }
 
 #[cfg(test)]
@@ -280,8 +402,14 @@ mod tests {
     const API: &str =
         "  - name: api\n    vip: 10.0.0.101:80\n    stable: {backends: [10.0.2.1:81]}\n";
 
+    /// A plan without overrides or quarantined ids.
+    fn p(applied: &Applied, c: &Config) -> (Vec<MapOp>, Applied) {
+        let plan = plan(applied, c, &BTreeMap::new(), &[]).unwrap();
+        (plan.ops, plan.next)
+    }
+
     fn first(c: &Config) -> (Vec<MapOp>, Applied) {
-        plan(&Applied::default(), c).unwrap()
+        p(&Applied::default(), c)
     }
 
     #[test]
@@ -324,11 +452,10 @@ mod tests {
     #[test]
     fn a_weight_change_is_one_service_write() {
         let (_, applied) = first(&cfg(WEB));
-        let (ops, next) = plan(
+        let (ops, next) = p(
             &applied,
             &cfg(&WEB.replace("canary_weight: 10", "canary_weight: 100")),
-        )
-        .unwrap();
+        );
         assert_eq!(ops.len(), 1, "{ops:#?}");
         let MapOp::WriteService { value, .. } = &ops[0] else {
             panic!()
@@ -339,11 +466,10 @@ mod tests {
             applied.services.values().next().unwrap().value.backend_sets
         );
         // And applying the same config again writes nothing.
-        let (ops, _) = plan(
+        let (ops, _) = p(
             &next,
             &cfg(&WEB.replace("canary_weight: 10", "canary_weight: 100")),
-        )
-        .unwrap();
+        );
         assert!(ops.is_empty(), "{ops:#?}");
     }
 
@@ -351,7 +477,7 @@ mod tests {
     fn a_new_backend_list_goes_to_the_idle_slot_then_the_service_switches() {
         let (_, applied) = first(&cfg(WEB));
         let changed = WEB.replace("[10.0.3.1:80]", "[10.0.3.1:80, 10.0.3.2:80]");
-        let (ops, next) = plan(&applied, &cfg(&changed)).unwrap();
+        let (ops, next) = p(&applied, &cfg(&changed));
         assert_eq!(ops.len(), 2, "{ops:#?}");
         let MapOp::WriteBackendSet { slot, set } = &ops[0] else {
             panic!()
@@ -367,7 +493,7 @@ mod tests {
         let old = &applied.services.values().next().unwrap().backends[1][0];
         assert_eq!(next.services.values().next().unwrap().backends[1][0], *old);
         // The next change flips back to generation 0.
-        let (ops, _) = plan(&next, &cfg(WEB)).unwrap();
+        let (ops, _) = p(&next, &cfg(WEB));
         let MapOp::WriteBackendSet { slot, .. } = &ops[0] else {
             panic!()
         };
@@ -392,11 +518,11 @@ mod tests {
             .unwrap()
             .value
             .id;
-        let (ops, reordered) = plan(&applied, &cfg(&format!("{API}{WEB}"))).unwrap();
+        let (ops, reordered) = p(&applied, &cfg(&format!("{API}{WEB}")));
         assert!(ops.is_empty(), "{ops:#?}");
         assert_eq!(reordered, applied);
 
-        let (ops, only_api) = plan(&applied, &cfg(API)).unwrap();
+        let (ops, only_api) = p(&applied, &cfg(API));
         assert_eq!(
             ops,
             vec![MapOp::DeleteService {
@@ -412,7 +538,7 @@ mod tests {
         let other = WEB
             .replace("10.0.0.100:80", "10.0.0.102:80")
             .replace("name: web", "name: other");
-        let (_, again) = plan(&only_api, &cfg(&format!("{API}{other}"))).unwrap();
+        let (_, again) = p(&only_api, &cfg(&format!("{API}{other}")));
         assert_eq!(
             again
                 .services
@@ -429,7 +555,7 @@ mod tests {
     fn segments_are_written_before_the_flag_and_removed_after_it() {
         let (_, applied) = first(&cfg(WEB));
         let with = format!("{WEB}    segments: [{{cidr: 10.1.5.0/24, group: canary}}]\n");
-        let (ops, next) = plan(&applied, &cfg(&with)).unwrap();
+        let (ops, next) = p(&applied, &cfg(&with));
         assert_eq!(ops.len(), 2, "{ops:#?}");
         let MapOp::WriteSegment {
             key,
@@ -446,7 +572,7 @@ mod tests {
         };
         assert_ne!(value.flags & SERVICE_F_SEGMENTS, 0);
 
-        let (ops, _) = plan(&next, &cfg(WEB)).unwrap();
+        let (ops, _) = p(&next, &cfg(WEB));
         assert!(
             matches!(ops[0], MapOp::WriteService { value, .. } if value.flags & SERVICE_F_SEGMENTS == 0),
             "{ops:#?}"
@@ -467,5 +593,67 @@ mod tests {
             panic!()
         };
         assert_ne!(value.flags & SERVICE_F_CONNECTION_AFFINITY, 0);
+    }
+
+    #[test]
+    fn overrides_set_the_weight_and_turn_canary_segments_off() {
+        let with = format!(
+            "{WEB}    segments: [{{cidr: 10.1.5.0/24, group: canary}}, {{cidr: 10.1.6.0/24, group: stable}}]\n"
+        );
+        let c = cfg(&with);
+        let off = BTreeMap::from([(
+            "web".to_string(),
+            Override {
+                weight: 0,
+                canary_segments: false,
+            },
+        )]);
+        let pl = plan(&Applied::default(), &c, &off, &[]).unwrap();
+        let s = pl.next.services.values().next().unwrap();
+        assert_eq!(
+            s.value.canary_weight, 0,
+            "the override, not canary_weight: 10"
+        );
+        assert_eq!(
+            s.segments.values().collect::<Vec<_>>(),
+            vec![&Group::Stable],
+            "only the stable segment"
+        );
+    }
+
+    #[test]
+    fn quarantined_ids_are_not_given_out_until_none_is_left() {
+        let (_, applied) = first(&cfg(WEB));
+        let canary_id = applied.services.values().next().unwrap().backends[1][0].1;
+        // The canary is replaced: its id is held while its connections drain.
+        let replaced = WEB.replace("[10.0.3.1:80]", "[10.0.3.2:80]");
+        let (_, next) = p(&applied, &cfg(&replaced));
+        let new_id = next.services.values().next().unwrap().backends[1][0].1;
+        assert_ne!(new_id, canary_id, "not the id this very plan frees");
+        let mut q = Quarantine::default();
+        q.hold_freed(&applied, &next, 1000);
+        assert_eq!(q.held(), vec![canary_id]);
+        // The next reload adds a canary replica: the held id is not given out.
+        let more = replaced.replace("[10.0.3.2:80]", "[10.0.3.2:80, 10.0.3.3:80]");
+        let pl = plan(&next, &cfg(&more), &BTreeMap::new(), &q.held()).unwrap();
+        let added = pl.next.services.values().next().unwrap().backends[1][1].1;
+        assert_ne!(added, canary_id, "a fresh id while the old one drains");
+        assert!(pl.reclaimed.is_empty());
+        // With no other id left, the longest held is reclaimed (and said so).
+        let tight = Config {
+            max_backends: 4,
+            ..cfg(&more)
+        };
+        let pl = plan(&next, &tight, &BTreeMap::new(), &q.held()).unwrap();
+        assert_eq!(pl.reclaimed, vec![canary_id]);
+        // A walk that began before the id was freed proves nothing; a later one
+        // that does not find it releases it.
+        assert!(q.release_drained(500, &BTreeSet::new()).is_empty());
+        assert!(
+            q.release_drained(2000, &BTreeSet::from([canary_id]))
+                .is_empty()
+        );
+        assert_eq!(q.release_drained(2000, &BTreeSet::new()), vec![canary_id]);
+        assert!(q.is_empty());
     }
 }

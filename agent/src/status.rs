@@ -1,5 +1,5 @@
 //! `kanari status`: what each service is doing now, per version, over the
-//! last [`WINDOW_SECONDS`]. Built from a [`View`] by the agent (pure), sent
+//! last [`WINDOW_SECONDS`]. Built from a [`Snapshot`] by the agent (pure), sent
 //! as JSON over the control socket, printed by the CLI.
 
 use std::fmt::Write as _;
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     analysis::{Judge, JudgeResult, Verdict},
     config::Strategy,
-    view::View,
+    snapshot::Snapshot,
 };
 
 /// The window `kanari status` reports over.
@@ -21,13 +21,20 @@ pub struct StatusReport {
     pub window_seconds: u64,
     pub services: Vec<ServiceStatus>,
     pub conntrack_entries: Option<u64>,
+    /// Why the kernel does not hold what the agent wants, while it does not.
+    #[serde(default)]
+    pub kernel_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub name: String,
     pub vip: String,
+    /// The canary weight the kernel holds.
     pub canary_weight_percent: f64,
+    /// The weight the agent wants, when the kernel does not hold it yet.
+    #[serde(default)]
+    pub wanted_canary_weight_percent: Option<f64>,
     pub versions: Vec<VersionStatus>,
     /// The rollout driving the weight, if the service has one.
     pub rollout: Option<RolloutStatus>,
@@ -37,6 +44,17 @@ pub struct ServiceStatus {
 pub struct RolloutStatus {
     pub strategy: String,
     pub phase: String,
+    /// The canary revision the rollout is for, and what stable serves when known.
+    #[serde(default)]
+    pub revision: String,
+    #[serde(default)]
+    pub stable_revision: Option<String>,
+    /// What rolled it back: a judge, `progress_deadline` or `operator`.
+    #[serde(default)]
+    pub rolled_back_by: Option<String>,
+    /// How much longer the critical path watches a promoted canary.
+    #[serde(default)]
+    pub watched_for_seconds: Option<f64>,
     pub steps_percent: Vec<f64>,
     /// Index into the steps.
     pub step: usize,
@@ -70,8 +88,8 @@ pub struct VersionStatus {
     pub tcp_errors: u64,
 }
 
-/// The report for every configured service; `now_ms` is the wall clock.
-pub fn report(view: &View, now_ms: u64) -> StatusReport {
+/// The report for every configured service, as of the snapshot.
+pub fn report(view: &Snapshot) -> StatusReport {
     let services = view
         .config
         .services
@@ -91,6 +109,13 @@ pub fn report(view: &View, now_ms: u64) -> StatusReport {
                         }
                         .to_string(),
                         phase: st.phase.name().to_string(),
+                        revision: st.revision.clone(),
+                        stable_revision: st.stable_revision.clone(),
+                        rolled_back_by: st
+                            .cause
+                            .filter(|_| st.phase == crate::rollout::Phase::RolledBack)
+                            .map(|c| c.label().to_string()),
+                        watched_for_seconds: r.watched_for_seconds,
                         steps_percent: spec
                             .rollout
                             .steps
@@ -102,17 +127,19 @@ pub fn report(view: &View, now_ms: u64) -> StatusReport {
                         checks_per_step: spec.rollout.checks_per_step,
                         failures: st.failures,
                         failure_limit: spec.rollout.failure_limit,
-                        seconds_in_step: now_ms.saturating_sub(st.step_since_ms) as f64 / 1e3,
+                        seconds_in_step: view.at_ms.saturating_sub(st.step_since_ms) as f64 / 1e3,
                         reason: st.reason.clone(),
                         manual: st.manual,
                         last_check: st.last_check.clone(),
                         critical: r.critical.clone(),
-                        weight_written_unix_ms: st.weight_written_ms,
+                        weight_written_unix_ms: st.weight_written_unix_ms,
                     }
                 }),
             name: s.name.clone(),
             vip: s.vip.to_string(),
-            canary_weight_percent: s.canary_weight as f64 * 100.0 / BASIS_POINTS as f64,
+            canary_weight_percent: view.weight(s) as f64 * 100.0 / BASIS_POINTS as f64,
+            wanted_canary_weight_percent: (view.wanted_weight(s) != view.weight(s))
+                .then(|| view.wanted_weight(s) as f64 * 100.0 / BASIS_POINTS as f64),
             versions: [
                 (Group::Stable, s.stable.len()),
                 (Group::Canary, s.canary.len()),
@@ -142,6 +169,7 @@ pub fn report(view: &View, now_ms: u64) -> StatusReport {
         window_seconds: WINDOW_SECONDS,
         services,
         conntrack_entries: view.conntrack_entries,
+        kernel_error: view.disagreement.as_ref().map(|(_, e)| e.clone()),
     }
 }
 
@@ -204,12 +232,31 @@ pub fn render(r: &StatusReport) -> String {
         out.push_str("no services configured\n");
     }
     for s in &r.services {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "service {} at {}: canary weight {}%",
             s.name, s.vip, s.canary_weight_percent
         );
+        if let Some(w) = s.wanted_canary_weight_percent {
+            let _ = write!(out, " (wanted {w}%: the kernel has not taken it yet)");
+        }
+        out.push('\n');
         if let Some(ro) = &s.rollout {
+            let _ = writeln!(
+                out,
+                "  release: canary {}{}{}",
+                if ro.revision.is_empty() {
+                    "-"
+                } else {
+                    &ro.revision
+                },
+                ro.stable_revision
+                    .as_ref()
+                    .map_or_else(String::new, |r| format!(" beside stable {r}")),
+                ro.watched_for_seconds.map_or_else(String::new, |w| format!(
+                    "; the critical path watches it {w:.0}s more"
+                ))
+            );
             let _ = writeln!(
                 out,
                 "  rollout ({}): {}{} — {:.0}s on this step, checks {}/{} passed, {}/{} failed",
@@ -258,6 +305,9 @@ pub fn render(r: &StatusReport) -> String {
             );
         }
     }
+    if let Some(e) = &r.kernel_error {
+        let _ = writeln!(out, "kernel: out of sync, retrying every tick: {e}");
+    }
     let _ = write!(out, "(last {} s", r.window_seconds);
     if let Some(n) = r.conntrack_entries {
         let _ = write!(out, "; conntrack entries: {n}");
@@ -275,7 +325,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::view::fixture::canary_view;
+    use crate::snapshot::fixture::canary_snapshot;
 
     #[test]
     fn report_and_render_show_each_version() {
@@ -284,8 +334,8 @@ mod tests {
         s.requests[CLASS_5XX] = 20;
         s.ttfb_hist[hist::bucket_index(20_000_000) as usize] = 100;
         s.refused = 2;
-        let v = canary_view("10", s, 10);
-        let r = report(&v, 0);
+        let v = canary_snapshot("10", s, 10);
+        let r = report(&v);
         let canary = &r.services[0].versions[1];
         assert_eq!(canary.version, "canary");
         assert_eq!(canary.requests, 100);

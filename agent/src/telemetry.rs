@@ -19,6 +19,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     net::SocketAddrV4,
     ops::{AddAssign, Sub},
+    sync::Arc,
 };
 
 use kanari_common::{
@@ -250,25 +251,20 @@ impl Serialize for GroupName {
     }
 }
 
-struct BackendState {
+/// What is known of one backend id.
+#[derive(Clone)]
+struct BackendTotals {
     key: BackendKey,
-    acc: Accumulator,
-    totals: Totals,
+    /// Shared with the snapshots published since it last changed.
+    totals: Arc<Totals>,
 }
 
-/// A snapshot of a group's totals at a moment (ns on the agent's clock).
-struct Mark {
-    at_ns: u64,
-    totals: Totals,
-}
-
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct GroupState {
-    totals: Totals,
-    /// One mark per second, the newest last, for windows.
-    marks: VecDeque<Mark>,
-    /// What each of the last ticks added, the newest last, for the critical path.
-    ticks: VecDeque<(u64, Recent)>,
+    totals: Arc<Totals>,
+    /// One mark per second (ns on the agent's clock, totals then), the
+    /// newest last, for windows.
+    marks: VecDeque<(u64, Arc<Totals>)>,
 }
 
 /// Ticks of history kept for the critical path.
@@ -304,16 +300,36 @@ impl Recent {
     }
 }
 
-/// Per-backend and per-group totals, and windows over the last seconds.
-pub struct Telemetry {
-    backends: BTreeMap<u32, BackendState>,
-    /// Ids whose slots an earlier agent filled for the same backends: their
-    /// counts are taken whole, so exported counters carry on across restarts.
-    adopted: std::collections::BTreeSet<u32>,
+/// Per-backend and per-group totals and their windows, as of one read: the
+/// part of [`Telemetry`] that is published. Cheap to clone (the totals are
+/// shared until they change), so every tick can publish one.
+#[derive(Clone)]
+pub struct TelemetryView {
+    backends: BTreeMap<u32, BackendTotals>,
     groups: BTreeMap<(String, GroupName), GroupState>,
     /// Longest window kept, in seconds.
     horizon_s: u64,
     now_ns: u64,
+}
+
+/// Turns the kernel's reads into [`TelemetryView`]s: per-backend
+/// accumulators, and the recent ticks the critical path sums.
+pub struct Telemetry {
+    view: TelemetryView,
+    accumulators: BTreeMap<u32, Accumulator>,
+    /// Ids whose slots an earlier agent filled for the same backends: their
+    /// counts are taken whole, so exported counters carry on across restarts.
+    adopted: std::collections::BTreeSet<u32>,
+    /// What each of the last ticks added per group, the newest last.
+    ticks: BTreeMap<(String, GroupName), VecDeque<(u64, Recent)>>,
+}
+
+impl std::ops::Deref for Telemetry {
+    type Target = TelemetryView;
+
+    fn deref(&self) -> &TelemetryView {
+        &self.view
+    }
 }
 
 /// The increase over a window of time.
@@ -351,76 +367,84 @@ impl Telemetry {
     /// Keeps windows of up to `horizon_s` seconds.
     pub fn new(horizon_s: u64) -> Self {
         Self {
-            backends: BTreeMap::new(),
+            view: TelemetryView {
+                backends: BTreeMap::new(),
+                groups: BTreeMap::new(),
+                horizon_s: horizon_s.max(1),
+                now_ns: 0,
+            },
+            accumulators: BTreeMap::new(),
             adopted: Default::default(),
-            groups: BTreeMap::new(),
-            horizon_s: horizon_s.max(1),
-            now_ns: 0,
+            ticks: BTreeMap::new(),
         }
+    }
+
+    /// What is published: the totals and windows as of the last read.
+    pub fn view(&self) -> &TelemetryView {
+        &self.view
     }
 
     /// Takes one read of the kernel: for each backend id in use, who it
     /// belongs to and its per-CPU values. Ids not in `reads` are forgotten.
     pub fn update(&mut self, now_ns: u64, reads: Vec<(u32, BackendKey, Vec<BackendStats>)>) {
-        self.now_ns = now_ns;
-        let mut seen = BTreeMap::new();
+        let v = &mut self.view;
+        v.now_ns = now_ns;
+        let mut backends = BTreeMap::new();
+        let mut accumulators = BTreeMap::new();
         let mut tick: BTreeMap<(String, GroupName), Recent> = BTreeMap::new();
         for (id, key, cur) in reads {
             let group = (key.service.clone(), key.group);
-            let state = match self.backends.remove(&id) {
-                Some(s) if s.key == key => {
-                    let mut s = s;
-                    let d = s.acc.update(&cur);
-                    s.totals += &d;
-                    tick.entry(group.clone()).or_default().add(&Recent::of(&d));
-                    self.groups.entry(group).or_default().totals += &d;
-                    s
+            let known = v.backends.remove(&id);
+            let acc = self.accumulators.remove(&id);
+            let (acc, totals) = match (known, acc) {
+                (Some(b), Some(mut acc)) if b.key == key => {
+                    let d = acc.update(&cur);
+                    let mut totals = b.totals;
+                    if d != Totals::default() {
+                        *Arc::make_mut(&mut totals) += &d;
+                        tick.entry(group.clone()).or_default().add(&Recent::of(&d));
+                        let g = v.groups.entry(group).or_default();
+                        *Arc::make_mut(&mut g.totals) += &d;
+                    }
+                    (acc, totals)
                 }
                 // Adopted from an earlier agent: everything in the slot is this backend's.
-                None if self.adopted.remove(&id) => {
+                _ if self.adopted.remove(&id) => {
                     let mut acc = Accumulator::new(&[]);
                     let d = acc.update(&cur);
-                    self.groups.entry(group).or_default().totals += &d;
-                    BackendState {
-                        acc,
-                        key,
-                        totals: d,
-                    }
+                    let g = v.groups.entry(group).or_default();
+                    *Arc::make_mut(&mut g.totals) += &d;
+                    (acc, Arc::new(d))
                 }
                 // New, or the id now names another backend: start from here.
                 _ => {
-                    self.groups.entry(group).or_default();
-                    BackendState {
-                        acc: Accumulator::new(&cur),
-                        key,
-                        totals: Totals::default(),
-                    }
+                    v.groups.entry(group).or_default();
+                    (Accumulator::new(&cur), Arc::new(Totals::default()))
                 }
             };
-            seen.insert(id, state);
+            accumulators.insert(id, acc);
+            backends.insert(id, BackendTotals { key, totals });
         }
-        self.backends = seen;
-        let horizon_ns = self.horizon_s * 1_000_000_000;
-        for (name, g) in self.groups.iter_mut() {
-            g.ticks
-                .push_back((now_ns, tick.get(name).copied().unwrap_or_default()));
-            if g.ticks.len() > RECENT_TICKS {
-                g.ticks.pop_front();
+        v.backends = backends;
+        self.accumulators = accumulators;
+        let horizon_ns = v.horizon_s * 1_000_000_000;
+        for (name, g) in v.groups.iter_mut() {
+            let ticks = self.ticks.entry(name.clone()).or_default();
+            ticks.push_back((now_ns, tick.get(name).copied().unwrap_or_default()));
+            if ticks.len() > RECENT_TICKS {
+                ticks.pop_front();
             }
             let due = g
                 .marks
                 .back()
-                .is_none_or(|m| now_ns >= m.at_ns + 1_000_000_000);
+                .is_none_or(|(at, _)| now_ns >= at + 1_000_000_000);
             if due {
-                g.marks.push_back(Mark {
-                    at_ns: now_ns,
-                    totals: g.totals.clone(),
-                });
+                g.marks.push_back((now_ns, g.totals.clone()));
             }
             while g.marks.len() > 2
                 && g.marks
                     .front()
-                    .is_some_and(|m| m.at_ns + horizon_ns < now_ns)
+                    .is_some_and(|(at, _)| at + horizon_ns < now_ns)
             {
                 g.marks.pop_front();
             }
@@ -435,21 +459,8 @@ impl Telemetry {
 
     /// Forgets groups of services no longer configured.
     pub fn retain_services(&mut self, keep: impl Fn(&str) -> bool) {
-        self.groups.retain(|(s, _), _| keep(s));
-    }
-
-    pub fn backend(&self, id: u32) -> Option<(&BackendKey, &Totals)> {
-        self.backends.get(&id).map(|b| (&b.key, &b.totals))
-    }
-
-    pub fn backends(&self) -> impl Iterator<Item = (u32, &BackendKey, &Totals)> {
-        self.backends.iter().map(|(id, b)| (*id, &b.key, &b.totals))
-    }
-
-    pub fn group(&self, service: &str, group: Group) -> Option<&Totals> {
-        self.groups
-            .get(&(service.to_string(), GroupName(group)))
-            .map(|g| &g.totals)
+        self.view.groups.retain(|(s, _), _| keep(s));
+        self.ticks.retain(|(s, _), _| keep(s));
     }
 
     /// The most recent ticks since `since_ns`, newest first, summed until
@@ -462,9 +473,9 @@ impl Telemetry {
         since_ns: u64,
         enough: impl Fn(&Recent) -> bool,
     ) -> Option<Recent> {
-        let g = self.groups.get(&(service.to_string(), GroupName(group)))?;
+        let ticks = self.ticks.get(&(service.to_string(), GroupName(group)))?;
         let mut sum = Recent::default();
-        for (at, r) in g.ticks.iter().rev() {
+        for (at, r) in ticks.iter().rev() {
             if *at < since_ns {
                 break;
             }
@@ -474,6 +485,24 @@ impl Telemetry {
             }
         }
         Some(sum)
+    }
+}
+
+impl TelemetryView {
+    pub fn backend(&self, id: u32) -> Option<(&BackendKey, &Totals)> {
+        self.backends.get(&id).map(|b| (&b.key, b.totals.as_ref()))
+    }
+
+    pub fn backends(&self) -> impl Iterator<Item = (u32, &BackendKey, &Totals)> {
+        self.backends
+            .iter()
+            .map(|(id, b)| (*id, &b.key, b.totals.as_ref()))
+    }
+
+    pub fn group(&self, service: &str, group: Group) -> Option<&Totals> {
+        self.groups
+            .get(&(service.to_string(), GroupName(group)))
+            .map(|g| g.totals.as_ref())
     }
 
     /// The agent's clock of the last update (ns).
@@ -486,15 +515,15 @@ impl Telemetry {
     pub fn window(&self, service: &str, group: Group, seconds: u64) -> Option<Window> {
         let g = self.groups.get(&(service.to_string(), GroupName(group)))?;
         let want = self.now_ns.saturating_sub(seconds * 1_000_000_000);
-        let from = g
+        let (at, from) = g
             .marks
             .iter()
             .rev()
-            .find(|m| m.at_ns <= want)
+            .find(|(at, _)| *at <= want)
             .or(g.marks.front())?;
         Some(Window {
-            seconds: (self.now_ns - from.at_ns) as f64 / 1e9,
-            delta: &g.totals - &from.totals,
+            seconds: (self.now_ns - at) as f64 / 1e9,
+            delta: g.totals.as_ref() - from.as_ref(),
         })
     }
 }

@@ -7,7 +7,10 @@
 //! Frames are built with `etherparse`, so both checksums are computed by it
 //! and never by our own `csum` module.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
@@ -47,8 +50,10 @@ impl Loaded {
             pins: None,
         })
         .context("loading the eBPF object into the kernel (as root: CAP_BPF, CAP_NET_ADMIN)")?;
-        let (ops, applied) = plan(&Applied::default(), &config).map_err(|e| anyhow!(e))?;
-        dp.apply(&ops).context("writing the maps")?;
+        let p =
+            plan(&Applied::default(), &config, &BTreeMap::new(), &[]).map_err(|e| anyhow!(e))?;
+        dp.apply(&p.ops).context("writing the maps")?;
+        let applied = p.next;
         Ok(Self {
             dp,
             config,
@@ -58,9 +63,9 @@ impl Loaded {
 
     /// Switches to `config` the way the agent does: a plan from what the maps hold.
     pub fn reconfigure(&mut self, config: Config) -> Result<()> {
-        let (ops, applied) = plan(&self.applied, &config).map_err(|e| anyhow!(e))?;
-        self.dp.apply(&ops).context("writing the maps")?;
-        self.applied = applied;
+        let p = plan(&self.applied, &config, &BTreeMap::new(), &[]).map_err(|e| anyhow!(e))?;
+        self.dp.apply(&p.ops).context("writing the maps")?;
+        self.applied = p.next;
         self.config = config;
         Ok(())
     }

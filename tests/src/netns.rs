@@ -189,6 +189,18 @@ pub fn require_root() -> bool {
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
     if !ci && std::env::var("KANARI_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
         eprintln!("SKIPPED (KANARI_SKIP_PRIVILEGED=1): this test needs root");
+        // `cargo xtask test` counts the skipped tests from this log.
+        if let Some(log) = std::env::var_os("KANARI_SKIPPED_LOG") {
+            use std::io::Write as _;
+            let name = std::thread::current().name().unwrap_or("?").to_string();
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+            {
+                let _ = writeln!(f, "{name}");
+            }
+        }
         return false;
     }
     panic!(

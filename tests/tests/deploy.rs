@@ -1359,9 +1359,11 @@ fn every_dashboard_and_alert_expression_returns_data() {
         20,
     );
     assert!(scraped.is_empty(), "{scraped:?}");
-    // A promotion (no traffic yet), then the rollout again from its first step.
+    // A promotion (no traffic yet), an operator's rollback, then the rollout
+    // again from its first step (a promoted canary is not started again).
     cli(&agent.socket, &["promote", "web"]);
     wait_rollout(&agent.socket, "promotion", |_, r| r.phase == "promoted");
+    cli(&agent.socket, &["abort", "web"]);
     cli(&agent.socket, &["rollout", "start", "web"]);
     wait_rollout(&agent.socket, "a new rollout", |w, r| {
         r.phase == "progressing" && w == 10.0

@@ -151,7 +151,10 @@ fn test(args: &[String]) -> Result<()> {
     supply_chain()?;
     let bin = build_test_bins(false)?;
     let mut cargo_test = cargo();
-    cargo_test.arg("test");
+    // Every test binary runs, even after one fails: one run shows every failure.
+    cargo_test.args(["test", "--no-fail-fast"]);
+    // The agent's test-only fault switches (agent/src/faults.rs).
+    cargo_test.args(["--features", "kanari/fault-injection"]);
     // `--workspace` would override a `-p` in `args` (cargo then tests everything).
     let cargo_args = args.split(|arg| arg == "--").next().unwrap_or_default();
     if !cargo_args
@@ -160,17 +163,85 @@ fn test(args: &[String]) -> Result<()> {
     {
         cargo_test.args(["--workspace", "--exclude", "kanari-ebpf"]);
     }
-    let result = run(cargo_test
+    // Tests skipped on purpose (KANARI_SKIP_PRIVILEGED=1) name themselves here.
+    let skipped_log = env::temp_dir().join(format!("kanari-skipped-{}", std::process::id()));
+    let _ = fs::remove_file(&skipped_log);
+    cargo_test
         .args(args)
         .env("KANARI_BIN", bin.join("kanari"))
         .env("KANARI_TEST_BACKEND_BIN", bin.join("kanari-test-backend"))
-        .env("KANARI_PYTHON_TOOLS", python_tools));
+        .env("KANARI_PYTHON_TOOLS", python_tools)
+        .env("KANARI_SKIPPED_LOG", &skipped_log);
+    let (status, mut tally) = run_counting(&mut cargo_test)?;
+    let skipped = fs::read_to_string(&skipped_log)
+        .map(|t| t.lines().count() as u64)
+        .unwrap_or(0);
+    let _ = fs::remove_file(&skipped_log);
+    // A skipped privileged test returned early: libtest counted it as passed.
+    tally.passed = tally.passed.saturating_sub(skipped);
+    tally.skipped += skipped;
     let elapsed = started.elapsed().as_secs_f64();
-    match &result {
-        Ok(()) => println!("test: passed in {elapsed:.1}s"),
-        Err(_) => println!("test: failed after {elapsed:.1}s"),
+    let ok = status.success() && tally.failed == 0;
+    println!(
+        "test: {} after {elapsed:.1}s{}",
+        if ok { "passed" } else { "failed" },
+        if status.success() || tally.failed > 0 {
+            String::new()
+        } else {
+            format!(" (`{}` exited with {status})", display(&cargo_test))
+        }
+    );
+    println!(
+        "test: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.skipped
+    );
+    ensure!(ok, "tests failed");
+    Ok(())
+}
+
+/// What `cargo test` reported over all its test binaries.
+#[derive(Debug, Default, PartialEq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    /// Ignored by libtest, or skipped on purpose.
+    skipped: u64,
+}
+
+impl Tally {
+    /// Adds a libtest summary line (`test result: ok. 3 passed; 1 failed; 2 ignored; ...`).
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        let count = |what: &str| {
+            rest.split(';')
+                .filter_map(|part| part.trim().strip_suffix(what))
+                .filter_map(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        };
+        self.passed += count(" passed");
+        self.failed += count(" failed");
+        self.skipped += count(" ignored");
     }
-    result
+}
+
+/// Runs `cmd` with its output shown as it comes, tallying libtest's summary lines.
+fn run_counting(cmd: &mut Command) -> Result<(std::process::ExitStatus, Tally)> {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+    let mut tally = Tally::default();
+    let stdout = child.stdout.take().expect("piped");
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading the tests' output")?;
+        println!("{line}");
+        tally.add_line(&line);
+    }
+    let status = child.wait().context("waiting for the tests")?;
+    Ok((status, tally))
 }
 
 /// The dependency graph against `.cargo/deny.toml`: licences, banned and
@@ -306,6 +377,10 @@ fn build_test_bins(release: bool) -> Result<PathBuf> {
         "kanari-tests",
         "--bins",
     ]);
+    // The tests drive the agent's fault switches; a release build never has them.
+    if !release {
+        build.args(["--features", "kanari/fault-injection"]);
+    }
     if release {
         build.arg("--release");
     }
@@ -716,7 +791,7 @@ fn target_dir() -> PathBuf {
 }
 
 /// PATH for child processes: ours, plus cargo's bin directory (where
-/// `cargo install` puts bpf-linker), which aya-build needs.
+/// `cargo install` puts bpf-linker), which the eBPF build (agent/build.rs) needs.
 static CHILD_PATH: LazyLock<OsString> = LazyLock::new(|| {
     let path = env::var_os("PATH").unwrap_or_default();
     let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
@@ -824,7 +899,28 @@ fn require_root(verb: &str, why: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::llvm_major_of;
+    use super::{Tally, llvm_major_of};
+
+    #[test]
+    fn libtest_summaries_add_up() {
+        let mut t = Tally::default();
+        for line in [
+            "running 3 tests",
+            "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+            "test result: FAILED. 10 passed; 2 failed; 1 ignored; 0 measured; 4 filtered out; finished in 1.2s",
+            "test a ... ok",
+        ] {
+            t.add_line(line);
+        }
+        assert_eq!(
+            t,
+            Tally {
+                passed: 13,
+                failed: 2,
+                skipped: 1
+            }
+        );
+    }
 
     #[test]
     fn llvm_major_from_library_names() {

@@ -1,0 +1,551 @@
+//! The loop's state and what each input does to it.
+//!
+//! Every tick reconciles: it reads back what the kernel's maps hold, plans
+//! the writes that make them hold what the configuration and the rollouts
+//! want, and applies them. A write that fails is counted and retried on the
+//! next tick; `/healthz` says not ready once the kernel has disagreed for a
+//! few seconds. A verb is answered only when the kernel holds its result.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use kanari_common::maps::Group;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use super::{Clock, EXIT_CONFIG, Input, conntrack, interface_exists, interface_name};
+use crate::{
+    api::{VerbError, VerbRequest, unix_ms},
+    config::{self, Config, ConfigError},
+    datapath::{ConntrackScan, Datapath, LoadOptions},
+    pins::Pins,
+    plan::{self, Applied, Quarantine},
+    rollout::{Action, Engine, Store},
+    snapshot::{RolloutView, Snapshot, TickStats},
+    telemetry::{BackendKey, GroupName, Telemetry},
+};
+
+/// What the loop starts from.
+pub(super) struct Setup {
+    pub path: PathBuf,
+    pub config: Arc<Config>,
+    pub detach_on_exit: bool,
+    pub inputs: mpsc::Receiver<Input>,
+    /// For the conntrack walks' results.
+    pub conntrack_inputs: mpsc::Sender<Input>,
+    pub snapshots: watch::Sender<Arc<Snapshot>>,
+    /// Set by the timer when it queues a tick, cleared when one is taken.
+    pub tick_pending: Arc<AtomicBool>,
+    /// The tick period, for the timer.
+    pub period: watch::Sender<Duration>,
+}
+
+struct Agent {
+    path: PathBuf,
+    clock: Clock,
+    datapath: Datapath,
+    /// What the maps held when last read back, or were last written to hold.
+    applied: Applied,
+    /// The configuration in force (resource sizes fixed at start).
+    config: Arc<Config>,
+    engine: Engine,
+    telemetry: Telemetry,
+    quarantine: Quarantine,
+    counters: Arc<Vec<(String, kanari_common::maps::Counter, u64)>>,
+    conntrack_entries: Option<u64>,
+    reload_failures: u64,
+    write_failures: u64,
+    /// Since when the kernel has not held what is wanted, and the last error.
+    disagreement: Option<(Instant, String)>,
+    ready: bool,
+    ticks: TickStats,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    period: watch::Sender<Duration>,
+}
+
+/// Runs the loop until a stop input; the exit code.
+pub(super) fn run(setup: Setup) -> Result<ExitCode> {
+    let Setup {
+        path,
+        config,
+        detach_on_exit,
+        mut inputs,
+        conntrack_inputs,
+        snapshots,
+        tick_pending,
+        period,
+    } = setup;
+    let clock = Clock::new();
+    let store = Store::new(&config.state_dir);
+    let engine = Engine::new(store);
+    // The release train's rule holds at start too: the persisted rollouts
+    // know which version serves.
+    if let Err((field, message)) = engine.admit(&config) {
+        error!(
+            "{}",
+            ConfigError {
+                file: path.display().to_string(),
+                field,
+                message,
+            }
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    let datapath = Datapath::load(LoadOptions {
+        conntrack_connections: config.conntrack_connections,
+        max_backends: config.max_backends,
+        pins: Some(Pins::new(&config.pin_dir)),
+    })?;
+    // An adopted data path: learn what its maps hold, so the plan writes only
+    // what differs and the counters carry on.
+    let applied = if datapath.adopted {
+        datapath.read_applied(&config)?
+    } else {
+        Applied::default()
+    };
+    let mut telemetry = Telemetry::new(crate::status::WINDOW_SECONDS);
+    telemetry.adopt(
+        applied
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().flatten().map(|(_, id)| *id)),
+    );
+    let reader = datapath.conntrack_reader()?;
+    let walked = Instant::now();
+    let first = reader.scan()?;
+    let walk = walked.elapsed();
+    let mut quarantine = Quarantine::default();
+    // Ids in conntrack that nothing adopted owns: backends removed while no
+    // agent ran, still draining.
+    let owned: BTreeSet<u32> = applied.backend_ids().into_values().collect();
+    quarantine.hold(first.backend_ids.difference(&owned).copied(), 0);
+    let mut agent = Agent {
+        path,
+        clock,
+        datapath,
+        applied,
+        config: config.clone(),
+        engine,
+        telemetry,
+        quarantine,
+        counters: Arc::default(),
+        conntrack_entries: Some(first.entries),
+        reload_failures: 0,
+        write_failures: 0,
+        disagreement: None,
+        ready: false,
+        ticks: TickStats::default(),
+        snapshots,
+        period,
+    };
+    agent.apply(Arc::unwrap_or_clone(config))?;
+    agent.tick();
+    conntrack::spawn(reader, agent.clock, conntrack_inputs, walk)?;
+    agent.ready = true;
+    agent.publish();
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=steering {} service(s) on {} interface(s)",
+        agent.config.services.len(),
+        agent.config.interfaces.len()
+    ));
+    info!(
+        config = %agent.path.display(),
+        services = agent.config.services.len(),
+        interfaces = agent.config.interfaces.len(),
+        metrics = %agent.config.metrics_listen,
+        control = %agent.config.control_socket.display(),
+        "ready"
+    );
+
+    while let Some(input) = inputs.blocking_recv() {
+        match input {
+            Input::Tick => {
+                tick_pending.store(false, Ordering::Release);
+                agent.tick();
+            }
+            Input::Reload => agent.reload(),
+            Input::Verb(req) => {
+                agent.verb(req);
+                continue; // published before answering
+            }
+            Input::Conntrack { started_ms, scan } => agent.walked(started_ms, scan),
+            Input::Stop(why) => {
+                info!("{why}: stopping");
+                break;
+            }
+        }
+        agent.publish();
+    }
+    agent.stop(detach_on_exit)
+}
+
+impl Agent {
+    /// Takes in a (re)loaded configuration that passed validation and the
+    /// release train's rule: rollouts first, then the maps, then the
+    /// attachments, so the first packet an attached program sees finds its
+    /// services at the weights the rollouts want.
+    fn apply(&mut self, config: Config) -> Result<()> {
+        let fixed_at_start = [
+            (
+                "conntrack.connections",
+                config.conntrack_connections != self.config.conntrack_connections,
+            ),
+            (
+                "limits.backends",
+                config.max_backends != self.config.max_backends,
+            ),
+            (
+                "metrics.listen",
+                config.metrics_listen != self.config.metrics_listen,
+            ),
+            (
+                "control.socket",
+                config.control_socket != self.config.control_socket,
+            ),
+            ("state.dir", config.state_dir != self.config.state_dir),
+            ("bpf.pin_dir", config.pin_dir != self.config.pin_dir),
+        ];
+        for (field, changed) in fixed_at_start {
+            if changed {
+                warn!(field, "this setting takes effect when the agent restarts");
+            }
+        }
+        let config = Config {
+            conntrack_connections: self.config.conntrack_connections,
+            max_backends: self.config.max_backends,
+            metrics_listen: self.config.metrics_listen,
+            control_socket: self.config.control_socket.clone(),
+            state_dir: self.config.state_dir.clone(),
+            pin_dir: self.config.pin_dir.clone(),
+            ..config
+        };
+        self.engine.sync(&config, self.clock.now_ms());
+        self.config = Arc::new(config);
+        self.datapath
+            .set_guard(self.config.new_connections_per_second)?;
+        self.reconcile()?;
+        for (name, how) in self.datapath.attach_all(&self.config.interfaces)? {
+            info!(interface = %name, mode = how.name(), "attached");
+        }
+        let overrides = self.engine.overrides();
+        for s in &self.config.services {
+            let weight = overrides.get(&s.name).map_or(s.canary_weight, |o| o.weight);
+            info!(
+                service = %s.name,
+                vip = %s.vip,
+                canary_weight = format!("{}%", weight as f64 / 100.0),
+                stable = s.stable.len(),
+                canary = s.canary.len(),
+                segments = s.segments.len(),
+                rollout = s.rollout.is_some(),
+                "service"
+            );
+        }
+        let names: Vec<String> = self
+            .config
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        self.telemetry
+            .retain_services(|s| names.iter().any(|n| n == s));
+        if self.config.tick != *self.period.borrow() {
+            let _ = self.period.send(self.config.tick);
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel's maps hold what the configuration and the rollouts
+    /// want: reads them back, writes the difference. On failure the kernel
+    /// keeps what it had; the next tick tries again.
+    fn reconcile(&mut self) -> Result<()> {
+        let result = self.try_reconcile();
+        match &result {
+            Ok(()) => {
+                if self.disagreement.take().is_some() {
+                    info!("the kernel holds the wanted data path again");
+                }
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                warn!(
+                    "the kernel does not hold the wanted data path, retrying on the next tick: {why}"
+                );
+                match &mut self.disagreement {
+                    Some((_, last)) => *last = why,
+                    None => self.disagreement = Some((Instant::now(), why)),
+                }
+            }
+        }
+        result
+    }
+
+    fn try_reconcile(&mut self) -> Result<()> {
+        let kernel = self
+            .datapath
+            .read_applied(&self.config)
+            .context("reading back the data path's maps")?;
+        if kernel != self.applied {
+            debug!("the maps differ from what was last written; planning from what they hold");
+            self.applied = kernel;
+        }
+        let plan = plan::plan(
+            &self.applied,
+            &self.config,
+            &self.engine.overrides(),
+            &self.quarantine.held(),
+        )
+        .map_err(|e| anyhow!("planning the map writes: {e}"))?;
+        if !plan.reclaimed.is_empty() {
+            warn!(ids = ?plan.reclaimed, "no free backend id: reusing ids whose conntrack entries may not have drained (raise limits.backends)");
+        }
+        if plan.ops.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.datapath.apply(&plan.ops) {
+            self.write_failures += 1;
+            return Err(e);
+        }
+        let now = unix_ms();
+        let changed: Vec<String> = plan
+            .next
+            .services
+            .iter()
+            .filter(|(vip, s)| {
+                self.applied
+                    .services
+                    .get(vip)
+                    .is_none_or(|o| o.value.canary_weight != s.value.canary_weight)
+            })
+            .map(|(_, s)| s.name.clone())
+            .collect();
+        for s in changed {
+            self.engine.written(&s, now);
+        }
+        self.quarantine
+            .hold_freed(&self.applied, &plan.next, self.clock.now_ms());
+        self.applied = plan.next;
+        Ok(())
+    }
+
+    /// Carries out what the rollouts decided: the weights, then the cuts.
+    fn act(&mut self, decided: &[(String, Vec<Action>)]) -> Result<()> {
+        let result = self.reconcile();
+        for (service, actions) in decided {
+            if actions.contains(&Action::CutCanary) {
+                let id = self
+                    .applied
+                    .services
+                    .values()
+                    .find(|s| &s.name == service)
+                    .map(|s| s.value.id);
+                if let Some(id) = id {
+                    match self.datapath.cut(id, Group::Canary) {
+                        Ok(n) => {
+                            info!(service = %service, connections = n, "cut the canary's connections")
+                        }
+                        Err(e) => {
+                            warn!(service = %service, "cutting the canary's connections: {e:#}")
+                        }
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// Reads the kernel's counters, runs the rollouts on them, reconciles.
+    fn tick(&mut self) {
+        let started = Instant::now();
+        if let Err(e) = self.read() {
+            warn!("reading the kernel's counters: {e:#}");
+        }
+        let decided = self
+            .engine
+            .tick(&self.config, &self.telemetry, self.clock.now_ms());
+        // A failed write is logged, counted and retried by reconcile itself.
+        let _ = self.act(&decided);
+        self.ticks.record(started.elapsed().as_secs_f64());
+    }
+
+    fn read(&mut self) -> Result<()> {
+        let mut reads = Vec::new();
+        for s in self.applied.services.values() {
+            for g in [Group::Stable, Group::Canary] {
+                for (addr, id) in &s.backends[g as usize] {
+                    let key = BackendKey {
+                        service: s.name.clone(),
+                        group: GroupName(g),
+                        addr: *addr,
+                    };
+                    reads.push((*id, key, self.datapath.backend_stats(*id)?));
+                }
+            }
+        }
+        self.counters = Arc::new(
+            self.datapath
+                .counters()?
+                .into_iter()
+                .map(|(ifindex, c, n)| (interface_name(ifindex), c, n))
+                .collect(),
+        );
+        self.telemetry.update(self.clock.now_ns(), reads);
+        Ok(())
+    }
+
+    /// SIGHUP: the file again, validated, held to the release train, applied.
+    fn reload(&mut self) {
+        let loaded = config::load(&self.path, &interface_exists).and_then(|c| {
+            self.engine
+                .admit(&c)
+                .map(|()| c)
+                .map_err(|(field, message)| ConfigError {
+                    file: self.path.display().to_string(),
+                    field,
+                    message,
+                })
+        });
+        match loaded {
+            Ok(c) => match self.apply(c) {
+                Ok(()) => info!(config = %self.path.display(), "config reloaded"),
+                Err(e) => error!("config reload failed while applying: {e:#}"),
+            },
+            Err(e) => {
+                self.reload_failures += 1;
+                error!("config reload rejected, the running configuration stays: {e}");
+            }
+        }
+    }
+
+    /// An operator's verb: decided, applied, published, then answered.
+    fn verb(&mut self, req: VerbRequest) {
+        let now = self.clock.now_ms();
+        let reply = match self
+            .engine
+            .command(&self.config, &req.service, &req.verb, now)
+        {
+            Err(refused) => Err(VerbError::Refused(refused.0)),
+            Ok(actions) => {
+                let applied = self.act(&[(req.service.clone(), actions)]);
+                let s = self.engine.state(&req.service).expect("commanded");
+                let said = format!(
+                    "{} at {}%: {}",
+                    s.phase.name().replace('_', " "),
+                    s.weight as f64 / 100.0,
+                    s.reason
+                );
+                match applied {
+                    Ok(()) => Ok(said),
+                    Err(e) => Err(VerbError::Unapplied(format!(
+                        "{said}; but the kernel does not hold it yet ({e:#}); the agent retries every tick"
+                    ))),
+                }
+            }
+        };
+        self.publish();
+        let _ = req.reply.send(reply);
+    }
+
+    /// A walk of the conntrack table: its size, and the quarantined ids it
+    /// no longer found.
+    fn walked(&mut self, started_ms: u64, scan: Result<ConntrackScan, String>) {
+        match scan {
+            Ok(scan) => {
+                self.conntrack_entries = Some(scan.entries);
+                let released = self
+                    .quarantine
+                    .release_drained(started_ms, &scan.backend_ids);
+                if !released.is_empty() {
+                    debug!(ids = ?released, "backend ids drained: free to be given out again");
+                }
+            }
+            Err(e) => warn!("walking the conntrack table: {e}"),
+        }
+    }
+
+    /// Publishes what the agent knows now.
+    fn publish(&self) {
+        let now = self.clock.now_ms();
+        let rollouts = self
+            .engine
+            .rollouts()
+            .map(|(name, state, critical)| {
+                let until = self
+                    .config
+                    .services
+                    .iter()
+                    .find(|s| s.name == name)
+                    .and_then(|s| s.rollout.as_ref())
+                    .and_then(|spec| state.watched_until_ms(&spec.rollout));
+                (
+                    name.to_string(),
+                    RolloutView {
+                        state: state.clone(),
+                        critical: critical.to_vec(),
+                        watched_for_seconds: until
+                            .filter(|u| *u > now)
+                            .map(|u| (u - now) as f64 / 1e3),
+                    },
+                )
+            })
+            .collect();
+        let kernel_weights: BTreeMap<String, u32> = self
+            .applied
+            .services
+            .values()
+            .map(|s| (s.name.clone(), s.value.canary_weight))
+            .collect();
+        let snapshot = Snapshot {
+            config: self.config.clone(),
+            overrides: self.engine.overrides(),
+            kernel_weights,
+            telemetry: self.telemetry.view().clone(),
+            counters: self.counters.clone(),
+            conntrack_entries: self.conntrack_entries,
+            ready: self.ready,
+            disagreement: self.disagreement.clone(),
+            rollouts,
+            rollout_counts: Arc::new(self.engine.counts.clone()),
+            reload_failures: self.reload_failures,
+            write_failures: self.write_failures,
+            quarantined_ids: self.quarantine.len(),
+            ticks: self.ticks.clone(),
+            at_ms: now,
+            taken: Instant::now(),
+        };
+        self.snapshots.send_replace(Arc::new(snapshot));
+    }
+
+    fn stop(mut self, detach_on_exit: bool) -> Result<ExitCode> {
+        self.ready = false;
+        self.publish();
+        crate::notify::notify("STOPPING=1");
+        self.engine.flush();
+        match self.datapath.counter_totals() {
+            Ok(counters) => {
+                let summary: Vec<String> = counters
+                    .iter()
+                    .map(|(c, n)| format!("{}={n}", c.name()))
+                    .collect();
+                info!(counters = %summary.join(" "), "data path counters");
+            }
+            Err(e) => warn!("reading the data path counters: {e:#}"),
+        }
+        let pins = self.config.pin_dir.clone();
+        if detach_on_exit {
+            self.datapath.uninstall()?;
+        }
+        drop(self);
+        super::stopped(detach_on_exit, &pins);
+        Ok(ExitCode::SUCCESS)
+    }
+}

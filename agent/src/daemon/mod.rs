@@ -1,0 +1,247 @@
+//! `kanari run`: the agent as one loop.
+//!
+//! The loop ([`agent::Agent`]) owns the state — configuration, telemetry,
+//! rollout engine, what the maps hold, the data path — and takes typed
+//! [`Input`]s through one channel: ticks, reloads, operator verbs, walks of
+//! the conntrack table, stop. The pure parts decide (engine, plan); the loop
+//! applies their effects, then publishes an immutable [`Snapshot`] that
+//! `/metrics`, `/healthz` and the control API read.
+//!
+//! Threads: the loop runs on a thread of its own (its bpf system calls and
+//! map walks block); the tokio runtime on the main thread serves HTTP, turns
+//! signals and the tick timer into inputs, and waits for the loop to end.
+//! Nothing on the tick's path waits for a scrape, a socket or a disk (rollout
+//! states are written by the store's own thread, conntrack is counted on
+//! another).
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot, watch},
+};
+use tracing::{error, info};
+
+use crate::{
+    api::{self, VerbRequest},
+    config::{self, Config},
+    datapath::ConntrackScan,
+    snapshot::Snapshot,
+    telemetry::Telemetry,
+};
+
+mod agent;
+mod conntrack;
+
+/// Exit code for a configuration that does not validate.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// What the loop acts on, one at a time.
+pub enum Input {
+    /// Read the kernel's counters, judge, reconcile the maps.
+    Tick,
+    /// SIGHUP: read the configuration file again.
+    Reload,
+    /// An operator's verb, answered once the kernel holds its result.
+    Verb(VerbRequest),
+    /// A walk of the conntrack table that began at `started_ms` (agent clock).
+    Conntrack {
+        started_ms: u64,
+        scan: Result<ConntrackScan, String>,
+    },
+    /// SIGTERM or SIGINT.
+    Stop(&'static str),
+}
+
+/// The agent's monotonic clock: every duration is measured on it, from
+/// when the agent started. Wall-clock steps (NTP) do not move it.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    origin: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether an interface of this name exists in the agent's network namespace.
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated string; the call only reads it.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// The name of an interface index in the agent's network namespace.
+fn interface_name(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("if{index}");
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Runs the agent until SIGTERM or SIGINT; the exit code to end with.
+pub fn run(path: PathBuf, detach_on_exit: bool) -> ExitCode {
+    let config = match config::load(&path, &interface_exists) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(path, config, detach_on_exit)) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The runtime's side: listeners, signals and the tick timer, around the loop's thread.
+async fn serve(path: PathBuf, config: Config, detach_on_exit: bool) -> Result<ExitCode> {
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let config = Arc::new(config);
+    let (inputs, inputs_rx) = mpsc::channel::<Input>(64);
+    let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::starting(
+        config.clone(),
+        Telemetry::new(crate::status::WINDOW_SECONDS).view().clone(),
+    )));
+    let metrics_listener = api::bind_metrics(config.metrics_listen).await?;
+    let control_listener = api::bind_control(&config.control_socket)?;
+    let _socket_file = api::SocketFile(config.control_socket.clone());
+    let (verbs, mut verbs_rx) = mpsc::channel::<VerbRequest>(16);
+    tokio::spawn(
+        axum::serve(metrics_listener, api::metrics_router(snapshots_rx.clone())).into_future(),
+    );
+    tokio::spawn(
+        axum::serve(control_listener, api::control_router(snapshots_rx, verbs)).into_future(),
+    );
+    let to_loop = inputs.clone();
+    tokio::spawn(async move {
+        while let Some(v) = verbs_rx.recv().await {
+            if to_loop.send(Input::Verb(v)).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    // The tick timer: at most one tick waits in the channel, so a verb
+    // never queues behind a backlog of ticks when one ran long.
+    let pending = Arc::new(AtomicBool::new(false));
+    let (period, mut period_rx) = watch::channel(config.tick);
+    let ticker = {
+        let inputs = inputs.clone();
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            let mut every = interval(*period_rx.borrow());
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        if !pending.swap(true, Ordering::AcqRel) && inputs.send(Input::Tick).await.is_err() {
+                            break;
+                        }
+                    }
+                    changed = period_rx.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        every = interval(*period_rx.borrow());
+                    }
+                }
+            }
+        })
+    };
+
+    let (done, mut done_rx) = oneshot::channel();
+    let conntrack_inputs = inputs.clone();
+    std::thread::Builder::new()
+        .name("kanari-loop".into())
+        .spawn(move || {
+            let code = agent::run(agent::Setup {
+                path,
+                config,
+                detach_on_exit,
+                inputs: inputs_rx,
+                conntrack_inputs,
+                snapshots,
+                tick_pending: pending,
+                period,
+            });
+            let _ = done.send(code);
+        })
+        .context("starting the agent's loop")?;
+
+    let code = loop {
+        tokio::select! {
+            _ = hup.recv() => { let _ = inputs.send(Input::Reload).await; }
+            _ = term.recv() => { let _ = inputs.send(Input::Stop("SIGTERM")).await; }
+            _ = int.recv() => { let _ = inputs.send(Input::Stop("SIGINT")).await; }
+            code = &mut done_rx => break code.context("the agent's loop ended without a word")?,
+        }
+    };
+    ticker.abort();
+    code
+}
+
+fn interval(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+/// Logs how the agent ends.
+fn stopped(detached: bool, pins: &std::path::Path) {
+    if detached {
+        info!("stopped; no program left attached");
+    } else {
+        info!(pins = %pins.display(), "stopped; the pinned data path keeps steering (`kanari uninstall` removes it)");
+    }
+}

@@ -1,0 +1,628 @@
+//! The engine, driven as the agent drives it: configurations through
+//! `admit` and `sync`, kernel counters through [`Telemetry`], and
+//! `Engine::tick` every 250 ms of simulated time.
+
+use std::{net::SocketAddrV4, path::PathBuf};
+
+use kanari_common::{
+    hist,
+    http::{CLASS_2XX, CLASS_5XX},
+    maps::BackendStats,
+};
+
+use super::*;
+use crate::{
+    analysis::Verdict,
+    config,
+    telemetry::{BackendKey, GroupName},
+};
+
+const TICK_MS: u64 = 250;
+
+/// SplitMix64, for seeded traffic.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// How a group answers: a share of 5xx and a median time to first byte;
+/// times are spread (x0.5 .. x2, skewed) around the median.
+#[derive(Clone, Copy)]
+struct Model {
+    error_rate: f64,
+    median_ms: f64,
+}
+
+const HEALTHY: Model = Model {
+    error_rate: 0.001,
+    median_ms: 5.0,
+};
+
+const BROKEN: Model = Model {
+    error_rate: 1.0,
+    median_ms: 5.0,
+};
+
+/// The rollout of the simulations: the default steps, 10 s checks, a 60 s
+/// deadline, fixed limits beside the comparison with stable.
+const ROLLOUT: &str = "{steps: [1, 5, 10, 25, 50, 100], interval: 10s, progress_deadline: 60s}\n    analysis: {limits: {max_error_rate: 5, max_latency_p99: 500ms, max_connect_errors_rate: 5}}";
+
+fn config(canary: &str, rollout: &str) -> Config {
+    let text = format!(
+        "interfaces: [{{name: eth0}}]\nservices:\n  - name: web\n    vip: 10.0.0.100:80\n    stable: {{backends: [10.0.2.1:80]}}\n    canary: {{backends: [{canary}]}}\n    segments: [{{cidr: 10.1.5.0/24, group: canary}}]\n    rollout: {rollout}\n  - name: fixed\n    vip: 10.0.0.101:80\n    canary_weight: 5\n    stable: {{backends: [10.0.2.1:81]}}\n    canary: {{backends: [10.0.3.1:81]}}\n"
+    );
+    config::parse("t.yaml", &text, &|_| true).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The web service's stable and canary, with stable and canary revisions.
+fn release(stable: (&str, &str), canary: (&str, &str)) -> Config {
+    let text = format!(
+        "interfaces: [{{name: eth0}}]\nservices:\n  - name: web\n    vip: 10.0.0.100:80\n    stable: {{revision: {}, backends: [{}]}}\n    canary: {{revision: {}, backends: [{}]}}\n    rollout: {{steps: [10, 50, 100], interval: 10s}}\n",
+        stable.0, stable.1, canary.0, canary.1
+    );
+    config::parse("t.yaml", &text, &|_| true).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kanari-engine-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn addr(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+/// One service's traffic through the kernel's counters, the telemetry and
+/// the engine, a tick at a time.
+struct Sim {
+    engine: Engine,
+    telemetry: Telemetry,
+    config: Config,
+    /// Cumulative kernel counters: stable (id 0), canary (id 1).
+    stats: [BackendStats; 2],
+    rng: Rng,
+    now_ms: u64,
+    /// The weights the engine wanted, in order.
+    weights: Vec<u32>,
+    ticks: u64,
+}
+
+impl Sim {
+    fn new(rollout: &str, seed: u64) -> Sim {
+        let config = config("10.0.3.1:80", rollout);
+        let mut engine = Engine::new(Store::none());
+        engine.sync(&config, 0);
+        let mut sim = Sim {
+            weights: vec![engine.overrides()["web"].weight],
+            engine,
+            telemetry: Telemetry::new(10),
+            config,
+            stats: [BackendStats::ZERO; 2],
+            rng: Rng(seed),
+            now_ms: 0,
+            ticks: 0,
+        };
+        sim.read();
+        sim
+    }
+
+    fn weight(&self) -> u32 {
+        self.engine.overrides()["web"].weight
+    }
+
+    fn state(&self) -> &State {
+        self.engine.state("web").unwrap()
+    }
+
+    /// The kernel's counters into the telemetry, as the agent's tick reads them.
+    fn read(&mut self) {
+        let key = |g, a: &str| BackendKey {
+            service: "web".into(),
+            group: GroupName(g),
+            addr: addr(a),
+        };
+        self.telemetry.update(
+            self.now_ms * 1_000_000,
+            vec![
+                (0, key(Group::Stable, "10.0.2.1:80"), vec![self.stats[0]]),
+                (1, key(Group::Canary, "10.0.3.1:80"), vec![self.stats[1]]),
+            ],
+        );
+    }
+
+    fn serve(&mut self, i: usize, m: Model, n: u64) {
+        for _ in 0..n {
+            let fail = self.rng.unit() < m.error_rate;
+            let s = &mut self.stats[i];
+            s.requests[if fail { CLASS_5XX } else { CLASS_2XX }] += 1;
+            s.connections += 1;
+            let ms = m.median_ms * 2f64.powf(2.0 * self.rng.unit() - 1.0);
+            s.ttfb_hist[hist::bucket_index((ms * 1e6) as u64) as usize] += 1;
+            s.ttfb_sum_ns += (ms * 1e6) as u64;
+        }
+    }
+
+    /// 250 ms of traffic at `rps` split by the weight in force, then a tick.
+    fn tick(&mut self, rps: f64, stable: Model, canary: Model) {
+        self.now_ms += TICK_MS;
+        self.ticks += 1;
+        let per_tick = rps * TICK_MS as f64 / 1000.0;
+        let nc = (per_tick * self.weight() as f64 / 10_000.0).round() as u64;
+        let ns = per_tick.round() as u64 - nc;
+        self.serve(0, stable, ns);
+        self.serve(1, canary, nc);
+        self.read();
+        let before = self.weight();
+        self.engine.tick(&self.config, &self.telemetry, self.now_ms);
+        if self.weight() != before {
+            self.weights.push(self.weight());
+        }
+    }
+
+    /// Ticks until the rollout stops progressing or `limit_s` of simulated time.
+    fn run(
+        mut self,
+        rps: f64,
+        stable: Model,
+        canary_at: impl Fn(u64) -> Model,
+        limit_s: u64,
+    ) -> Sim {
+        while self.now_ms < limit_s * 1000 && self.state().phase == Phase::Progressing {
+            let c = canary_at(self.now_ms + TICK_MS);
+            self.tick(rps, stable, c);
+        }
+        self
+    }
+}
+
+#[test]
+fn a_healthy_canary_is_promoted_through_every_step() {
+    let sim = Sim::new(ROLLOUT, 1).run(2000.0, HEALTHY, |_| HEALTHY, 600);
+    assert_eq!(sim.state().phase, Phase::Promoted, "{:?}", sim.state());
+    assert_eq!(
+        sim.weights,
+        vec![100, 500, 1000, 2500, 5000, 10000],
+        "every step, in order"
+    );
+}
+
+#[test]
+fn a_canary_failing_everything_is_rolled_back_by_the_critical_path_on_the_first_tick_with_enough_requests()
+ {
+    // 2,000 rps at 1 %: 5 canary requests a tick; the fault starts after 2 s.
+    let sim = Sim::new(ROLLOUT, 2).run(
+        2000.0,
+        HEALTHY,
+        |t| if t > 2000 { BROKEN } else { HEALTHY },
+        600,
+    );
+    let s = sim.state();
+    assert_eq!(s.phase, Phase::RolledBack);
+    assert_eq!(
+        s.cause,
+        Some(RollbackCause::Critical(Judge::CriticalErrorRate)),
+        "{}",
+        s.reason
+    );
+    assert_eq!(sim.weights.last(), Some(&0));
+    // Ticks 9 and 10 fail (10 requests); with ticks 7 and 8 that is 20
+    // requests, half failed: the 50 % threshold is met on tick 10, 0.5 s in.
+    assert_eq!(
+        sim.ticks,
+        2000 / TICK_MS + 2,
+        "rolled back on the first tick with 20 recent requests, half failed"
+    );
+}
+
+#[test]
+fn a_slower_canary_is_rolled_back_by_the_comparison_while_limits_pass() {
+    let slow = Model {
+        error_rate: 0.001,
+        median_ms: 6.5,
+    }; // 30 % slower at p50
+    let sim = Sim::new(ROLLOUT, 3).run(1000.0, HEALTHY, |_| slow, 600);
+    let s = sim.state();
+    assert_eq!(s.phase, Phase::RolledBack);
+    assert_eq!(
+        s.cause,
+        Some(RollbackCause::Check(Judge::LatencyVsStable)),
+        "{}",
+        s.reason
+    );
+    let fixed: Vec<_> = s
+        .last_check
+        .iter()
+        .filter(|r| matches!(r.judge, Judge::ErrorRate | Judge::LatencyP99))
+        .collect();
+    assert!(
+        fixed.iter().all(|r| r.verdict == Verdict::Pass),
+        "{fixed:#?}"
+    );
+}
+
+#[test]
+fn a_quiet_service_collects_its_window_over_inconclusive_checks() {
+    // 300 rps at 1 %: one canary request a tick (75 x 1 %, rounded), 40 per
+    // 10 s interval, so the window must grow to 30 s to hold min_requests (100).
+    let sim = Sim::new(ROLLOUT, 7).run(300.0, HEALTHY, |_| HEALTHY, 25);
+    assert_eq!(sim.weights, vec![100], "still on the first step");
+    assert_eq!(
+        sim.state().window_since_ms,
+        0,
+        "the window grew over two inconclusive checks"
+    );
+    assert!(matches!(
+        analysis::overall(&sim.state().last_check),
+        Verdict::Inconclusive(_)
+    ));
+    let sim = Sim::new(ROLLOUT, 7).run(300.0, HEALTHY, |_| HEALTHY, 35);
+    assert_eq!(
+        sim.weights,
+        vec![100, 500],
+        "the first step passed once its window held enough"
+    );
+    assert_eq!(sim.state().step_since_ms, 30_000);
+}
+
+#[test]
+fn no_traffic_holds_the_step_then_fails_at_the_deadline() {
+    let sim = Sim::new(ROLLOUT, 4).run(0.0, HEALTHY, |_| HEALTHY, 600);
+    let s = sim.state();
+    assert_eq!(s.phase, Phase::RolledBack);
+    assert_eq!(sim.weights, vec![100, 0], "never raised, then rolled back");
+    assert_eq!(
+        s.cause,
+        Some(RollbackCause::ProgressDeadline),
+        "{}",
+        s.reason
+    );
+    assert_eq!(sim.now_ms, 60_000, "at the deadline");
+    assert!(matches!(
+        analysis::overall(&s.last_check),
+        Verdict::Inconclusive(_)
+    ));
+}
+
+#[test]
+fn a_noisy_but_equal_canary_is_promoted_with_under_1_percent_false_rollbacks() {
+    let noisy = Model {
+        error_rate: 0.02,
+        median_ms: 5.0,
+    };
+    let seeds = 300;
+    let rolled_back = (0..seeds)
+        .filter(|seed| {
+            Sim::new(ROLLOUT, 1000 + seed)
+                .run(2000.0, noisy, |_| noisy, 600)
+                .state()
+                .phase
+                != Phase::Promoted
+        })
+        .count();
+    assert!(
+        rolled_back * 100 < seeds as usize,
+        "{rolled_back} of {seeds} equal canaries rolled back"
+    );
+}
+
+#[test]
+fn a_canary_held_by_hand_is_rolled_back_when_it_fails() {
+    let mut sim = Sim::new(ROLLOUT, 5);
+    for _ in 0..8 {
+        sim.tick(2000.0, HEALTHY, HEALTHY);
+    }
+    let cfg = sim.config.clone();
+    let now = sim.now_ms;
+    sim.engine
+        .command(&cfg, "web", &Verb::SetWeight { basis_points: 5000 }, now)
+        .unwrap();
+    assert_eq!((sim.state().phase, sim.weight()), (Phase::Paused, 5000));
+    for _ in 0..8 {
+        sim.tick(2000.0, HEALTHY, HEALTHY);
+    }
+    assert_eq!(sim.weight(), 5000, "healthy: held");
+    let failing_from = sim.now_ms;
+    while sim.weight() > 0 && sim.now_ms < failing_from + 5000 {
+        sim.tick(2000.0, HEALTHY, BROKEN);
+    }
+    assert_eq!(sim.state().phase, Phase::RolledBack);
+    assert_eq!(
+        sim.now_ms - failing_from,
+        TICK_MS,
+        "500 canary requests a tick: the first failing tick rolls back"
+    );
+}
+
+#[test]
+fn a_promoted_canary_is_watched_then_left_alone() {
+    let rollout = "{steps: [10, 100], interval: 10s, watch_after_promotion: 60s}";
+    let promoted = || {
+        let sim = Sim::new(rollout, 6).run(2000.0, HEALTHY, |_| HEALTHY, 600);
+        assert_eq!(sim.state().phase, Phase::Promoted);
+        sim
+    };
+    // Failing 30 s after its promotion: back to the previous version.
+    let mut sim = promoted();
+    let at = sim.now_ms;
+    while sim.now_ms < at + 30_000 {
+        sim.tick(2000.0, HEALTHY, HEALTHY);
+    }
+    let failing_from = sim.now_ms;
+    while sim.weight() > 0 && sim.now_ms < failing_from + 5000 {
+        sim.tick(2000.0, HEALTHY, BROKEN);
+    }
+    assert_eq!(
+        (sim.state().phase, sim.weight()),
+        (Phase::RolledBack, 0),
+        "{}",
+        sim.state().reason
+    );
+    assert!(sim.now_ms - failing_from <= 1000);
+    // Failing after the watch: it is the release now, and stays.
+    let mut sim = promoted();
+    let at = sim.now_ms;
+    while sim.now_ms < at + 61_000 {
+        sim.tick(2000.0, HEALTHY, HEALTHY);
+    }
+    for _ in 0..20 {
+        sim.tick(2000.0, HEALTHY, BROKEN);
+    }
+    assert_eq!((sim.state().phase, sim.weight()), (Phase::Promoted, 10_000));
+}
+
+#[test]
+fn rollouts_are_persisted_and_resumed_for_the_same_revision_only() {
+    let d = dir("persist");
+    let c = config("10.0.3.1:80", "{steps: [10, 50, 100], interval: 1s}");
+    let mut e = Engine::new(Store::new(&d));
+    e.sync(&c, 1000);
+    let s = e.state("web").unwrap();
+    assert_eq!((s.phase, s.weight), (Phase::Progressing, 1000));
+    assert!(
+        e.state("fixed").is_none(),
+        "a service without rollout has none"
+    );
+    // Another agent resumes what the first persisted.
+    e.flush();
+    let mut saved = e.state("web").unwrap().clone();
+    saved.step = 1;
+    saved.weight = 5000;
+    saved.planned_weight = 5000;
+    std::fs::write(
+        d.join("rollouts/web.json"),
+        serde_json::to_vec(&saved).unwrap(),
+    )
+    .unwrap();
+    let mut again = Engine::new(Store::new(&d));
+    again.sync(&c, 9000);
+    let s = again.state("web").unwrap();
+    assert_eq!(
+        (s.step, s.weight, s.window_since_ms, s.step_since_ms),
+        (1, 5000, 9000, 9000),
+        "same step, its clocks restarted"
+    );
+    // One more canary replica of the same revision: the step stays.
+    again.sync(
+        &config(
+            "10.0.3.1:80, 10.0.3.2:80",
+            "{steps: [10, 50, 100], interval: 1s}",
+        ),
+        9500,
+    );
+    let s = again.state("web").unwrap();
+    assert_eq!((s.phase, s.step, s.weight), (Phase::Progressing, 1, 5000));
+    // A canary on other backends is a new release: it starts over.
+    again.sync(
+        &config("10.0.3.9:80", "{steps: [10, 50, 100], interval: 1s}"),
+        10_000,
+    );
+    let s = again.state("web").unwrap();
+    assert_eq!((s.step, s.weight, s.phase), (0, 1000, Phase::Progressing));
+    assert_eq!(s.revision, "10.0.3.9:80");
+    drop(again);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_named_revision_tells_a_new_build_on_the_same_backends_from_scaling() {
+    let c = |rev: &str, canary: &str| release(("v1", "10.0.2.1:80"), (rev, canary));
+    let mut e = Engine::new(Store::none());
+    e.sync(&c("v2", "10.0.3.1:80"), 0);
+    let cfg = c("v2", "10.0.3.1:80");
+    // Step up once.
+    let mut s = e.state("web").unwrap().clone();
+    s.step = 1;
+    s.weight = 5000;
+    s.planned_weight = 5000;
+    e.services.get_mut("web").unwrap().state = s;
+    e.sync(&c("v2", "10.0.3.1:80, 10.0.3.2:80"), 10);
+    assert_eq!(e.state("web").unwrap().weight, 5000, "scaled");
+    e.sync(&c("v3", "10.0.3.1:80, 10.0.3.2:80"), 20);
+    let s = e.state("web").unwrap();
+    assert_eq!(
+        (s.revision.as_str(), s.weight, s.step),
+        ("v3", 1000, 0),
+        "a new build"
+    );
+    // With a named revision, `rollout start --revision` is refused: the file names it.
+    assert!(
+        e.command(
+            &cfg,
+            "web",
+            &Verb::Start {
+                revision: Some("v9".into())
+            },
+            30
+        )
+        .unwrap_err()
+        .0
+        .contains("canary.revision")
+    );
+}
+
+#[test]
+fn promotion_finalises_the_release_train() {
+    let mut e = Engine::new(Store::none());
+    let v1_v2 = release(("v1", "10.0.2.1:80"), ("v2", "10.0.3.1:80"));
+    e.admit(&v1_v2).unwrap();
+    e.sync(&v1_v2, 0);
+    e.command(&v1_v2, "web", &Verb::Promote, 1000).unwrap();
+    assert_eq!(e.overrides()["web"].weight, 10_000);
+    // v3 judged against v1, 90 % of clients back on v1: refused, state kept.
+    let v1_v3 = release(("v1", "10.0.2.1:80"), ("v3", "10.0.4.1:80"));
+    let (field, message) = e.admit(&v1_v3).unwrap_err();
+    assert_eq!(field, "services[0].stable.backends");
+    assert!(
+        message.contains("canary v2 was promoted")
+            && message.contains("10.0.3.1:80")
+            && message.contains("stable.revision: v2"),
+        "{message}"
+    );
+    // Dropping the canary with v1 still stable: refused too.
+    let mut no_canary = v1_v2.clone();
+    no_canary.services[0].canary.clear();
+    no_canary.services[0].canary_revision = None;
+    assert!(e.admit(&no_canary).is_err());
+    // Scaling the promoted canary is fine.
+    let scaled = release(("v1", "10.0.2.1:80"), ("v2", "10.0.3.1:80, 10.0.3.2:80"));
+    e.admit(&scaled).unwrap();
+    // v2 becomes stable, v3 the canary: accepted; v3 starts at its first step beside v2.
+    let v2_v3 = release(("v2", "10.0.3.1:80"), ("v3", "10.0.4.1:80"));
+    e.admit(&v2_v3).unwrap();
+    e.sync(&v2_v3, 2000);
+    let s = e.state("web").unwrap();
+    assert_eq!(
+        (
+            s.phase,
+            s.weight,
+            s.revision.as_str(),
+            s.stable_revision.as_deref()
+        ),
+        (Phase::Progressing, 1000, "v3", Some("v2"))
+    );
+    // v1 back as stable under the v3 canary (90 % of clients on v1): refused.
+    let (field, message) = e
+        .admit(&release(("v1", "10.0.2.1:80"), ("v3", "10.0.4.1:80")))
+        .unwrap_err();
+    assert_eq!(field, "services[0].stable");
+    assert!(
+        message.contains("stable v1 is older than the version serving now (v2)"),
+        "{message}"
+    );
+    // v2 scaled, or v3 promoted then stable: fine.
+    e.admit(&release(
+        ("v2", "10.0.3.1:80, 10.0.3.2:80"),
+        ("v3", "10.0.4.1:80"),
+    ))
+    .unwrap();
+    // Without names, stable's backends tell: v2's backends as stable pass.
+    let unnamed = |stable: &str, canary: &str| {
+        let mut c = release(("x", stable), ("y", canary));
+        c.services[0].stable_revision = None;
+        c.services[0].canary_revision = None;
+        c
+    };
+    let mut e = Engine::new(Store::none());
+    e.sync(&unnamed("10.0.2.1:80", "10.0.3.1:80"), 0);
+    e.command(
+        &unnamed("10.0.2.1:80", "10.0.3.1:80"),
+        "web",
+        &Verb::Promote,
+        1,
+    )
+    .unwrap();
+    assert!(e.admit(&unnamed("10.0.2.1:80", "10.0.4.1:80")).is_err());
+    e.admit(&unnamed("10.0.3.1:80", "10.0.4.1:80")).unwrap();
+    e.sync(&unnamed("10.0.3.1:80", "10.0.4.1:80"), 2);
+    let (field, _) = e.admit(&unnamed("10.0.2.1:80", "10.0.4.1:80")).unwrap_err();
+    assert_eq!(field, "services[0].stable", "v1's backends as stable again");
+}
+
+#[test]
+fn downtime_does_not_count_towards_the_progress_deadline() {
+    let d = dir("downtime");
+    let rollout = "{steps: [10, 100], interval: 10s, progress_deadline: 60s}";
+    let c = config("10.0.3.1:80", rollout);
+    let mut first = Engine::new(Store::new(&d));
+    first.sync(&c, 0);
+    // 50 s in, the agent stops.
+    let t = Telemetry::new(10);
+    first.tick(&c, &t, 50_000);
+    first.flush();
+    drop(first);
+    // The next agent's clock starts again from 0 (a new process), whatever
+    // the wall clock did meanwhile; 2 x the deadline has passed.
+    let mut next = Engine::new(Store::new(&d));
+    next.sync(&c, 0);
+    next.tick(&c, &t, 250);
+    assert_eq!(next.state("web").unwrap().phase, Phase::Progressing);
+    next.tick(&c, &t, 59_750);
+    assert_eq!(
+        next.state("web").unwrap().phase,
+        Phase::Progressing,
+        "the deadline counts this agent's 60 s"
+    );
+    next.tick(&c, &t, 60_000);
+    assert_eq!(
+        next.state("web").unwrap().cause,
+        Some(RollbackCause::ProgressDeadline)
+    );
+    drop(next);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn overrides_carry_the_rollout_weight_and_segments() {
+    let c = config("10.0.3.1:80", "{steps: [10, 50, 100], interval: 1s}");
+    let mut e = Engine::new(Store::none());
+    e.sync(&c, 0);
+    assert_eq!(
+        e.overrides()["web"],
+        Override {
+            weight: 1000,
+            canary_segments: true
+        }
+    );
+    assert!(
+        !e.overrides().contains_key("fixed"),
+        "fixed services keep their weight"
+    );
+    let actions = e.command(&c, "web", &Verb::Abort, 1).unwrap();
+    assert!(actions.contains(&Action::SetWeight(0)));
+    assert_eq!(
+        e.overrides()["web"],
+        Override {
+            weight: 0,
+            canary_segments: false
+        },
+        "rolled back: the canary segment is off"
+    );
+    assert!(
+        e.command(&c, "fixed", &Verb::Pause, 1)
+            .unwrap_err()
+            .0
+            .contains("no rollout section")
+    );
+    assert!(
+        e.command(&c, "nope", &Verb::Pause, 1)
+            .unwrap_err()
+            .0
+            .contains("no service named nope")
+    );
+    assert_eq!(
+        e.counts.rollbacks.get(&("web".to_string(), "operator")),
+        Some(&1)
+    );
+}
