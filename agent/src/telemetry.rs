@@ -451,6 +451,23 @@ impl Telemetry {
         }
     }
 
+    /// A backend id about to be given to `key`: `baseline` is what its slot
+    /// holds before the kernel can count anything for it, so its first
+    /// requests are counted even when they come before the next read.
+    pub fn expect(&mut self, id: u32, key: BackendKey, baseline: &[BackendStats]) {
+        self.adopted.remove(&id);
+        self.accumulators.insert(id, Accumulator::new(baseline));
+        let group = (key.service.clone(), key.group);
+        self.view.groups.entry(group).or_default();
+        self.view.backends.insert(
+            id,
+            BackendTotals {
+                key,
+                totals: Arc::new(Totals::default()),
+            },
+        );
+    }
+
     /// Marks backend ids whose kernel counts belong to the same backends as
     /// before this agent started (an adopted data path).
     pub fn adopt(&mut self, ids: impl IntoIterator<Item = u32>) {
@@ -631,6 +648,21 @@ mod tests {
         assert_eq!(
             t.group("web", Group::Canary).unwrap().requests[CLASS_5XX],
             12
+        );
+    }
+
+    #[test]
+    fn an_expected_backend_counts_from_its_baseline() {
+        let mut t = Telemetry::new(10);
+        let k = key("web", Group::Canary, 3);
+        // The slot held 7 (an earlier backend's) when the id was given out;
+        // 5 requests came before the first read.
+        t.expect(4, k.clone(), &[stats(|s| s.requests[CLASS_5XX] = 7)]);
+        t.update(0, vec![(4, k, vec![stats(|s| s.requests[CLASS_5XX] = 12)])]);
+        assert_eq!(t.backend(4).unwrap().1.requests[CLASS_5XX], 5);
+        assert_eq!(
+            t.group("web", Group::Canary).unwrap().requests[CLASS_5XX],
+            5
         );
     }
 

@@ -74,11 +74,17 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
 }
 
 impl Agent {
-    /// Starts `kanari run` in `ns` with `yaml` and waits until it is ready.
     /// Starts `kanari run --detach-on-exit` in `ns` with `yaml` and waits
     /// until it is ready: when it stops, nothing of it stays attached.
     pub fn start(ns: &Netns, yaml: &str) -> Result<Agent> {
         let agent = Self::spawn(ns, yaml)?;
+        agent.wait_for("ready", 1)?;
+        Ok(agent)
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_env(ns: &Netns, yaml: &str, env: &[(&str, &Path)]) -> Result<Agent> {
+        let agent = Self::spawn_with(ns, yaml, true, env)?;
         agent.wait_for("ready", 1)?;
         Ok(agent)
     }

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod backend;
 pub mod bench;
 pub mod client;
+pub mod control;
 pub mod flood;
 pub mod frames;
 pub mod load;

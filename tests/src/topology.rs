@@ -182,6 +182,15 @@ impl Topology {
             .expect("a running canary backend")
     }
 
+    /// The server of the backend at `addr`.
+    pub fn server(&self, addr: SocketAddrV4) -> &BackendHandle {
+        self.backends
+            .iter()
+            .find(|b| b.addr == addr)
+            .and_then(|b| b.server.as_ref())
+            .expect("a running backend at that address")
+    }
+
     /// The group a backend address belongs to.
     pub fn group_of(&self, addr: SocketAddrV4) -> Option<Group> {
         self.backends

@@ -311,6 +311,23 @@ impl Agent {
         if plan.ops.is_empty() {
             return Ok(());
         }
+        // New backends' slots, read before the kernel can count for them.
+        let before = self.applied.backend_ids();
+        for (vip, s) in &plan.next.services {
+            for g in [Group::Stable, Group::Canary] {
+                for (addr, id) in &s.backends[g as usize] {
+                    if before.get(&(*vip, g, *addr)) != Some(id) {
+                        let baseline = self.datapath.backend_stats(*id)?;
+                        let key = BackendKey {
+                            service: s.name.clone(),
+                            group: GroupName(g),
+                            addr: *addr,
+                        };
+                        self.telemetry.expect(*id, key, &baseline);
+                    }
+                }
+            }
+        }
         if let Err(e) = self.datapath.apply(&plan.ops) {
             self.write_failures += 1;
             return Err(e);
