@@ -7,15 +7,17 @@
 //!   ConfigMap and the agent's configuration agree with each other;
 //! - the systemd unit passes `systemd-analyze verify` and stays under an
 //!   exposure score; the Dockerfile passes hadolint; the Prometheus configs and
-//!   rules pass promtool;
+//!   rules pass promtool, and each alert fires after its `for:` in promtool's
+//!   unit tests (`deploy/prometheus/rules.test.yml`);
 //! - the agent runs, steers, reloads and adopts a predecessor's pinned data
 //!   path with exactly the capabilities the DaemonSet and the unit grant (and
 //!   fails without any one of them), and makes no system call the unit's
 //!   filter forbids;
 //! - a real Prometheus scrapes an agent whose canary was promoted, started
 //!   again and rolled back, and every PromQL expression of the Grafana dashboard and
-//!   of the alert rules returns data; every alert fires in the scenario made
-//!   for it.
+//!   of the alert rules returns data; every alert is firing in the scenario made
+//!   for it (the rules loaded with a test-only `for: 1s`; their real `for:`
+//!   is promtool's unit tests' to check).
 //!
 //! The static checks run the PyPI tools `cargo xtask test` installs
 //! (`$KANARI_PYTHON_TOOLS`); they fail, never skip, when a tool is missing.
@@ -122,6 +124,15 @@ fn check(what: &str, cmd: &mut Command) -> String {
 }
 
 /// A directory of the test's own, removed when dropped.
+/// Removes a file on every exit path.
+struct RemoveFile(PathBuf);
+
+impl Drop for RemoveFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -489,6 +500,31 @@ fn the_prometheus_configs_and_rules_pass_promtool() {
             .args(["check", "rules"])
             .arg(prometheus.join("rules.yml")),
     );
+    // Every alert is quiet before its `for:` and firing after it, with its
+    // labels and rendered annotations; every alert has such a test.
+    let out = check(
+        "promtool test rules deploy/prometheus/rules.test.yml",
+        Command::new("promtool")
+            .args(["test", "rules"])
+            .arg(prometheus.join("rules.test.yml")),
+    );
+    assert!(out.contains("SUCCESS"), "{out}");
+    let unit = read(&prometheus.join("rules.test.yml"));
+    for group in yaml_file(&prometheus.join("rules.yml"))["groups"]
+        .as_array()
+        .expect("groups")
+    {
+        for rule in group["rules"].as_array().expect("rules") {
+            if let Some(alert) = rule["alert"].as_str() {
+                assert!(
+                    unit.contains(&format!(
+                        "alertname: {alert}\n        exp_alerts:\n          - exp_labels"
+                    )),
+                    "no unit test shows {alert} firing"
+                );
+            }
+        }
+    }
     // Debian's Prometheus is built without Kubernetes discovery: check the pod
     // scrape config with static targets in its place (relabelings, regexes and
     // the rules it loads are checked as they are).
@@ -1341,9 +1377,22 @@ fn every_dashboard_and_alert_expression_returns_data() {
         "connections: 65536",
         "connections: 1024\n  new_per_second: 150",
     );
-    let rules = read(&deploy("prometheus/rules.yml"));
+    // The rules with a test-only `for: 1s`, so each alert reaches `firing`
+    // here; promtool's unit tests hold their real durations.
+    let rules: String = read(&deploy("prometheus/rules.yml"))
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix("for: ") {
+            Some(_) => format!("{}for: 1s\n", &l[..l.len() - l.trim_start().len()]),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    assert!(rules.contains("for: 1s"));
+    let faults = std::env::temp_dir().join(format!("kanari-test-{}-faults", topo.tag));
+    let _ = std::fs::remove_file(&faults);
+    let _faults_cleanup = RemoveFile(faults.clone());
 
-    let agent = Agent::start(&topo.node, &yaml).expect("kanari starts");
+    let agent =
+        Agent::start_env(&topo.node, &yaml, &[("KANARI_FAULTS", &faults)]).expect("kanari starts");
     let prom = TestPrometheus::start(&topo.node, &rules).expect("prometheus starts");
     let node = &topo.node;
     // Prometheus has scraped the counters at their start (the canary's requests,
@@ -1397,7 +1446,9 @@ fn every_dashboard_and_alert_expression_returns_data() {
         "Prometheus loaded every rule: {loaded:?}"
     );
     let down = "KanariAgentDown";
-    for r in loaded.iter().filter(|r| r.name != down) {
+    // Has its own scenario below: map writes failing.
+    let sync = "KanariDatapathOutOfSync";
+    for r in loaded.iter().filter(|r| r.name != down && r.name != sync) {
         exprs.push((format!("rule {}", r.name), r.query.clone()));
     }
     let failures = until_all_return_data(&prom, node, &exprs, 40);
@@ -1422,7 +1473,7 @@ fn every_dashboard_and_alert_expression_returns_data() {
             seen.join("\n")
         );
     }
-    // Every alert but the agent's own is pending or firing, every rule healthy.
+    // Every alert but the agent's own is firing, every rule healthy.
     let deadline = Instant::now() + Duration::from_secs(10);
     let quiet = loop {
         let loaded = prom.rules(node).expect("rules");
@@ -1435,15 +1486,48 @@ fn every_dashboard_and_alert_expression_returns_data() {
         }
         let quiet: Vec<String> = loaded
             .iter()
-            .filter(|r| r.alert && r.name != down && r.state == "inactive")
-            .map(|r| r.name.clone())
+            .filter(|r| r.alert && r.name != down && r.name != sync && r.state != "firing")
+            .map(|r| format!("{} ({})", r.name, r.state))
             .collect();
         if quiet.is_empty() || Instant::now() > deadline {
             break quiet;
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    assert!(quiet.is_empty(), "alerts that did not fire: {quiet:?}");
+    assert!(quiet.is_empty(), "alerts that are not firing: {quiet:?}");
+
+    // Map writes fail: the operator's weight does not reach the kernel, the
+    // agent retries every tick, and KanariDatapathOutOfSync fires.
+    std::fs::write(&faults, "map-writes\n").expect("switch the fault on");
+    let (ok, out) = kanari_tests::control::cli(&agent.socket, &["set-weight", "web", "5"]);
+    assert!(!ok && out.contains("does not hold it yet"), "{out}");
+    let rule = loaded
+        .iter()
+        .find(|r| r.name == sync)
+        .expect("the out-of-sync alert");
+    let failures = until_all_return_data(
+        &prom,
+        node,
+        &[(format!("rule {sync}"), rule.query.clone())],
+        15,
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = prom
+            .rules(node)
+            .expect("rules")
+            .into_iter()
+            .find(|r| r.name == sync)
+            .map(|r| r.state)
+            .unwrap_or_default();
+        if state == "firing" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{sync} did not fire: {state}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    std::fs::remove_file(&faults).expect("switch the fault off");
     eprintln!(
         "{} expressions returned data (dashboard panels, variables and rules); every alert fired",
         exprs.len()
@@ -1472,10 +1556,10 @@ fn every_dashboard_and_alert_expression_returns_data() {
             .find(|r| r.name == down)
             .map(|r| r.state)
             .unwrap_or_default();
-        if state != "inactive" {
+        if state == "firing" {
             break;
         }
-        assert!(Instant::now() < deadline, "{down} did not fire");
+        assert!(Instant::now() < deadline, "{down} did not fire: {state}");
         std::thread::sleep(Duration::from_millis(250));
     }
     eprintln!(

@@ -5,57 +5,17 @@
 //! comparison with stable; the CLI verbs act on a running agent; a killed
 //! agent's successor resumes the rollout at the same step.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use kanari::status::{RolloutStatus, StatusReport};
 use kanari_common::maps::Group;
 use kanari_tests::{
-    agent::{Agent, kanari_bin},
+    agent::Agent,
     client::runtime,
+    control::{cli, rollout, wait_rollout},
     load::{Load, unix_ms},
     netns::require_root,
     topology::{Topology, TopologyOptions, VIP},
 };
-
-fn report(socket: &Path) -> StatusReport {
-    let body = runtime()
-        .block_on(kanari::api::control_get(socket, "/v1/status"))
-        .expect("status");
-    serde_json::from_slice(&body).expect("a status report")
-}
-
-fn rollout(socket: &Path) -> (f64, RolloutStatus) {
-    let r = report(socket);
-    let s = &r.services[0];
-    (
-        s.canary_weight_percent,
-        s.rollout.clone().expect("the service has a rollout"),
-    )
-}
-
-/// Polls the rollout until `done`, failing after `secs`.
-fn wait_rollout(
-    socket: &Path,
-    secs: u64,
-    what: &str,
-    done: impl Fn(f64, &RolloutStatus) -> bool,
-) -> (f64, RolloutStatus) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let (w, r) = rollout(socket);
-        if done(w, &r) {
-            return (w, r);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not reached in {secs} s: weight {w}%, {r:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 struct RemoveOnDrop(std::path::PathBuf);
 
@@ -217,24 +177,6 @@ fn a_slow_canary_is_rolled_back_by_the_comparison_with_stable() {
     );
     eprintln!("slow canary: {}", r.reason);
     agent.stop().expect("kanari stops");
-}
-
-/// Runs a CLI verb against the agent; its exit status and output.
-fn cli(socket: &Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(kanari_bin())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("kanari runs");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[test]
