@@ -232,7 +232,9 @@ impl Agent {
         self.config = Arc::new(config);
         self.datapath
             .set_guard(self.config.new_connections_per_second)?;
-        self.reconcile()?;
+        // A map write that fails is retried every tick (and reported): the
+        // interfaces are attached all the same.
+        let _ = self.reconcile();
         for (name, how) in self.datapath.attach_all(&self.config.interfaces)? {
             info!(interface = %name, mode = how.name(), "attached");
         }
