@@ -538,6 +538,16 @@ impl Datapath {
         Ok(())
     }
 
+    /// The value the services map holds for `key`, if any.
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<Service>> {
+        let m: HashMap<&MapData, ServiceKey, Service> = map(&self.ebpf, names::SERVICES)?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a service"),
+        }
+    }
+
     /// The data-path counters by interface index, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(u32, Counter, u64)>> {
         let m: PerCpuHashMap<&MapData, CounterKey, u64> = map(&self.ebpf, names::COUNTERS)?;

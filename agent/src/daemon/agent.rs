@@ -34,6 +34,21 @@ use crate::{
     telemetry::{BackendKey, GroupName, Telemetry},
 };
 
+/// How much of what the kernel holds a reconcile reads back after writing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Nothing: a verb is answered once its writes are done.
+    None,
+    /// Every service's map value (one lookup each); everything when one
+    /// differs, and at least every [`FULL_CHECK_EVERY`].
+    Cheap,
+    /// Every service, backend set and segment.
+    Full,
+}
+
+/// How often a tick reads back everything the maps hold, at least.
+const FULL_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// What the loop starts from.
 pub(super) struct Setup {
     pub path: PathBuf,
@@ -66,6 +81,8 @@ struct Agent {
     write_failures: u64,
     /// Since when the kernel has not held what is wanted, and the last error.
     disagreement: Option<(Instant, String)>,
+    /// When everything the maps hold was last read back.
+    last_full: Instant,
     ready: bool,
     ticks: TickStats,
     snapshots: watch::Sender<Arc<Snapshot>>,
@@ -142,6 +159,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         reload_failures: 0,
         write_failures: 0,
         disagreement: None,
+        last_full: Instant::now(),
         ready: false,
         ticks: TickStats::default(),
         snapshots,
@@ -234,7 +252,7 @@ impl Agent {
             .set_guard(self.config.new_connections_per_second)?;
         // A map write that fails is retried every tick (and reported): the
         // interfaces are attached all the same.
-        let _ = self.reconcile();
+        let _ = self.reconcile(Check::Full);
         for (name, how) in self.datapath.attach_all(&self.config.interfaces)? {
             info!(interface = %name, mode = how.name(), "attached");
         }
@@ -267,10 +285,11 @@ impl Agent {
     }
 
     /// Makes the kernel's maps hold what the configuration and the rollouts
-    /// want: reads them back, writes the difference. On failure the kernel
-    /// keeps what it had; the next tick tries again.
-    fn reconcile(&mut self) -> Result<()> {
-        let result = self.try_reconcile();
+    /// want: writes the difference from what they are believed to hold, then
+    /// checks what they hold (`check`) and writes again what differs. On
+    /// failure the kernel keeps what it had; the next tick tries again.
+    fn reconcile(&mut self, check: Check) -> Result<()> {
+        let result = self.try_reconcile(check);
         match &result {
             Ok(()) => {
                 if self.disagreement.take().is_some() {
@@ -278,6 +297,7 @@ impl Agent {
                 }
             }
             Err(e) => {
+                self.write_failures += 1;
                 let why = format!("{e:#}");
                 warn!(
                     "the kernel does not hold the wanted data path, retrying on the next tick: {why}"
@@ -291,7 +311,20 @@ impl Agent {
         result
     }
 
-    fn try_reconcile(&mut self) -> Result<()> {
+    fn try_reconcile(&mut self, check: Check) -> Result<()> {
+        // The weights decided now reach the kernel first; checking comes after.
+        let written = self.write_wanted();
+        let full = match check {
+            Check::Full => true,
+            _ if written.is_err() || self.disagreement.is_some() => true,
+            Check::Cheap if self.last_full.elapsed() >= FULL_CHECK_EVERY => true,
+            Check::Cheap => self.services_drifted()?,
+            Check::None => false,
+        };
+        if !full {
+            return written;
+        }
+        self.last_full = Instant::now();
         let kernel = self
             .datapath
             .read_applied(&self.config)
@@ -300,6 +333,22 @@ impl Agent {
             debug!("the maps differ from what was last written; planning from what they hold");
             self.applied = kernel;
         }
+        self.write_wanted()
+    }
+
+    /// Whether a service's map value differs from what was last written (a
+    /// lookup per service: cheap enough for every tick).
+    fn services_drifted(&self) -> Result<bool> {
+        for s in self.applied.services.values() {
+            if self.datapath.service(&s.key)? != Some(s.value) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Plans from what the maps are believed to hold and writes the difference.
+    fn write_wanted(&mut self) -> Result<()> {
         let plan = plan::plan(
             &self.applied,
             &self.config,
@@ -330,10 +379,7 @@ impl Agent {
                 }
             }
         }
-        if let Err(e) = self.datapath.apply(&plan.ops) {
-            self.write_failures += 1;
-            return Err(e);
-        }
+        self.datapath.apply(&plan.ops)?;
         let now = unix_ms();
         let changed: Vec<String> = plan
             .next
@@ -357,8 +403,8 @@ impl Agent {
     }
 
     /// Carries out what the rollouts decided: the weights, then the cuts.
-    fn act(&mut self, decided: &[(String, Vec<Action>)]) -> Result<()> {
-        let result = self.reconcile();
+    fn act(&mut self, decided: &[(String, Vec<Action>)], check: Check) -> Result<()> {
+        let result = self.reconcile(check);
         for (service, actions) in decided {
             if actions.contains(&Action::CutCanary) {
                 let id = self
@@ -392,7 +438,7 @@ impl Agent {
             .engine
             .tick(&self.config, &self.telemetry, self.clock.now_ms());
         // A failed write is logged, counted and retried by reconcile itself.
-        let _ = self.act(&decided);
+        let _ = self.act(&decided, Check::Cheap);
         self.ticks.record(started.elapsed().as_secs_f64());
     }
 
@@ -454,7 +500,8 @@ impl Agent {
         {
             Err(refused) => Err(VerbError::Refused(refused.0)),
             Ok(actions) => {
-                let applied = self.act(&[(req.service.clone(), actions)]);
+                // Answered once written; the next tick checks what the kernel holds.
+                let applied = self.act(&[(req.service.clone(), actions)], Check::None);
                 let s = self.engine.state(&req.service).expect("commanded");
                 let said = format!(
                     "{} at {}%: {}",

@@ -626,3 +626,96 @@ fn overrides_carry_the_rollout_weight_and_segments() {
         Some(&1)
     );
 }
+
+impl Sim {
+    /// Reloads the simulation's service with another rollout section.
+    fn reload(&mut self, rollout: &str) {
+        self.config = config("10.0.3.1:80", rollout);
+        self.engine.admit(&self.config).unwrap();
+        self.engine.sync(&self.config, self.now_ms);
+    }
+
+    fn until(&mut self, t_ms: u64, rps: f64, canary: Model) {
+        while self.now_ms < t_ms {
+            self.tick(rps, HEALTHY, canary);
+        }
+    }
+}
+
+/// A reload mid-rollout, setting by setting: each applies as the README says.
+#[test]
+fn a_changed_analysis_judges_from_the_next_check() {
+    let three_percent = Model {
+        error_rate: 0.03,
+        median_ms: 5.0,
+    };
+    let lenient = "{steps: [10, 50, 100], interval: 10s, checks_per_step: 100, progress_deadline: 1h}\n    analysis: {compare_to_stable: {enabled: false}, limits: {max_error_rate: 5}}";
+    let mut sim = Sim::new(lenient, 8);
+    sim.until(25_000, 2000.0, three_percent);
+    assert_eq!(
+        sim.state().phase,
+        Phase::Progressing,
+        "3 % passes a 5 % limit"
+    );
+    assert_eq!(sim.state().passes, 2);
+    sim.reload(&lenient.replace("max_error_rate: 5", "max_error_rate: 1"));
+    assert_eq!(
+        sim.state().phase,
+        Phase::Progressing,
+        "nothing judged at the reload"
+    );
+    sim.until(31_000, 2000.0, three_percent);
+    let s = sim.state();
+    assert_eq!(
+        (s.phase, s.cause),
+        (
+            Phase::RolledBack,
+            Some(RollbackCause::Check(Judge::ErrorRate))
+        ),
+        "the check at 30 s holds it to 1 %: {}",
+        s.reason
+    );
+}
+
+#[test]
+fn a_changed_deadline_interval_or_watch_applies_at_once() {
+    // progress_deadline: counted from the step's start with the new value.
+    let mut sim = Sim::new(
+        "{steps: [10, 100], interval: 10s, progress_deadline: 60s}",
+        9,
+    );
+    sim.until(20_000, 0.0, HEALTHY);
+    sim.reload("{steps: [10, 100], interval: 10s, progress_deadline: 30s}");
+    sim.until(29_750, 0.0, HEALTHY);
+    assert_eq!(sim.state().phase, Phase::Progressing);
+    sim.until(30_000, 0.0, HEALTHY);
+    assert_eq!(sim.state().cause, Some(RollbackCause::ProgressDeadline));
+
+    // interval: the next check is due an interval after the last one.
+    let mut sim = Sim::new(
+        "{steps: [10, 100], interval: 10s, checks_per_step: 100, progress_deadline: 2h}",
+        10,
+    );
+    sim.until(12_000, 2000.0, HEALTHY);
+    assert_eq!(sim.state().check_since_ms, 10_000, "checked at 10 s");
+    sim.reload("{steps: [10, 100], interval: 30s, checks_per_step: 100, progress_deadline: 2h}");
+    sim.until(39_750, 2000.0, HEALTHY);
+    assert_eq!(sim.state().check_since_ms, 10_000, "no check at 20 or 30 s");
+    sim.until(40_000, 2000.0, HEALTHY);
+    assert_eq!(sim.state().check_since_ms, 40_000, "30 s after the last");
+
+    // watch_after_promotion: a shorter watch ends it now.
+    let mut sim = Sim::new("{steps: [10, 100], interval: 10s}", 11);
+    let cfg = sim.config.clone();
+    sim.engine
+        .command(&cfg, "web", &Verb::Promote, 1000)
+        .unwrap();
+    sim.until(20_000, 2000.0, HEALTHY);
+    sim.reload("{steps: [10, 100], interval: 10s, watch_after_promotion: 10s}");
+    sim.until(25_000, 2000.0, BROKEN);
+    assert_eq!(
+        (sim.state().phase, sim.weight()),
+        (Phase::Promoted, 10_000),
+        "no longer watched: it is the release"
+    );
+}
