@@ -126,7 +126,7 @@ fn rollout_families(view: &Snapshot) -> Vec<MetricFamily> {
     let mut step = Vec::new();
     let mut values = Vec::new();
     let mut limits = Vec::new();
-    for (service, r) in &view.rollouts {
+    for (service, r) in view.rollouts.iter() {
         for p in crate::rollout::Phase::ALL {
             let v = if r.state.phase == p { 1.0 } else { 0.0 };
             phase.push(gauge(&[("service", service), ("phase", p.name())], v));
@@ -231,7 +231,7 @@ pub fn families(view: &Snapshot) -> Vec<MetricFamily> {
     for (_, key, tot) in t.backends() {
         let backend = key.addr.to_string();
         let base = [
-            ("service", key.service.as_str()),
+            ("service", &*key.service),
             ("version", key.group.0.name()),
             ("backend", backend.as_str()),
         ];

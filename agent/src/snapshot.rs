@@ -24,8 +24,8 @@ pub const DISAGREEMENT_GRACE_SECONDS: f64 = 3.0;
 pub struct RolloutView {
     pub state: State,
     pub critical: Vec<JudgeResult>,
-    /// Seconds (from the snapshot) the critical path still watches a promoted canary.
-    pub watched_for_seconds: Option<f64>,
+    /// Until when (agent clock, ms) the critical path watches a promoted canary.
+    pub watched_until_ms: Option<u64>,
 }
 
 /// Durations of the loop's ticks, as a Prometheus histogram.
@@ -72,7 +72,7 @@ pub struct Snapshot {
     /// The canary weight each service's map value holds, as last read back
     /// from the kernel (basis points).
     pub kernel_weights: BTreeMap<String, u32>,
-    pub telemetry: TelemetryView,
+    pub telemetry: Arc<TelemetryView>,
     /// Data-path packet counters by interface name.
     pub counters: Arc<Vec<(String, Counter, u64)>>,
     /// Entries in the conntrack table (both directions), when last counted.
@@ -81,7 +81,8 @@ pub struct Snapshot {
     pub ready: bool,
     /// Since when the kernel has not held what the agent wants, and why.
     pub disagreement: Option<(Instant, String)>,
-    pub rollouts: BTreeMap<String, RolloutView>,
+    /// Rebuilt only when a rollout changed.
+    pub rollouts: Arc<BTreeMap<String, RolloutView>>,
     /// What the rollouts did, for the metrics.
     pub rollout_counts: Arc<Counts>,
     /// Reloads (SIGHUP) whose configuration was rejected.
@@ -98,7 +99,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Before the loop has published anything.
-    pub fn starting(config: Arc<Config>, telemetry: TelemetryView) -> Self {
+    pub fn starting(config: Arc<Config>, telemetry: Arc<TelemetryView>) -> Self {
         Self {
             config,
             overrides: BTreeMap::new(),
@@ -108,7 +109,7 @@ impl Snapshot {
             conntrack_entries: None,
             ready: false,
             disagreement: None,
-            rollouts: BTreeMap::new(),
+            rollouts: Arc::default(),
             rollout_counts: Arc::default(),
             reload_failures: 0,
             write_failures: 0,

@@ -115,7 +115,10 @@ pub fn report(view: &Snapshot) -> StatusReport {
                             .cause
                             .filter(|_| st.phase == crate::rollout::Phase::RolledBack)
                             .map(|c| c.label().to_string()),
-                        watched_for_seconds: r.watched_for_seconds,
+                        watched_for_seconds: r
+                            .watched_until_ms
+                            .filter(|u| *u > view.at_ms)
+                            .map(|u| (u - view.at_ms) as f64 / 1e3),
                         steps_percent: spec
                             .rollout
                             .steps

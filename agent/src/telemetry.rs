@@ -234,9 +234,10 @@ impl Accumulator {
 }
 
 /// Who a backend id belongs to.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendKey {
-    pub service: String,
+    /// Shared by every backend of the service (cheap to clone into snapshots).
+    pub service: Arc<str>,
     pub group: GroupName,
     pub addr: SocketAddrV4,
 }
@@ -306,7 +307,8 @@ impl Recent {
 #[derive(Clone)]
 pub struct TelemetryView {
     backends: BTreeMap<u32, BackendTotals>,
-    groups: BTreeMap<(String, GroupName), GroupState>,
+    /// By service: stable's and canary's (indexed by [`Group`]).
+    groups: BTreeMap<Arc<str>, [GroupState; 2]>,
     /// Longest window kept, in seconds.
     horizon_s: u64,
     now_ns: u64,
@@ -315,13 +317,14 @@ pub struct TelemetryView {
 /// Turns the kernel's reads into [`TelemetryView`]s: per-backend
 /// accumulators, and the recent ticks the critical path sums.
 pub struct Telemetry {
-    view: TelemetryView,
+    /// Shared with the snapshot last published; copied (once) when updated.
+    view: Arc<TelemetryView>,
     accumulators: BTreeMap<u32, Accumulator>,
     /// Ids whose slots an earlier agent filled for the same backends: their
     /// counts are taken whole, so exported counters carry on across restarts.
     adopted: std::collections::BTreeSet<u32>,
     /// What each of the last ticks added per group, the newest last.
-    ticks: BTreeMap<(String, GroupName), VecDeque<(u64, Recent)>>,
+    ticks: BTreeMap<Arc<str>, [VecDeque<(u64, Recent)>; 2]>,
 }
 
 impl std::ops::Deref for Telemetry {
@@ -367,12 +370,12 @@ impl Telemetry {
     /// Keeps windows of up to `horizon_s` seconds.
     pub fn new(horizon_s: u64) -> Self {
         Self {
-            view: TelemetryView {
+            view: Arc::new(TelemetryView {
                 backends: BTreeMap::new(),
                 groups: BTreeMap::new(),
                 horizon_s: horizon_s.max(1),
                 now_ns: 0,
-            },
+            }),
             accumulators: BTreeMap::new(),
             adopted: Default::default(),
             ticks: BTreeMap::new(),
@@ -380,20 +383,20 @@ impl Telemetry {
     }
 
     /// What is published: the totals and windows as of the last read.
-    pub fn view(&self) -> &TelemetryView {
+    pub fn view(&self) -> &Arc<TelemetryView> {
         &self.view
     }
 
     /// Takes one read of the kernel: for each backend id in use, who it
     /// belongs to and its per-CPU values. Ids not in `reads` are forgotten.
     pub fn update(&mut self, now_ns: u64, reads: Vec<(u32, BackendKey, Vec<BackendStats>)>) {
-        let v = &mut self.view;
+        let v = Arc::make_mut(&mut self.view);
         v.now_ns = now_ns;
         let mut backends = BTreeMap::new();
         let mut accumulators = BTreeMap::new();
-        let mut tick: BTreeMap<(String, GroupName), Recent> = BTreeMap::new();
+        let mut tick: BTreeMap<Arc<str>, [Recent; 2]> = BTreeMap::new();
         for (id, key, cur) in reads {
-            let group = (key.service.clone(), key.group);
+            let (service, g) = (key.service.clone(), key.group.0 as usize);
             let known = v.backends.remove(&id);
             let acc = self.accumulators.remove(&id);
             let (acc, totals) = match (known, acc) {
@@ -402,9 +405,9 @@ impl Telemetry {
                     let mut totals = b.totals;
                     if d != Totals::default() {
                         *Arc::make_mut(&mut totals) += &d;
-                        tick.entry(group.clone()).or_default().add(&Recent::of(&d));
-                        let g = v.groups.entry(group).or_default();
-                        *Arc::make_mut(&mut g.totals) += &d;
+                        tick.entry(service.clone()).or_default()[g].add(&Recent::of(&d));
+                        let gs = &mut v.groups.entry(service).or_default()[g];
+                        *Arc::make_mut(&mut gs.totals) += &d;
                     }
                     (acc, totals)
                 }
@@ -412,13 +415,13 @@ impl Telemetry {
                 _ if self.adopted.remove(&id) => {
                     let mut acc = Accumulator::new(&[]);
                     let d = acc.update(&cur);
-                    let g = v.groups.entry(group).or_default();
-                    *Arc::make_mut(&mut g.totals) += &d;
+                    let gs = &mut v.groups.entry(service).or_default()[g];
+                    *Arc::make_mut(&mut gs.totals) += &d;
                     (acc, Arc::new(d))
                 }
                 // New, or the id now names another backend: start from here.
                 _ => {
-                    v.groups.entry(group).or_default();
+                    v.groups.entry(service).or_default();
                     (Accumulator::new(&cur), Arc::new(Totals::default()))
                 }
             };
@@ -428,25 +431,29 @@ impl Telemetry {
         v.backends = backends;
         self.accumulators = accumulators;
         let horizon_ns = v.horizon_s * 1_000_000_000;
-        for (name, g) in v.groups.iter_mut() {
+        for (name, groups) in v.groups.iter_mut() {
             let ticks = self.ticks.entry(name.clone()).or_default();
-            ticks.push_back((now_ns, tick.get(name).copied().unwrap_or_default()));
-            if ticks.len() > RECENT_TICKS {
-                ticks.pop_front();
-            }
-            let due = g
-                .marks
-                .back()
-                .is_none_or(|(at, _)| now_ns >= at + 1_000_000_000);
-            if due {
-                g.marks.push_back((now_ns, g.totals.clone()));
-            }
-            while g.marks.len() > 2
-                && g.marks
-                    .front()
-                    .is_some_and(|(at, _)| at + horizon_ns < now_ns)
-            {
-                g.marks.pop_front();
+            let added = tick.get(name).copied().unwrap_or_default();
+            for (i, g) in groups.iter_mut().enumerate() {
+                let ticks = &mut ticks[i];
+                ticks.push_back((now_ns, added[i]));
+                if ticks.len() > RECENT_TICKS {
+                    ticks.pop_front();
+                }
+                let due = g
+                    .marks
+                    .back()
+                    .is_none_or(|(at, _)| now_ns >= at + 1_000_000_000);
+                if due {
+                    g.marks.push_back((now_ns, g.totals.clone()));
+                }
+                while g.marks.len() > 2
+                    && g.marks
+                        .front()
+                        .is_some_and(|(at, _)| at + horizon_ns < now_ns)
+                {
+                    g.marks.pop_front();
+                }
             }
         }
     }
@@ -457,9 +464,9 @@ impl Telemetry {
     pub fn expect(&mut self, id: u32, key: BackendKey, baseline: &[BackendStats]) {
         self.adopted.remove(&id);
         self.accumulators.insert(id, Accumulator::new(baseline));
-        let group = (key.service.clone(), key.group);
-        self.view.groups.entry(group).or_default();
-        self.view.backends.insert(
+        let v = Arc::make_mut(&mut self.view);
+        v.groups.entry(key.service.clone()).or_default();
+        v.backends.insert(
             id,
             BackendTotals {
                 key,
@@ -476,8 +483,8 @@ impl Telemetry {
 
     /// Forgets groups of services no longer configured.
     pub fn retain_services(&mut self, keep: impl Fn(&str) -> bool) {
-        self.view.groups.retain(|(s, _), _| keep(s));
-        self.ticks.retain(|(s, _), _| keep(s));
+        Arc::make_mut(&mut self.view).groups.retain(|s, _| keep(s));
+        self.ticks.retain(|s, _| keep(s));
     }
 
     /// The most recent ticks since `since_ns`, newest first, summed until
@@ -490,7 +497,7 @@ impl Telemetry {
         since_ns: u64,
         enough: impl Fn(&Recent) -> bool,
     ) -> Option<Recent> {
-        let ticks = self.ticks.get(&(service.to_string(), GroupName(group)))?;
+        let ticks = &self.ticks.get(service)?[group as usize];
         let mut sum = Recent::default();
         for (at, r) in ticks.iter().rev() {
             if *at < since_ns {
@@ -518,8 +525,8 @@ impl TelemetryView {
 
     pub fn group(&self, service: &str, group: Group) -> Option<&Totals> {
         self.groups
-            .get(&(service.to_string(), GroupName(group)))
-            .map(|g| g.totals.as_ref())
+            .get(service)
+            .map(|g| g[group as usize].totals.as_ref())
     }
 
     /// The agent's clock of the last update (ns).
@@ -530,7 +537,7 @@ impl TelemetryView {
     /// The increase over (about) the last `seconds`: from the newest mark at
     /// least that old, or the oldest kept. `None` for an unknown group.
     pub fn window(&self, service: &str, group: Group, seconds: u64) -> Option<Window> {
-        let g = self.groups.get(&(service.to_string(), GroupName(group)))?;
+        let g = &self.groups.get(service)?[group as usize];
         let want = self.now_ns.saturating_sub(seconds * 1_000_000_000);
         let (at, from) = g
             .marks
@@ -557,7 +564,7 @@ mod tests {
 
     fn key(service: &str, group: Group, last: u8) -> BackendKey {
         BackendKey {
-            service: service.into(),
+            service: Arc::from(service),
             group: GroupName(group),
             addr: SocketAddrV4::new([10, 0, 0, last].into(), 80),
         }

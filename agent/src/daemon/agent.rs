@@ -34,6 +34,9 @@ use crate::{
     telemetry::{BackendKey, GroupName, Telemetry},
 };
 
+/// Every rollout as published, by service.
+type Rollouts = Arc<BTreeMap<String, RolloutView>>;
+
 /// How much of what the kernel holds a reconcile reads back after writing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Check {
@@ -83,6 +86,13 @@ struct Agent {
     disagreement: Option<(Instant, String)>,
     /// When everything the maps hold was last read back.
     last_full: Instant,
+    /// The rollouts as last published, and the engine's and configuration's
+    /// generations they were copied at.
+    rollouts: (Option<(u64, u64)>, Rollouts),
+    /// Counts the configurations taken in (each reload adds one).
+    config_generation: u64,
+    /// The configuration (by generation) and overrides the maps last took in full.
+    written_for: Option<(u64, BTreeMap<String, plan::Override>)>,
     ready: bool,
     ticks: TickStats,
     snapshots: watch::Sender<Arc<Snapshot>>,
@@ -160,6 +170,9 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         write_failures: 0,
         disagreement: None,
         last_full: Instant::now(),
+        rollouts: (None, Arc::default()),
+        config_generation: 0,
+        written_for: None,
         ready: false,
         ticks: TickStats::default(),
         snapshots,
@@ -248,6 +261,7 @@ impl Agent {
         };
         self.engine.sync(&config, self.clock.now_ms());
         self.config = Arc::new(config);
+        self.config_generation += 1;
         self.datapath
             .set_guard(self.config.new_connections_per_second)?;
         // A map write that fails is retried every tick (and reported): the
@@ -332,6 +346,7 @@ impl Agent {
         if kernel != self.applied {
             debug!("the maps differ from what was last written; planning from what they hold");
             self.applied = kernel;
+            self.written_for = None;
         }
         self.write_wanted()
     }
@@ -347,12 +362,19 @@ impl Agent {
         Ok(false)
     }
 
-    /// Plans from what the maps are believed to hold and writes the difference.
+    /// Plans from what the maps are believed to hold and writes the
+    /// difference; nothing to plan when neither the configuration nor the
+    /// rollouts' overrides changed since the maps last took them.
     fn write_wanted(&mut self) -> Result<()> {
+        let overrides = self.engine.overrides();
+        let wanted = (self.config_generation, overrides);
+        if self.written_for.as_ref() == Some(&wanted) {
+            return Ok(());
+        }
         let plan = plan::plan(
             &self.applied,
             &self.config,
-            &self.engine.overrides(),
+            &wanted.1,
             &self.quarantine.held(),
         )
         .map_err(|e| anyhow!("planning the map writes: {e}"))?;
@@ -360,6 +382,7 @@ impl Agent {
             warn!(ids = ?plan.reclaimed, "no free backend id: reusing ids whose conntrack entries may not have drained (raise limits.backends)");
         }
         if plan.ops.is_empty() {
+            self.written_for = Some(wanted);
             return Ok(());
         }
         // New backends' slots, read before the kernel can count for them.
@@ -370,7 +393,7 @@ impl Agent {
                     if before.get(&(*vip, g, *addr)) != Some(id) {
                         let baseline = self.datapath.backend_stats(*id)?;
                         let key = BackendKey {
-                            service: s.name.clone(),
+                            service: s.name.as_str().into(),
                             group: GroupName(g),
                             addr: *addr,
                         };
@@ -399,6 +422,7 @@ impl Agent {
         self.quarantine
             .hold_freed(&self.applied, &plan.next, self.clock.now_ms());
         self.applied = plan.next;
+        self.written_for = Some(wanted);
         Ok(())
     }
 
@@ -445,10 +469,11 @@ impl Agent {
     fn read(&mut self) -> Result<()> {
         let mut reads = Vec::new();
         for s in self.applied.services.values() {
+            let name: Arc<str> = s.name.as_str().into();
             for g in [Group::Stable, Group::Canary] {
                 for (addr, id) in &s.backends[g as usize] {
                     let key = BackendKey {
-                        service: s.name.clone(),
+                        service: name.clone(),
                         group: GroupName(g),
                         addr: *addr,
                     };
@@ -538,32 +563,35 @@ impl Agent {
         }
     }
 
-    /// Publishes what the agent knows now.
-    fn publish(&self) {
+    /// Publishes what the agent knows now. What did not change since the
+    /// last snapshot (telemetry between ticks, rollouts between their
+    /// changes) is shared with it, not copied.
+    fn publish(&mut self) {
         let now = self.clock.now_ms();
-        let rollouts = self
-            .engine
-            .rollouts()
-            .map(|(name, state, critical)| {
-                let until = self
-                    .config
-                    .services
-                    .iter()
-                    .find(|s| s.name == name)
-                    .and_then(|s| s.rollout.as_ref())
-                    .and_then(|spec| state.watched_until_ms(&spec.rollout));
-                (
-                    name.to_string(),
-                    RolloutView {
+        let rollouts_at = (self.engine.generation(), self.config_generation);
+        if self.rollouts.0 != Some(rollouts_at) {
+            let specs: BTreeMap<&str, &crate::config::RolloutSpec> = self
+                .config
+                .services
+                .iter()
+                .filter_map(|s| Some((s.name.as_str(), s.rollout.as_ref()?)))
+                .collect();
+            let views = self
+                .engine
+                .rollouts()
+                .map(|(name, state, critical)| {
+                    let view = RolloutView {
                         state: state.clone(),
                         critical: critical.to_vec(),
-                        watched_for_seconds: until
-                            .filter(|u| *u > now)
-                            .map(|u| (u - now) as f64 / 1e3),
-                    },
-                )
-            })
-            .collect();
+                        watched_until_ms: specs
+                            .get(name)
+                            .and_then(|spec| state.watched_until_ms(&spec.rollout)),
+                    };
+                    (name.to_string(), view)
+                })
+                .collect();
+            self.rollouts = (Some(rollouts_at), Arc::new(views));
+        }
         let kernel_weights: BTreeMap<String, u32> = self
             .applied
             .services
@@ -579,7 +607,7 @@ impl Agent {
             conntrack_entries: self.conntrack_entries,
             ready: self.ready,
             disagreement: self.disagreement.clone(),
-            rollouts,
+            rollouts: self.rollouts.1.clone(),
             rollout_counts: Arc::new(self.engine.counts.clone()),
             reload_failures: self.reload_failures,
             write_failures: self.write_failures,

@@ -167,6 +167,9 @@ pub struct Engine {
     store: Store,
     services: BTreeMap<String, Tracked>,
     pub counts: Counts,
+    /// Grows whenever a state or a critical-path result changes, so a
+    /// publisher knows when to copy them again.
+    generation: u64,
 }
 
 impl Engine {
@@ -175,6 +178,7 @@ impl Engine {
             store,
             services: BTreeMap::new(),
             counts: Counts::default(),
+            generation: 0,
         }
     }
 
@@ -184,6 +188,11 @@ impl Engine {
 
     pub fn critical(&self, service: &str) -> &[JudgeResult] {
         self.services.get(service).map_or(&[], |t| &t.critical)
+    }
+
+    /// Changes whenever [`Engine::rollouts`] would show something else.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Every rollout: its service, state and last critical-path results.
@@ -286,8 +295,12 @@ impl Engine {
             .iter()
             .filter(|s| s.rollout.is_some())
             .collect();
+        let before = self.services.len();
         self.services
             .retain(|name, _| wanted.iter().any(|s| &s.name == name));
+        if self.services.len() != before {
+            self.generation += 1;
+        }
         for svc in wanted {
             let cfg = &svc.rollout.as_ref().expect("filtered").rollout;
             let mut events = Vec::new();
@@ -315,6 +328,7 @@ impl Engine {
                         );
                         track_stable(&mut st, svc);
                         info!(service = %svc.name, phase = st.phase.name(), weight = st.weight, revision = %st.revision, "{}", st.reason);
+                        self.generation += 1;
                         self.store.save(&svc.name, &st);
                         self.services.insert(
                             svc.name.clone(),
@@ -378,6 +392,7 @@ impl Engine {
             t.cfg = cfg.clone();
             t.state = next;
             if changed {
+                self.generation += 1;
                 self.store.save(&svc.name, &t.state);
             }
         }
@@ -487,7 +502,10 @@ impl Engine {
             } else {
                 Vec::new()
             };
-            t.critical = critical.clone();
+            if t.critical != critical {
+                t.critical = critical.clone();
+                self.generation += 1;
+            }
             let mut actions = Vec::new();
             let (mut state, a) =
                 machine::step(&t.state, Event::Tick { now_ms, critical }, &spec.rollout)
@@ -519,6 +537,7 @@ impl Engine {
             }
             t.state = state;
             if changed {
+                self.generation += 1;
                 self.store.save(&name, &t.state);
             }
             if !actions.is_empty() {
@@ -578,6 +597,7 @@ impl Engine {
             t.window_start = None;
         }
         t.state = next;
+        self.generation += 1;
         self.store.save(service, &t.state);
         Ok(actions)
     }
@@ -586,6 +606,7 @@ impl Engine {
     pub fn written(&mut self, service: &str, unix_ms: u64) {
         if let Some(t) = self.services.get_mut(service) {
             t.state.weight_written_unix_ms = Some(unix_ms);
+            self.generation += 1;
             self.store.save(service, &t.state);
         }
     }

@@ -415,6 +415,45 @@ fn med_max(xs: &[f64]) -> (f64, f64) {
     )
 }
 
+/// The agent's tick durations from its histogram: the mean, and the bucket
+/// bounds the median and the 99th percentile fall under.
+struct TickFigures {
+    count: u64,
+    mean_ms: f64,
+    median_le_ms: String,
+    p99_le_ms: String,
+}
+
+impl TickFigures {
+    fn of(metrics: &str) -> TickFigures {
+        let sum = crate::control::sum(metrics, "kanari_tick_duration_seconds_sum", &[]);
+        let count = crate::control::sum(metrics, "kanari_tick_duration_seconds_count", &[]);
+        let buckets: Vec<(String, f64)> = metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("kanari_tick_duration_seconds_bucket{le=\""))
+            .filter_map(|l| {
+                let (le, rest) = l.split_once('"')?;
+                Some((le.to_string(), rest.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect();
+        let under = |q: f64| {
+            buckets.iter().find(|(_, n)| *n >= q * count).map_or(
+                "?".to_string(),
+                |(le, _)| match le.parse::<f64>() {
+                    Ok(s) => format!("{}", s * 1e3),
+                    Err(_) => le.clone(),
+                },
+            )
+        };
+        TickFigures {
+            count: count as u64,
+            mean_ms: if count > 0.0 { sum / count * 1e3 } else { 0.0 },
+            median_le_ms: under(0.5),
+            p99_le_ms: under(0.99),
+        }
+    }
+}
+
 fn services(ctx: &Ctx) -> Result<Part> {
     let n: u32 = ctx.pick(1000, 100);
     let per_group = 8;
@@ -493,6 +532,9 @@ fn services(ctx: &Ctx) -> Result<Part> {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(control);
+    // The agent's own tick durations over the whole run (kanari_tick_duration_seconds).
+    let metrics = crate::control::scrape(&ns);
+    let tick = TickFigures::of(&metrics);
     let stopped = agent.stop()?;
     if !stopped.status.success() {
         bail!("the agent exited with {}", stopped.status);
@@ -532,6 +574,13 @@ fn services(ctx: &Ctx) -> Result<Part> {
                 format!("{ack_med:.2} / {ack_max:.2} ms"),
             ],
             vec![
+                "agent tick (kanari_tick_duration_seconds): mean; median and p99 at most".into(),
+                format!(
+                    "{:.1} ms over {} ticks; ≤ {} / ≤ {} ms",
+                    tick.mean_ms, tick.count, tick.median_le_ms, tick.p99_le_ms
+                ),
+            ],
+            vec![
                 "map memory (memlock)".into(),
                 map_mem
                     .iter()
@@ -557,6 +606,10 @@ fn services(ctx: &Ctx) -> Result<Part> {
             "update_to_map_ms_max": map_max,
             "update_to_answer_ms_median": ack_med,
             "update_to_answer_ms_max": ack_max,
+            "tick_mean_ms": tick.mean_ms,
+            "ticks": tick.count,
+            "tick_median_le_ms": tick.median_le_ms,
+            "tick_p99_le_ms": tick.p99_le_ms,
             "map_memlock_bytes": map_mem,
         }),
         charts: Vec::new(),
