@@ -1343,6 +1343,37 @@ fn until_all_return_data(
     }
 }
 
+/// Waits until the expression of alert `name` returns data, then until the
+/// alert is firing.
+fn fires_alone(prom: &TestPrometheus, ns: &Netns, loaded: &[LoadedRule], name: &str) {
+    let rule = loaded
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no rule {name}"));
+    let failures = until_all_return_data(
+        prom,
+        ns,
+        &[(format!("rule {name}"), rule.query.clone())],
+        15,
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = prom
+            .rules(ns)
+            .expect("rules")
+            .into_iter()
+            .find(|r| r.name == name)
+            .map(|r| r.state)
+            .unwrap_or_default();
+        if state == "firing" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} did not fire: {state}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn every_dashboard_and_alert_expression_returns_data() {
     if !require_root() {
@@ -1501,32 +1532,7 @@ fn every_dashboard_and_alert_expression_returns_data() {
     std::fs::write(&faults, "map-writes\n").expect("switch the fault on");
     let (ok, out) = kanari_tests::control::cli(&agent.socket, &["set-weight", "web", "5"]);
     assert!(!ok && out.contains("does not hold it yet"), "{out}");
-    let rule = loaded
-        .iter()
-        .find(|r| r.name == sync)
-        .expect("the out-of-sync alert");
-    let failures = until_all_return_data(
-        &prom,
-        node,
-        &[(format!("rule {sync}"), rule.query.clone())],
-        15,
-    );
-    assert!(failures.is_empty(), "{failures:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = prom
-            .rules(node)
-            .expect("rules")
-            .into_iter()
-            .find(|r| r.name == sync)
-            .map(|r| r.state)
-            .unwrap_or_default();
-        if state == "firing" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{sync} did not fire: {state}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    fires_alone(&prom, node, &loaded, sync);
     std::fs::remove_file(&faults).expect("switch the fault off");
     eprintln!(
         "{} expressions returned data (dashboard panels, variables and rules); every alert fired",
@@ -1536,32 +1542,7 @@ fn every_dashboard_and_alert_expression_returns_data() {
     // The agent stops: `up` is 0 and KanariAgentDown fires.
     drop(load);
     agent.stop().expect("kanari stops");
-    let rule = loaded
-        .iter()
-        .find(|r| r.name == down)
-        .expect("the agent-down alert");
-    let failures = until_all_return_data(
-        &prom,
-        node,
-        &[(format!("rule {down}"), rule.query.clone())],
-        15,
-    );
-    assert!(failures.is_empty(), "{failures:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = prom
-            .rules(node)
-            .expect("rules")
-            .into_iter()
-            .find(|r| r.name == down)
-            .map(|r| r.state)
-            .unwrap_or_default();
-        if state == "firing" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{down} did not fire: {state}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    fires_alone(&prom, node, &loaded, down);
     eprintln!(
         "{down} fired after the agent stopped; the test took {:.1} s",
         started.elapsed().as_secs_f64()

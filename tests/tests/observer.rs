@@ -7,7 +7,7 @@
 //! `kanari status` must show it.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -15,7 +15,7 @@ use kanari_common::{hist, maps::Group};
 use kanari_tests::{
     agent::{Agent, kanari_bin},
     backend::BackendHandle,
-    client::{Conn, get_once, http_get, run_all, run_bounded, runtime},
+    client::{Conn, get_once, run_all, run_bounded, runtime},
     netns::require_root,
     prometheus::Prometheus,
     topology::{Topology, TopologyOptions, VIP, client_addr},
@@ -25,27 +25,7 @@ const METRICS: &str = "127.0.0.1:9477";
 
 /// The agent's /metrics, fetched inside the node namespace.
 fn scrape(topo: &Topology) -> String {
-    let addr: SocketAddr = METRICS.parse().unwrap();
-    let (status, body) = topo
-        .node
-        .run_in(|| runtime().block_on(http_get(addr, "/metrics")))
-        .unwrap()
-        .expect("GET /metrics");
-    assert_eq!(status, 200);
-    body
-}
-
-/// Sum of the samples of `name` whose labels include all of `labels`.
-fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
+    kanari_tests::control::scrape(&topo.node)
 }
 
 /// Polls /metrics until `done` holds (the agent reads the kernel every 250 ms).
@@ -63,6 +43,8 @@ fn scrape_until(topo: &Topology, what: &str, done: impl Fn(&str) -> bool) -> Str
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+use kanari_tests::control::sum;
 
 fn requests_of(text: &str, backend: &str) -> f64 {
     sum(text, "kanari_requests_total", &[("backend", backend)])
