@@ -134,18 +134,33 @@ pub fn check(
     http: bool,
 ) -> Vec<JudgeResult> {
     let mut out = Vec::new();
-    let canary_n = if http {
-        canary.http_responses()
-    } else {
-        canary.requests()
-    };
+    // Every exchange counts, failed ones included: a canary that resets or
+    // hangs instead of answering has fewer answers, not fewer failures.
+    let canary_n = canary.exchanges(http);
+    // A service behind `protocol: http` whose answers carry no HTTP/1 status
+    // line (TLS, h2c, a WebSocket) cannot be judged on its error rate.
+    let other = canary.requests[kanari_common::http::CLASS_OTHER];
+    let not_http = (http && other * 2 > canary.http_responses()).then(|| {
+        format!(
+            "{} of {} canary answers are not HTTP/1 status lines (TLS, h2c, WebSocket?): \
+             its error rate cannot be judged; use protocol: tcp",
+            other,
+            canary.http_responses()
+        )
+    });
     let few =
         |n: u64, who: &str| format!("{n} {who} requests, fewer than min_requests {min_requests}");
     let limits = &analysis.limits;
 
-    let mut fixed = |judge: Judge, value: Option<f64>, limit: f64, show: fn(f64) -> String| {
+    // `blocked`: why the judge cannot say anything of this window.
+    let mut fixed = |judge: Judge,
+                     value: Option<f64>,
+                     limit: f64,
+                     show: fn(f64) -> String,
+                     blocked: Option<&String>| {
         let verdict = match value {
             _ if canary_n < min_requests => Verdict::Inconclusive(few(canary_n, "canary")),
+            _ if blocked.is_some() => Verdict::Inconclusive(blocked.cloned().unwrap_or_default()),
             None => Verdict::Inconclusive("no samples".into()),
             Some(v) if v > limit => Verdict::Fail(format!(
                 "{} {} above the limit {}",
@@ -157,10 +172,9 @@ pub fn check(
         };
         out.push(result(judge, verdict, value, Some(limit)));
     };
-    if let Some(limit) = limits.max_error_rate.filter(|_| http) {
-        let v = (canary.http_responses() > 0)
-            .then(|| canary.errors_5xx() as f64 / canary.http_responses() as f64);
-        fixed(Judge::ErrorRate, v, limit, pct);
+    if let Some(limit) = limits.max_error_rate {
+        let v = (canary_n > 0).then(|| canary.failures() as f64 / canary_n as f64);
+        fixed(Judge::ErrorRate, v, limit, pct, not_http.as_ref());
     }
     if let Some(limit) = limits.max_latency_p99 {
         fixed(
@@ -168,6 +182,7 @@ pub fn check(
             canary.ttfb.quantile_ns(0.99).map(|n| n / 1e9),
             limit.as_secs_f64(),
             ms,
+            None,
         );
     }
     if let Some(limit) = limits.max_latency_p50 {
@@ -176,12 +191,19 @@ pub fn check(
             canary.ttfb.quantile_ns(0.5).map(|n| n / 1e9),
             limit.as_secs_f64(),
             ms,
+            None,
         );
     }
     if let Some(limit) = limits.max_connect_errors_rate {
-        let v = (canary.connections > 0)
-            .then(|| (canary.refused + canary.unanswered) as f64 / canary.connections as f64);
+        // Failed attempts, not retransmitted SYNs: at most 100 %.
+        let v = (canary.connections > 0).then(|| {
+            canary.connect_failures().min(canary.connections) as f64 / canary.connections as f64
+        });
         let verdict = match v {
+            _ if canary.connections < min_requests => Verdict::Inconclusive(format!(
+                "{} canary connections, fewer than min_requests {min_requests}",
+                canary.connections
+            )),
             None => Verdict::Inconclusive("no connections".into()),
             Some(v) if v > limit => Verdict::Fail(format!(
                 "connect errors {} above the limit {}",
@@ -197,11 +219,7 @@ pub fn check(
         return out;
     };
     let z_crit = stats::normal_quantile(cmp.confidence);
-    let stable_n = if http {
-        stable.http_responses()
-    } else {
-        stable.requests()
-    };
+    let stable_n = stable.exchanges(http);
     let too_few = if canary_n < min_requests {
         Some(few(canary_n, "canary"))
     } else if stable_n < min_requests {
@@ -209,17 +227,17 @@ pub fn check(
     } else {
         None
     };
-    if let Some(delta) = cmp.max_error_rate_increase.filter(|_| http) {
+    if let Some(delta) = cmp.max_error_rate_increase {
         let (pc, ps) = (
-            canary.errors_5xx() as f64 / canary.http_responses().max(1) as f64,
-            stable.errors_5xx() as f64 / stable.http_responses().max(1) as f64,
+            canary.failures() as f64 / canary_n.max(1) as f64,
+            stable.failures() as f64 / stable_n.max(1) as f64,
         );
-        let verdict = match &too_few {
-            Some(why) => Verdict::Inconclusive(why.clone()),
-            None => {
+        let verdict = match (&too_few, &not_http) {
+            (Some(why), _) | (None, Some(why)) => Verdict::Inconclusive(why.clone()),
+            (None, None) => {
                 let z = stats::proportion_excess_z(
-                    (canary.errors_5xx(), canary.http_responses()),
-                    (stable.errors_5xx(), stable.http_responses()),
+                    (canary.failures(), canary_n),
+                    (stable.failures(), stable_n),
                     delta,
                 );
                 if z > z_crit {
@@ -384,6 +402,8 @@ pub(crate) mod tests {
                 connect_error_rate: Some(0.5),
                 min_requests: 20,
             },
+            request_timeout: Duration::from_secs(10),
+            warmup: Duration::ZERO,
         }
     }
 
@@ -561,17 +581,81 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn tcp_services_skip_error_judges() {
-        let rs = check(
-            &analysis(),
-            10,
-            &totals(1000, 0, 2_000_000),
-            &totals(1000, 0, 2_000_000),
-            false,
+    fn resets_and_timeouts_are_failures() {
+        // 1,000 answered fine; 200 reset after accept, 100 never answered.
+        let mut canary = totals(1000, 0, 2_000_000);
+        canary.resets = 200;
+        canary.timeouts = 100;
+        let stable = totals(9000, 9, 2_000_000);
+        for http in [true, false] {
+            let rs = check(&analysis(), 100, &canary, &stable, http);
+            let e = rs.iter().find(|r| r.judge == Judge::ErrorRate).unwrap();
+            assert!(matches!(e.verdict, Verdict::Fail(_)), "http {http}: {e:?}");
+            assert_eq!(e.value, Some(300.0 / 1300.0), "failed of all exchanges");
+            assert!(
+                matches!(verdict_of(&rs, Judge::ErrorRateVsStable), Verdict::Fail(_)),
+                "http {http}: {rs:#?}"
+            );
+        }
+        // The critical path counts them too.
+        let recent = Recent::of(&canary);
+        assert_eq!((recent.requests, recent.errors), (1300, 300));
+        let c = Critical {
+            error_rate: Some(0.2),
+            ..analysis().critical
+        };
+        assert!(matches!(
+            critical(&c, Some(recent), None)[0].verdict,
+            Verdict::Fail(_)
+        ));
+    }
+
+    #[test]
+    fn connect_errors_count_failed_attempts_and_need_enough_of_them() {
+        // 200 attempts, retransmitted (unanswered) 300 times, all connected in the end.
+        let mut canary = totals(200, 0, 2_000_000);
+        canary.unanswered = 300;
+        let stable = totals(2000, 0, 2_000_000);
+        let rs = check(&analysis(), 100, &canary, &stable, true);
+        let ce = rs.iter().find(|r| r.judge == Judge::ConnectErrors).unwrap();
+        assert_eq!(
+            (&ce.verdict, ce.value),
+            (&Verdict::Pass, Some(0.0)),
+            "{ce:?}"
         );
-        assert!(
-            rs.iter()
-                .all(|r| !matches!(r.judge, Judge::ErrorRate | Judge::ErrorRateVsStable))
-        );
+        // Refused and finally failed attempts fail; at most 100 %.
+        canary.refused = 150;
+        canary.connect_timeouts = 50;
+        let rs = check(&analysis(), 100, &canary, &stable, true);
+        let ce = rs.iter().find(|r| r.judge == Judge::ConnectErrors).unwrap();
+        assert!(matches!(ce.verdict, Verdict::Fail(_)), "{ce:?}");
+        assert_eq!(ce.value, Some(1.0));
+        assert_eq!(Recent::of(&canary).connect_errors, 200);
+        // One refusal among 5 attempts is not enough to judge (min_requests 100).
+        let mut few = totals(5, 0, 2_000_000);
+        few.refused = 1;
+        let rs = check(&analysis(), 100, &few, &stable, true);
+        assert!(matches!(
+            verdict_of(&rs, Judge::ConnectErrors),
+            Verdict::Inconclusive(_)
+        ));
+    }
+
+    #[test]
+    fn answers_that_are_mostly_not_http_are_inconclusive() {
+        // TLS, h2c or a WebSocket behind protocol: http: no status line.
+        let mut canary = totals(10, 0, 2_000_000);
+        canary.requests[kanari_common::http::CLASS_OTHER] = 990;
+        let stable = totals(9000, 0, 2_000_000);
+        let rs = check(&analysis(), 100, &canary, &stable, true);
+        for j in [Judge::ErrorRate, Judge::ErrorRateVsStable] {
+            match verdict_of(&rs, j) {
+                Verdict::Inconclusive(why) => {
+                    assert!(why.contains("not HTTP/1"), "{why}")
+                }
+                v => panic!("{j:?}: {v:?}"),
+            }
+        }
+        assert!(matches!(overall(&rs), Verdict::Inconclusive(_)));
     }
 }

@@ -738,17 +738,66 @@ pub struct ConntrackScan {
     pub entries: u64,
     /// The backend ids the entries carry.
     pub backend_ids: std::collections::BTreeSet<u32>,
+    /// When the walk began, on the kernel's monotonic clock (the one the
+    /// entries' times are on).
+    pub at_ns: u64,
+    /// Requests and connection attempts still unanswered, older than the
+    /// walk was asked about.
+    pub pending: Vec<Pending>,
+}
+
+/// A request, or a connection attempt, a backend has not answered yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pending {
+    pub backend_id: u32,
+    /// The connection (its forward entry's key).
+    pub flow: FlowKey,
+    /// When it began (kernel monotonic ns): the request's first payload, or the SYN.
+    pub since_ns: u64,
+    /// A connection attempt (no SYN-ACK yet), not a request.
+    pub connect: bool,
+}
+
+/// The kernel's monotonic clock (`bpf_ktime_get_ns`), in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl ConntrackReader {
-    /// Walks the whole table: how many entries it holds and which backend
-    /// ids they carry.
-    pub fn scan(&self) -> Result<ConntrackScan> {
+    /// Walks the whole table: how many entries it holds, which backend ids
+    /// they carry, and what has waited for an answer at least `pending_ns`.
+    pub fn scan(&self, pending_ns: u64) -> Result<ConntrackScan> {
         use std::os::fd::AsFd as _;
-        let mut out = ConntrackScan::default();
+        let at_ns = monotonic_ns();
+        let mut out = ConntrackScan {
+            at_ns,
+            ..ConntrackScan::default()
+        };
+        let old = |since: u64| since != 0 && at_ns.saturating_sub(since) >= pending_ns;
         scan_lru(self.fd.as_fd(), |keys, values| {
             out.entries += keys.len() as u64;
-            out.backend_ids.extend(values.iter().map(|v| v.backend_id));
+            for (k, v) in keys.iter().zip(values) {
+                out.backend_ids.insert(v.backend_id);
+                if v.kind != kanari_common::maps::CT_FORWARD {
+                    continue;
+                }
+                for (since, connect) in [(v.syn_ns, true), (v.req_ns, false)] {
+                    if old(since) {
+                        out.pending.push(Pending {
+                            backend_id: v.backend_id,
+                            flow: *k,
+                            since_ns: since,
+                            connect,
+                        });
+                    }
+                }
+            }
         })?;
         Ok(out)
     }

@@ -246,6 +246,8 @@ pub fn families(view: &Snapshot) -> Vec<MetricFamily> {
             ("reset", tot.resets),
             ("refused", tot.refused),
             ("unanswered", tot.unanswered),
+            ("timeout", tot.timeouts),
+            ("connect_timeout", tot.connect_timeouts),
         ] {
             tcp_errors.push(counter(&[base[0], base[1], base[2], ("kind", kind)], v));
         }
@@ -303,7 +305,7 @@ pub fn families(view: &Snapshot) -> Vec<MetricFamily> {
         ),
         family(
             "kanari_tcp_errors_total",
-            "TCP failures by kind: reset (RST on an established connection), refused (RST answering a SYN), unanswered (SYN retried).",
+            "TCP failures by kind: reset (RST on an established connection), refused (RST answering a SYN), unanswered (a connection attempt whose SYN was sent again, once per attempt), timeout (a request unanswered past analysis.request_timeout), connect_timeout (an attempt never answered within it).",
             MetricType::COUNTER,
             tcp_errors,
         ),

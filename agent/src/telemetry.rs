@@ -107,7 +107,14 @@ pub struct Totals {
     pub connect_sum_ns: u64,
     pub resets: u64,
     pub refused: u64,
+    /// Connection attempts whose SYN was sent again (they may still succeed).
     pub unanswered: u64,
+    /// Requests left unanswered longer than `analysis.request_timeout`
+    /// (seen in conntrack while they hang; each counted once).
+    pub timeouts: u64,
+    /// Connection attempts left without a SYN-ACK longer than the request
+    /// timeout: attempts that failed in the end.
+    pub connect_timeouts: u64,
     /// Exchanges by class (`kanari_common::http::CLASS_*`).
     pub requests: [u64; CLASSES],
     pub ttfb_sum_ns: u64,
@@ -125,6 +132,8 @@ impl AddAssign<&Totals> for Totals {
         self.resets += d.resets;
         self.refused += d.refused;
         self.unanswered += d.unanswered;
+        self.timeouts += d.timeouts;
+        self.connect_timeouts += d.connect_timeouts;
         for i in 0..CLASSES {
             self.requests[i] += d.requests[i];
         }
@@ -154,6 +163,8 @@ impl Sub for &Totals {
             resets: self.resets.saturating_sub(o.resets),
             refused: self.refused.saturating_sub(o.refused),
             unanswered: self.unanswered.saturating_sub(o.unanswered),
+            timeouts: self.timeouts.saturating_sub(o.timeouts),
+            connect_timeouts: self.connect_timeouts.saturating_sub(o.connect_timeouts),
             requests,
             ttfb_sum_ns: self.ttfb_sum_ns.saturating_sub(o.ttfb_sum_ns),
             bytes: pair(self.bytes, o.bytes),
@@ -179,9 +190,30 @@ impl Totals {
         self.requests[CLASS_5XX]
     }
 
-    /// TCP-level failures: resets, refusals, unanswered SYNs.
+    /// Exchanges that ended one way or another: answered (with a status for
+    /// HTTP, any answer for TCP), reset by the backend, or timed out.
+    pub fn exchanges(&self, http: bool) -> u64 {
+        let answered = if http {
+            self.http_responses()
+        } else {
+            self.requests()
+        };
+        answered + self.resets + self.timeouts
+    }
+
+    /// Exchanges that failed: 5xx answers, resets, timeouts.
+    pub fn failures(&self) -> u64 {
+        self.errors_5xx() + self.resets + self.timeouts
+    }
+
+    /// Connection attempts that failed: refused, or never answered.
+    pub fn connect_failures(&self) -> u64 {
+        self.refused + self.connect_timeouts
+    }
+
+    /// TCP-level failures: resets, refusals, unanswered SYNs, timeouts.
     pub fn tcp_errors(&self) -> u64 {
-        self.resets + self.refused + self.unanswered
+        self.resets + self.refused + self.unanswered + self.timeouts + self.connect_timeouts
     }
 }
 
@@ -274,22 +306,22 @@ const RECENT_TICKS: usize = 64;
 /// Counts the critical path judges, summed over recent ticks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Recent {
-    /// HTTP responses (or exchanges, for TCP services).
+    /// Exchanges: answers, resets, timeouts.
     pub requests: u64,
-    /// 5xx responses.
+    /// Failed exchanges: 5xx answers, resets, timeouts.
     pub errors: u64,
     pub connections: u64,
-    /// Refused or unanswered connections.
+    /// Failed connection attempts: refused, or never answered.
     pub connect_errors: u64,
 }
 
 impl Recent {
-    fn of(d: &Totals) -> Recent {
+    pub fn of(d: &Totals) -> Recent {
         Recent {
-            requests: d.requests(),
-            errors: d.errors_5xx(),
+            requests: d.requests() + d.resets + d.timeouts,
+            errors: d.failures(),
             connections: d.connections,
-            connect_errors: d.refused + d.unanswered,
+            connect_errors: d.connect_failures(),
         }
     }
 
@@ -473,6 +505,30 @@ impl Telemetry {
                 totals: Arc::new(Totals::default()),
             },
         );
+    }
+
+    /// Adds failures the kernel's counters cannot see, found by walking
+    /// conntrack: requests and connection attempts of backend `id` left
+    /// unanswered past their timeout. They count in the backend's and its
+    /// group's totals, and in the newest tick for the critical path.
+    pub fn add_timeouts(&mut self, id: u32, requests: u64, connects: u64) {
+        let v = Arc::make_mut(&mut self.view);
+        let Some(b) = v.backends.get_mut(&id) else {
+            return;
+        };
+        let d = Totals {
+            timeouts: requests,
+            connect_timeouts: connects,
+            ..Totals::default()
+        };
+        *Arc::make_mut(&mut b.totals) += &d;
+        let (service, g) = (b.key.service.clone(), b.key.group.0 as usize);
+        if let Some(groups) = v.groups.get_mut(&service) {
+            *Arc::make_mut(&mut groups[g].totals) += &d;
+        }
+        if let Some(last) = self.ticks.get_mut(&service).and_then(|t| t[g].back_mut()) {
+            last.1.add(&Recent::of(&d));
+        }
     }
 
     /// Marks backend ids whose kernel counts belong to the same backends as

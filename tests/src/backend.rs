@@ -35,6 +35,9 @@ pub struct Behavior {
     delay_us: AtomicU64,
     /// Reset every connection (RST) after reading its first request.
     reset: AtomicBool,
+    /// Accept every connection and read its request, never answer (a
+    /// deadlocked worker); the connection closes when the client gives up.
+    hang: AtomicBool,
     /// Seed of the error decisions.
     pub seed: u64,
 }
@@ -46,6 +49,7 @@ impl Behavior {
             error_ppm: AtomicU32::new(0),
             delay_us: AtomicU64::new(0),
             reset: AtomicBool::new(false),
+            hang: AtomicBool::new(false),
             seed: 1,
         })
     }
@@ -65,6 +69,11 @@ impl Behavior {
     /// Resets every new connection after its first request instead of answering.
     pub fn set_reset(&self, on: bool) {
         self.reset.store(on, Ordering::SeqCst);
+    }
+
+    /// Accepts every new connection and never answers it.
+    pub fn set_hang(&self, on: bool) {
+        self.hang.store(on, Ordering::SeqCst);
     }
 
     fn error_rate(&self) -> f64 {
@@ -131,6 +140,10 @@ pub async fn serve(
             tokio::spawn(reset_after_request(stream, stats));
             continue;
         }
+        if behavior.hang.load(Ordering::SeqCst) {
+            tokio::spawn(hang(stream, shutdown.clone()));
+            continue;
+        }
         tokio::spawn(async move {
             let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
                 let (b, stats) = (behavior.clone(), stats.clone());
@@ -187,6 +200,25 @@ async fn reset_after_request(mut stream: tokio::net::TcpStream, stats: Arc<Stats
         stats.resets.fetch_add(1, Ordering::SeqCst);
     }
     drop(stream);
+}
+
+/// Reads whatever comes and never answers, until the client closes, a
+/// minute passes, or the backend stops.
+async fn hang(mut stream: tokio::net::TcpStream, mut shutdown: watch::Receiver<bool>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = read => {}
+        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        _ = shutdown.changed() => {}
+    }
 }
 
 /// A backend serving on a thread inside a namespace; stops when dropped.

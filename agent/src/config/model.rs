@@ -235,6 +235,10 @@ pub struct Analysis {
     pub limits: Limits,
     pub compare: Option<Compare>,
     pub critical: Critical,
+    /// A request unanswered this long is a failure (a timeout).
+    pub request_timeout: Duration,
+    /// After each weight change, data counts only after this long.
+    pub warmup: Duration,
 }
 
 pub const DEFAULT_STEPS: [u32; 6] = [1, 5, 10, 25, 50, 100];

@@ -345,6 +345,8 @@ pub(super) struct RawRollout {
 pub(super) struct RawAnalysis {
     #[serde(default)]
     pub(super) limits: RawAnalysisLimits,
+    pub(super) request_timeout: Option<DurationField>,
+    pub(super) warmup: Option<DurationField>,
     pub(super) compare_to_stable: Option<RawCompare>,
     #[serde(default)]
     pub(super) critical: RawCritical,

@@ -25,6 +25,8 @@
 //!     max_latency_increase: 20     # percent of stable's median, Mann-Whitney U test
 //!     min_latency_increase: 1ms    # and at least this much (a smaller slowdown passes)
 //!     confidence: 0.99        # 0.9 to 0.9999
+//!   request_timeout: 10s      # a request unanswered this long is a failure (1s to 10m)
+//!   warmup: 0s                # after each weight change, data counts only after this
 //!   critical:                 # every tick: roll back at once
 //!     error_rate: 50          # percent (1 to 100), over at least min_requests (5 or more)
 //!     connect_error_rate: 50
@@ -45,7 +47,6 @@ use super::{
 pub(super) struct ServiceFacts {
     pub has_canary_backends: bool,
     pub canary_segments: usize,
-    pub http: bool,
 }
 
 /// Validates the two sections; `at` turns a field into its full path.
@@ -189,10 +190,27 @@ pub(super) fn validate(
     }
 
     let l = analysis.limits;
-    if !facts.http && (l.max_error_rate.is_some() || analysis.critical.error_rate.is_some()) {
+    let request_timeout = analysis
+        .request_timeout
+        .map_or(DEFAULT_REQUEST_TIMEOUT, |d| d.0);
+    if !(MIN_REQUEST_TIMEOUT..=MAX_REQUEST_TIMEOUT).contains(&request_timeout) {
         return err(
-            at("analysis"),
-            "error rates need HTTP status codes: this service has protocol: tcp",
+            at("analysis.request_timeout"),
+            format!(
+                "must be {} to {}: a request unanswered that long is a failure",
+                humantime::format_duration(MIN_REQUEST_TIMEOUT),
+                humantime::format_duration(MAX_REQUEST_TIMEOUT)
+            ),
+        );
+    }
+    let warmup = analysis.warmup.map_or(Duration::ZERO, |d| d.0);
+    if warmup >= interval {
+        return err(
+            at("analysis.warmup"),
+            format!(
+                "must be shorter than rollout.interval ({}): data counts only after it",
+                humantime::format_duration(interval)
+            ),
         );
     }
     // Every field not written keeps its default: writing one field changes that one.
@@ -211,10 +229,10 @@ pub(super) fn validate(
             );
         }
         Some(Compare {
-            max_error_rate_increase: facts.http.then(|| {
+            max_error_rate_increase: Some(
                 c.max_error_rate_increase
-                    .map_or(DEFAULT_MAX_ERROR_RATE_INCREASE, PercentField::fraction)
-            }),
+                    .map_or(DEFAULT_MAX_ERROR_RATE_INCREASE, PercentField::fraction),
+            ),
             max_latency_increase: Some(
                 c.max_latency_increase
                     .map_or(DEFAULT_MAX_LATENCY_INCREASE, |i| i.0),
@@ -256,10 +274,7 @@ pub(super) fn validate(
         );
     }
     let critical = Critical {
-        error_rate: match facts.http {
-            true => Some(rate("error_rate", analysis.critical.error_rate)?),
-            false => None,
-        },
+        error_rate: Some(rate("error_rate", analysis.critical.error_rate)?),
         connect_error_rate: Some(rate(
             "connect_error_rate",
             analysis.critical.connect_error_rate,
@@ -301,9 +316,16 @@ pub(super) fn validate(
             limits,
             compare,
             critical,
+            request_timeout,
+            warmup,
         },
     ))
 }
+
+/// `analysis.request_timeout` by default and its bounds.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// `rollout.min_requests` by default, and its least safe value.
 pub const DEFAULT_MIN_REQUESTS: u64 = 100;

@@ -450,10 +450,17 @@ fn bad_inputs_name_the_field_and_the_fix() {
         ),
         (
             svc(
-                "    protocol: tcp\n    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {limits: {max_error_rate: 1}}\n",
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {request_timeout: 100ms}\n",
             ),
-            "services[0].analysis",
-            "protocol: tcp",
+            "services[0].analysis.request_timeout",
+            "must be 1s to 10m",
+        ),
+        (
+            svc(
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {interval: 10s}\n    analysis: {warmup: 10s}\n",
+            ),
+            "services[0].analysis.warmup",
+            "shorter than rollout.interval (10s)",
         ),
         (
             svc("    canary: {backends: [10.0.3.1:80]}\n    rollout: {on_rollback: kill}\n"),

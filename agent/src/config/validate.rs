@@ -10,7 +10,7 @@ use kanari_common::maps::{
 use super::{
     Cidr, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR, FieldError, Interface,
     MAX_CONNTRACK_CONNECTIONS, MAX_LIMIT_BACKENDS, MAX_TICK, MIN_CONNTRACK_CONNECTIONS, MIN_TICK,
-    Protocol, RolloutSpec, SegmentRule, Service, err, raw::RawConfig, rollout,
+    RolloutSpec, SegmentRule, Service, err, raw::RawConfig, rollout,
 };
 
 /// The salt of a service without one in the file: FNV-1a of its name, so a
@@ -343,7 +343,6 @@ pub(super) fn validate(
                 let facts = rollout::ServiceFacts {
                     has_canary_backends: !canary.is_empty(),
                     canary_segments: segments.iter().filter(|r| r.group == Group::Canary).count(),
-                    http: s.protocol == Protocol::Http,
                 };
                 let (rollout, analysis) =
                     rollout::validate(r, s.analysis.unwrap_or_default(), &facts, &at)?;

@@ -19,6 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 use kanari_common::maps::Group;
+use std::{collections::HashSet, sync::atomic::AtomicU64};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
@@ -26,13 +27,21 @@ use super::{Clock, EXIT_CONFIG, Input, conntrack, interface_exists, interface_na
 use crate::{
     api::{VerbError, VerbRequest, unix_ms},
     config::{self, Config, ConfigError},
-    datapath::{ConntrackScan, Datapath, LoadOptions},
+    config::{DEFAULT_REQUEST_TIMEOUT, Service},
+    datapath::{ConntrackScan, Datapath, LoadOptions, Pending},
     pins::Pins,
     plan::{self, Applied, Quarantine},
     rollout::{Action, Engine, Store},
     snapshot::{RolloutView, Snapshot, TickStats},
     telemetry::{BackendKey, GroupName, Telemetry},
 };
+
+/// A service's request timeout: its analysis's, or the default.
+fn request_timeout(s: &Service) -> Duration {
+    s.rollout
+        .as_ref()
+        .map_or(DEFAULT_REQUEST_TIMEOUT, |r| r.analysis.request_timeout)
+}
 
 /// Every rollout as published, by service.
 type Rollouts = Arc<BTreeMap<String, RolloutView>>;
@@ -89,6 +98,11 @@ struct Agent {
     /// The rollouts as last published, and the engine's and configuration's
     /// generations they were copied at.
     rollouts: (Option<(u64, u64)>, Rollouts),
+    /// The shortest request timeout of the services (ns), for the conntrack walks.
+    pending_after: Arc<AtomicU64>,
+    /// Requests and attempts already counted as timed out (until the walks
+    /// no longer see them).
+    timed_out: HashSet<Pending>,
     /// Counts the configurations taken in (each reload adds one).
     config_generation: u64,
     /// The configuration (by generation) and overrides the maps last took in full.
@@ -148,7 +162,8 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     );
     let reader = datapath.conntrack_reader()?;
     let walked = Instant::now();
-    let first = reader.scan()?;
+    // Nothing is pending yet for this agent: the first walk counts sizes and ids.
+    let first = reader.scan(u64::MAX)?;
     let walk = walked.elapsed();
     let mut quarantine = Quarantine::default();
     // Ids in conntrack that nothing adopted owns: backends removed while no
@@ -171,6 +186,8 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         disagreement: None,
         last_full: Instant::now(),
         rollouts: (None, Arc::default()),
+        pending_after: Arc::new(AtomicU64::new(u64::MAX)),
+        timed_out: HashSet::new(),
         config_generation: 0,
         written_for: None,
         ready: false,
@@ -180,7 +197,13 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     };
     agent.apply(Arc::unwrap_or_clone(config))?;
     agent.tick();
-    conntrack::spawn(reader, agent.clock, conntrack_inputs, walk)?;
+    conntrack::spawn(
+        reader,
+        agent.clock,
+        conntrack_inputs,
+        walk,
+        agent.pending_after.clone(),
+    )?;
     agent.ready = true;
     agent.publish();
     crate::notify::notify(&format!(
@@ -262,6 +285,15 @@ impl Agent {
         self.engine.sync(&config, self.clock.now_ms());
         self.config = Arc::new(config);
         self.config_generation += 1;
+        let shortest = self
+            .config
+            .services
+            .iter()
+            .map(request_timeout)
+            .min()
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+        self.pending_after
+            .store(shortest.as_nanos() as u64, Ordering::Relaxed);
         self.datapath
             .set_guard(self.config.new_connections_per_second)?;
         // A map write that fails is retried every tick (and reported): the
@@ -552,6 +584,7 @@ impl Agent {
         match scan {
             Ok(scan) => {
                 self.conntrack_entries = Some(scan.entries);
+                self.count_timeouts(&scan);
                 let released = self
                     .quarantine
                     .release_drained(started_ms, &scan.backend_ids);
@@ -560,6 +593,47 @@ impl Agent {
                 }
             }
             Err(e) => warn!("walking the conntrack table: {e}"),
+        }
+    }
+
+    /// Counts, once each, the requests and connection attempts the walk found
+    /// unanswered past their service's `analysis.request_timeout`.
+    fn count_timeouts(&mut self, scan: &ConntrackScan) {
+        let timeouts: BTreeMap<u32, u64> = self
+            .applied
+            .services
+            .values()
+            .flat_map(|s| {
+                let t = self
+                    .config
+                    .services
+                    .iter()
+                    .find(|c| c.name == s.name)
+                    .map_or(DEFAULT_REQUEST_TIMEOUT, request_timeout)
+                    .as_nanos() as u64;
+                s.backends.iter().flatten().map(move |(_, id)| (*id, t))
+            })
+            .collect();
+        let mut counted: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for p in &scan.pending {
+            let Some(t) = timeouts.get(&p.backend_id) else {
+                continue;
+            };
+            if scan.at_ns.saturating_sub(p.since_ns) >= *t && self.timed_out.insert(*p) {
+                let c = counted.entry(p.backend_id).or_default();
+                if p.connect {
+                    c.1 += 1;
+                } else {
+                    c.0 += 1;
+                }
+            }
+        }
+        // Those the walk no longer sees were answered, reset or evicted.
+        let seen: HashSet<&Pending> = scan.pending.iter().collect();
+        self.timed_out.retain(|p| seen.contains(p));
+        for (id, (requests, connects)) in counted {
+            debug!(backend_id = id, requests, connects, "timed out");
+            self.telemetry.add_timeouts(id, requests, connects);
         }
     }
 

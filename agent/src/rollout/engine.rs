@@ -483,22 +483,22 @@ impl Engine {
             let http = svc.protocol == Protocol::Http;
             let totals = |g| telemetry.group(&name, g).cloned().unwrap_or_default();
             let t = self.services.get_mut(&name).expect("listed");
-            if t.window_start.is_none() {
+            // After a weight change, data counts once the warm-up is over.
+            let warmup_ms = spec.analysis.warmup.as_millis() as u64;
+            let warm = |s: &State| now_ms >= s.step_since_ms + warmup_ms;
+            if t.window_start.is_none() && warm(&t.state) {
                 t.window_start = Some((totals(Group::Stable), totals(Group::Canary)));
             }
             let critical = if t.state.watched(now_ms, &spec.rollout) {
-                // Only what the canary did since its weight was set counts.
-                let since_ns = t.state.step_since_ms * 1_000_000;
+                // Only what the canary did since its weight was set (and
+                // warmed up) counts.
+                let since_ns = (t.state.step_since_ms + warmup_ms) * 1_000_000;
                 let min = spec.analysis.critical.min_requests;
                 let requests =
                     telemetry.recent(&name, Group::Canary, since_ns, |r| r.requests >= min);
                 let connections =
                     telemetry.recent(&name, Group::Canary, since_ns, |r| r.connections >= min);
-                analysis::critical(
-                    &spec.analysis.critical,
-                    requests.filter(|_| http),
-                    connections,
-                )
+                analysis::critical(&spec.analysis.critical, requests, connections)
             } else {
                 Vec::new()
             };
@@ -511,8 +511,12 @@ impl Engine {
                 machine::step(&t.state, Event::Tick { now_ms, critical }, &spec.rollout)
                     .expect("ticks are never refused");
             actions.extend(a);
-            if state.check_due(now_ms, &spec.rollout) {
-                let (s0, c0) = t.window_start.clone().unwrap_or_default();
+            // No window yet: still warming up (warmup < interval, so rare).
+            if let Some((s0, c0)) = t
+                .window_start
+                .clone()
+                .filter(|_| state.check_due(now_ms, &spec.rollout))
+            {
                 let canary = &totals(Group::Canary) - &c0;
                 let stable = &totals(Group::Stable) - &s0;
                 let results = analysis::check(
@@ -533,7 +537,8 @@ impl Engine {
             self.record(&name, &state, &actions);
             let t = self.services.get_mut(&name).expect("listed");
             if window_moved {
-                t.window_start = Some((totals(Group::Stable), totals(Group::Canary)));
+                t.window_start =
+                    warm(&state).then(|| (totals(Group::Stable), totals(Group::Canary)));
             }
             t.state = state;
             if changed {

@@ -201,6 +201,8 @@ pub const CT_REVERSE: u8 = 2;
 
 /// `CtEntry::flags`: the connection's service speaks HTTP/1.x.
 pub const CT_F_HTTP: u8 = 1 << 0;
+/// The pending SYN was sent again: `unanswered` counted for this attempt.
+pub const CT_F_RETRIED: u8 = 1 << 1;
 
 /// Value of `KN_CT_V1`.
 ///
@@ -279,7 +281,8 @@ pub struct BackendStats {
     pub resets: u64,
     /// RSTs from the backend answering a SYN.
     pub refused: u64,
-    /// SYNs sent again by the client because the backend did not answer.
+    /// Connection attempts whose SYN the client sent again because the
+    /// backend did not answer (once per attempt, however often it is sent).
     pub unanswered: u64,
     /// Exchanges by class (`http::CLASS_*`).
     pub requests: [u64; CLASSES],

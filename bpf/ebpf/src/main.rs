@@ -15,7 +15,8 @@
 //!
 //! The observer rides on the same packets, per backend, in per-CPU counters:
 //! connections and connect time (SYN forwarded -> SYN-ACK back), refused
-//! (RST answering a SYN), resets, unanswered SYNs (the client retried), and
+//! (RST answering a SYN), resets, unanswered attempts (the client sent its SYN
+//! again; counted once per attempt), and
 //! per request: time to first byte (the client's first payload after the last
 //! response -> the backend's first payload) and, for HTTP, the status class
 //! of that answer. Its per-connection state is in the forward conntrack entry.
@@ -40,11 +41,12 @@ use kanari_common::{
     csum, hash, hist,
     http::{self, STATUS_LINE_LEN, StatusParse},
     maps::{
-        BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, CT_F_HTTP, CT_FORWARD, CT_REVERSE,
-        Counter, CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS, DEFAULT_MAX_BACKENDS,
-        FROM_BACKEND, FlowKey, Group, MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS,
-        MAX_SERVICES, SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS, Segment,
-        SegmentKey, Service, ServiceKey, Settings, TO_BACKEND, admit,
+        BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, CT_F_HTTP, CT_F_RETRIED, CT_FORWARD,
+        CT_REVERSE, Counter, CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS,
+        DEFAULT_MAX_BACKENDS, FROM_BACKEND, FlowKey, Group, MAX_BACKENDS_PER_GROUP,
+        MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES, SERVICE_F_CONNECTION_AFFINITY,
+        SERVICE_F_HTTP, SERVICE_F_SEGMENTS, Segment, SegmentKey, Service, ServiceKey, Settings,
+        TO_BACKEND, admit,
     },
     select,
     wire::{
@@ -237,7 +239,11 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
             let _ = CONNTRACK.remove(FlowKey::new(e.addr, p.saddr, e.port, p.sport));
         }
         if e.kind == CT_FORWARD && (!syn || e.syn_ns != 0) {
-            let retried = syn;
+            // A SYN again before any SYN-ACK: one unanswered attempt, counted once.
+            let retried = syn && e.flags & CT_F_RETRIED == 0;
+            if retried {
+                e.flags |= CT_F_RETRIED;
+            }
             if !syn && p.payload_len() > 0 && e.req_ns == 0 && e.status_pos == 0 {
                 e.req_ns = now_ns();
             }

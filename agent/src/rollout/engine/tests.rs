@@ -719,3 +719,31 @@ fn a_changed_deadline_interval_or_watch_applies_at_once() {
         "no longer watched: it is the release"
     );
 }
+
+#[test]
+fn a_warm_up_keeps_the_first_seconds_after_each_weight_change_out() {
+    // A canary that fails for 1.5 s after each weight change (a cold cache),
+    // then is healthy.
+    let run = |rollout: &str| {
+        let mut sim = Sim::new(rollout, 12);
+        while sim.now_ms < 600_000 && sim.state().phase == Phase::Progressing {
+            let cold = sim.now_ms + TICK_MS - sim.state().step_since_ms <= 1500;
+            sim.tick(2000.0, HEALTHY, if cold { BROKEN } else { HEALTHY });
+        }
+        sim
+    };
+    let without = run("{steps: [10, 50, 100], interval: 10s}");
+    assert_eq!(
+        without.state().cause,
+        Some(RollbackCause::Critical(Judge::CriticalErrorRate)),
+        "the cold start counts without a warm-up"
+    );
+    let with = run("{steps: [10, 50, 100], interval: 10s}\n    analysis: {warmup: 2s}");
+    assert_eq!(
+        with.state().phase,
+        Phase::Promoted,
+        "{}",
+        with.state().reason
+    );
+    assert_eq!(with.weights, vec![1000, 5000, 10_000]);
+}
