@@ -77,6 +77,24 @@ impl Histogram {
     pub fn quantile_bucket(&self, q: f64) -> Option<u32> {
         self.quantile_ns(q).map(|ns| hist::bucket_index(ns as u64))
     }
+
+    /// How many samples are slower than `ns`: the buckets above it whole,
+    /// and of the bucket holding it the share above `ns` (samples taken as
+    /// spread evenly within a bucket, as the quantiles take them).
+    pub fn count_above(&self, ns: f64) -> f64 {
+        let i = hist::bucket_index(ns.max(0.0) as u64) as usize;
+        let above: u64 = self.0.iter().skip(i + 1).sum();
+        let (lo, hi) = (
+            hist::bucket_lower_ns(i as u32) as f64,
+            hist::bucket_upper_ns(i as u32),
+        );
+        let within = if hi == u64::MAX {
+            0.0
+        } else {
+            ((hi as f64 - ns) / (hi as f64 - lo)).clamp(0.0, 1.0)
+        };
+        above as f64 + within * self.0[i] as f64
+    }
 }
 
 impl AddAssign<&Histogram> for Histogram {
@@ -300,8 +318,8 @@ struct GroupState {
     marks: VecDeque<(u64, Arc<Totals>)>,
 }
 
-/// Ticks of history kept for the critical path.
-const RECENT_TICKS: usize = 64;
+/// Ticks of history kept for the critical path at least, whatever their age.
+const RECENT_TICKS: usize = 4;
 
 /// Counts the critical path judges, summed over recent ticks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -357,6 +375,8 @@ pub struct Telemetry {
     adopted: std::collections::BTreeSet<u32>,
     /// What each of the last ticks added per group, the newest last.
     ticks: BTreeMap<Arc<str>, [VecDeque<(u64, Recent)>; 2]>,
+    /// How long ticks are kept for the critical path (its longest window).
+    recent_ns: u64,
 }
 
 impl std::ops::Deref for Telemetry {
@@ -411,7 +431,13 @@ impl Telemetry {
             accumulators: BTreeMap::new(),
             adopted: Default::default(),
             ticks: BTreeMap::new(),
+            recent_ns: 10_000_000_000,
         }
+    }
+
+    /// Keeps the ticks of the last `ns` for the critical path.
+    pub fn keep_recent(&mut self, ns: u64) {
+        self.recent_ns = ns;
     }
 
     /// What is published: the totals and windows as of the last read.
@@ -469,7 +495,11 @@ impl Telemetry {
             for (i, g) in groups.iter_mut().enumerate() {
                 let ticks = &mut ticks[i];
                 ticks.push_back((now_ns, added[i]));
-                if ticks.len() > RECENT_TICKS {
+                while ticks.len() > RECENT_TICKS
+                    && ticks
+                        .front()
+                        .is_some_and(|(at, _)| at + self.recent_ns < now_ns)
+                {
                     ticks.pop_front();
                 }
                 let due = g
@@ -541,6 +571,35 @@ impl Telemetry {
     pub fn retain_services(&mut self, keep: impl Fn(&str) -> bool) {
         Arc::make_mut(&mut self.view).groups.retain(|s, _| keep(s));
         self.ticks.retain(|s, _| keep(s));
+    }
+
+    /// The canary's and stable's most recent ticks since `since_ns` and
+    /// within the last `window_ns`, newest first, summed until `enough` says
+    /// so of the canary's (or the window ends): the shortest recent stretch
+    /// that holds enough to judge, and what stable did over the same ticks.
+    pub fn recent_pair(
+        &self,
+        service: &str,
+        since_ns: u64,
+        window_ns: u64,
+        enough: impl Fn(&Recent) -> bool,
+    ) -> Option<(Recent, Recent)> {
+        let ticks = self.ticks.get(service)?;
+        let from = since_ns.max(self.view.now_ns.saturating_sub(window_ns));
+        let (mut c, mut s) = (Recent::default(), Recent::default());
+        let canary = ticks[Group::Canary as usize].iter().rev();
+        let stable = ticks[Group::Stable as usize].iter().rev();
+        for ((at, rc), (_, rs)) in canary.zip(stable) {
+            if *at < from {
+                break;
+            }
+            c.add(rc);
+            s.add(rs);
+            if enough(&c) {
+                break;
+            }
+        }
+        Some((c, s))
     }
 
     /// The most recent ticks since `since_ns`, newest first, summed until

@@ -176,7 +176,7 @@ fn reloaded_steps_never_raise_the_weight() {
     let topo = Topology::new(&TopologyOptions::default()).expect("topology");
     let steps = |s: &str| {
         format!(
-            "    rollout: {{steps: {s}, interval: 1s, min_requests: 10}}\n    analysis: {{compare_to_stable: {{max_latency_increase: 300}}}}\n"
+            "    rollout: {{steps: {s}, interval: 1s, min_requests: 10}}\n    analysis: {{compare_to_stable: {{max_latency_increase: 300, max_error_rate_increase: 5, tail_quantile: 0.9}}}}\n"
         )
     };
     let six = topo.config(0.0, &steps("[20, 30, 40, 45, 50, 100]"), "tc");

@@ -62,7 +62,7 @@ fn a_killed_agent_loses_no_request_and_its_successor_resumes() {
         "{}\nstate:\n  dir: {}\n",
         topo.config(
             0.0,
-            "    rollout: {steps: [10, 20, 30, 40, 50, 100], interval: 1s, checks_per_step: 3, min_requests: 10}\n    analysis: {compare_to_stable: {max_latency_increase: 300}}\n",
+            "    rollout: {steps: [10, 20, 30, 40, 50, 100], interval: 1s, checks_per_step: 3, min_requests: 10}\n    analysis: {compare_to_stable: {max_latency_increase: 300, max_error_rate_increase: 5, tail_quantile: 0.9}}\n",
             "tc",
         ),
         state.display()

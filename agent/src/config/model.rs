@@ -220,6 +220,8 @@ pub struct Compare {
     /// The smallest increase of the median that can fail the latency
     /// comparison: with thousands of samples a microsecond is significant.
     pub min_latency_increase: Duration,
+    /// The tail compared beside the median (0.99: p99).
+    pub tail_quantile: f64,
     pub confidence: f64,
 }
 
@@ -228,6 +230,8 @@ pub struct Critical {
     pub error_rate: Option<f64>,
     pub connect_error_rate: Option<f64>,
     pub min_requests: u64,
+    /// How far back the critical path looks, at most.
+    pub window: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -368,6 +368,7 @@ pub(super) struct RawCompare {
     pub(super) max_error_rate_increase: Option<PercentField>,
     pub(super) max_latency_increase: Option<IncreaseField>,
     pub(super) min_latency_increase: Option<DurationField>,
+    pub(super) tail_quantile: Option<f64>,
     pub(super) confidence: Option<f64>,
 }
 
@@ -377,6 +378,7 @@ pub(super) struct RawCritical {
     pub(super) error_rate: Option<PercentField>,
     pub(super) connect_error_rate: Option<PercentField>,
     pub(super) min_requests: Option<u64>,
+    pub(super) window: Option<DurationField>,
 }
 
 /// A percentage as written (`1`, `0.5`, `"12.5%"`), kept in basis points.

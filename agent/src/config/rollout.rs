@@ -24,6 +24,7 @@
 //!     max_error_rate_increase: 1   # percentage points, two-proportion test
 //!     max_latency_increase: 20     # percent of stable's median, Mann-Whitney U test
 //!     min_latency_increase: 1ms    # and at least this much (a smaller slowdown passes)
+//!     tail_quantile: 0.99     # the tail compared beside the median (0.75 to 0.999)
 //!     confidence: 0.99        # 0.9 to 0.9999
 //!   request_timeout: 10s      # a request unanswered this long is a failure (1s to 10m)
 //!   warmup: 0s                # after each weight change, data counts only after this
@@ -31,6 +32,7 @@
 //!     error_rate: 50          # percent (1 to 100), over at least min_requests (5 or more)
 //!     connect_error_rate: 50
 //!     min_requests: 20
+//!     window: 10s             # looks back this far at most (1s to 1m)
 //! ```
 
 use std::time::Duration;
@@ -218,6 +220,16 @@ pub(super) fn validate(
     let compare = if c.enabled == Some(false) {
         None
     } else {
+        let tail_quantile = c.tail_quantile.unwrap_or(DEFAULT_TAIL_QUANTILE);
+        if !(0.75..=0.999).contains(&tail_quantile) {
+            return err(
+                at("analysis.compare_to_stable.tail_quantile"),
+                format!(
+                    "{tail_quantile} is outside 0.75 to 0.999: the tail compared beside the median, \
+                     e.g. 0.99 (p99) or 0.9 (p90, judged on ten times fewer requests)"
+                ),
+            );
+        }
         let confidence = c.confidence.unwrap_or(DEFAULT_CONFIDENCE);
         if !(MIN_CONFIDENCE..=MAX_CONFIDENCE).contains(&confidence) {
             return err(
@@ -240,6 +252,7 @@ pub(super) fn validate(
             min_latency_increase: c
                 .min_latency_increase
                 .map_or(DEFAULT_MIN_LATENCY_INCREASE, |d| d.0),
+            tail_quantile,
             confidence,
         })
     };
@@ -273,7 +286,22 @@ pub(super) fn validate(
             ),
         );
     }
+    let window = analysis
+        .critical
+        .window
+        .map_or(DEFAULT_CRITICAL_WINDOW, |d| d.0);
+    if !(MIN_CRITICAL_WINDOW..=MAX_CRITICAL_WINDOW).contains(&window) {
+        return err(
+            at("analysis.critical.window"),
+            format!(
+                "must be {} to {}",
+                humantime::format_duration(MIN_CRITICAL_WINDOW),
+                humantime::format_duration(MAX_CRITICAL_WINDOW)
+            ),
+        );
+    }
     let critical = Critical {
+        window,
         error_rate: Some(rate("error_rate", analysis.critical.error_rate)?),
         connect_error_rate: Some(rate(
             "connect_error_rate",
@@ -321,6 +349,14 @@ pub(super) fn validate(
         },
     ))
 }
+
+/// `compare_to_stable.tail_quantile` by default.
+pub const DEFAULT_TAIL_QUANTILE: f64 = 0.99;
+
+/// `critical.window` by default and its bounds.
+pub const DEFAULT_CRITICAL_WINDOW: Duration = Duration::from_secs(10);
+pub const MIN_CRITICAL_WINDOW: Duration = Duration::from_secs(1);
+pub const MAX_CRITICAL_WINDOW: Duration = Duration::from_secs(60);
 
 /// `analysis.request_timeout` by default and its bounds.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -294,6 +294,14 @@ impl Agent {
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         self.pending_after
             .store(shortest.as_nanos() as u64, Ordering::Relaxed);
+        let longest_window = self
+            .config
+            .services
+            .iter()
+            .filter_map(|s| Some(s.rollout.as_ref()?.analysis.critical.window))
+            .max()
+            .unwrap_or_default();
+        self.telemetry.keep_recent(longest_window.as_nanos() as u64);
         self.datapath
             .set_guard(self.config.new_connections_per_second)?;
         // A map write that fails is retried every tick (and reported): the

@@ -21,9 +21,9 @@ use super::{
 };
 use crate::{
     analysis::{self, Judge, JudgeResult},
-    config::{Config, Protocol, Rollout, Service},
+    config::{Config, DEFAULT_CONFIDENCE, Protocol, Rollout, RolloutSpec, Service, Strategy},
     plan::Override,
-    telemetry::{Telemetry, Totals},
+    telemetry::{Recent, Telemetry, Totals},
     verb::Verb,
 };
 
@@ -106,6 +106,35 @@ fn stable_is(state: &State, svc: &Service) -> bool {
         Some(r) if state.revision_named => *r == state.revision,
         _ => !svc.stable.is_empty() && svc.stable.iter().all(|b| state.canary_backends.contains(b)),
     }
+}
+
+/// The check's error levels for a rollout: a false rollback over the whole
+/// rollout stays under `1 − confidence`, shared over its windows (one per
+/// passing check it needs: `checks_per_step` per step below 100 %; an A/B
+/// test's over its duration, or 100) and over the judges that can fail.
+fn levels(spec: &RolloutSpec, confidence: f64) -> analysis::Levels {
+    let r = &spec.rollout;
+    let windows = match r.strategy {
+        Strategy::Canary => {
+            r.steps.iter().filter(|w| **w < BASIS_POINTS).count() as u32 * r.checks_per_step
+        }
+        Strategy::BlueGreen => r.checks_per_step,
+        Strategy::Ab => r.duration.map_or(100, |d| {
+            (d.as_millis() / r.interval.as_millis().max(1)).max(1) as u32
+        }),
+    };
+    let l = &spec.analysis.limits;
+    let limits = [
+        l.max_error_rate.is_some(),
+        l.max_latency_p99.is_some(),
+        l.max_latency_p50.is_some(),
+        l.max_connect_errors_rate.is_some(),
+    ];
+    let compared = spec.analysis.compare.as_ref().map_or(0, |c| {
+        c.max_error_rate_increase.is_some() as u32 + 2 * c.max_latency_increase.is_some() as u32
+    });
+    let judges = limits.iter().filter(|x| **x).count() as u32 + compared;
+    analysis::Levels::for_rollout(confidence, windows, judges)
 }
 
 /// How many replaced versions a rollout remembers.
@@ -489,27 +518,59 @@ impl Engine {
             if t.window_start.is_none() && warm(&t.state) {
                 t.window_start = Some((totals(Group::Stable), totals(Group::Canary)));
             }
-            let critical = if t.state.watched(now_ms, &spec.rollout) {
+            let confidence = spec
+                .analysis
+                .compare
+                .as_ref()
+                .map_or(DEFAULT_CONFIDENCE, |c| c.confidence);
+            let (critical, outage) = if t.state.watched(now_ms, &spec.rollout) {
                 // Only what the canary did since its weight was set (and
-                // warmed up) counts.
+                // warmed up) counts, and no more than the window.
                 let since_ns = (t.state.step_since_ms + warmup_ms) * 1_000_000;
-                let min = spec.analysis.critical.min_requests;
-                let requests =
-                    telemetry.recent(&name, Group::Canary, since_ns, |r| r.requests >= min);
-                let connections =
-                    telemetry.recent(&name, Group::Canary, since_ns, |r| r.connections >= min);
-                analysis::critical(&spec.analysis.critical, requests, connections)
+                let c = &spec.analysis.critical;
+                let window_ns = c.window.as_nanos() as u64;
+                let min = c.min_requests;
+                // The shortest recent stretch with enough (a sudden failure),
+                // and the whole window (a sustained one).
+                let stretches = |enough: fn(&Recent, u64) -> bool| -> Vec<(Recent, Recent)> {
+                    [
+                        telemetry.recent_pair(&name, since_ns, window_ns, |r| enough(r, min)),
+                        telemetry.recent_pair(&name, since_ns, window_ns, |_| false),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect()
+                };
+                let requests = stretches(|r, min| r.requests >= min);
+                let connections = stretches(|r, min| r.connections >= min);
+                // The same test as the checks', at a level that keeps a false
+                // rollback under 1 − confidence per hour of looking: two
+                // looks a tick, each at (1 − confidence) / looks per hour.
+                let looks_per_hour = 2.0 * 3600.0 / config.tick.as_secs_f64();
+                analysis::critical(
+                    c,
+                    &requests,
+                    &connections,
+                    (1.0 - confidence) / looks_per_hour,
+                )
             } else {
-                Vec::new()
+                (Vec::new(), None)
             };
             if t.critical != critical {
                 t.critical = critical.clone();
                 self.generation += 1;
             }
             let mut actions = Vec::new();
-            let (mut state, a) =
-                machine::step(&t.state, Event::Tick { now_ms, critical }, &spec.rollout)
-                    .expect("ticks are never refused");
+            let (mut state, a) = machine::step(
+                &t.state,
+                Event::Tick {
+                    now_ms,
+                    critical,
+                    outage,
+                },
+                &spec.rollout,
+            )
+            .expect("ticks are never refused");
             actions.extend(a);
             // No window yet: still warming up (warmup < interval, so rare).
             if let Some((s0, c0)) = t
@@ -525,6 +586,7 @@ impl Engine {
                     &canary,
                     &stable,
                     http,
+                    levels(spec, confidence),
                 );
                 let (next, a) =
                     machine::step(&state, Event::Check { now_ms, results }, &spec.rollout)

@@ -153,6 +153,10 @@ pub struct State {
     /// What rolled it back, if it was.
     #[serde(default)]
     pub cause: Option<RollbackCause>,
+    /// Since when a shared outage (stable failing as badly as the canary)
+    /// holds the rollout: no check, no step, and its clocks stand still.
+    #[serde(default)]
+    pub held_since_ms: Option<u64>,
     /// The weight was set by an operator.
     pub manual: bool,
     /// The results of the last check.
@@ -173,10 +177,12 @@ fn planned_unset() -> u32 {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// Every telemetry tick, with the critical judges' results (empty when
-    /// the canary is not watched).
+    /// the canary is not watched) and, while stable fails as badly as the
+    /// canary, why the outage is shared.
     Tick {
         now_ms: u64,
         critical: Vec<JudgeResult>,
+        outage: Option<String>,
     },
     /// A check window ended, with the judges' results.
     Check {
@@ -293,6 +299,7 @@ impl State {
             promoted_ms: None,
             reason: "no canary backends".into(),
             cause: None,
+            held_since_ms: None,
             manual: false,
             last_check: Vec::new(),
             weight_written_unix_ms: None,
@@ -392,6 +399,7 @@ fn begin(mut s: State, now_ms: u64, cfg: &Rollout, why: &str) -> (State, Vec<Act
     s.started_ms = now_ms;
     s.promoted_ms = None;
     s.cause = None;
+    s.held_since_ms = None;
     s.manual = false;
     s.last_check.clear();
     s.planned_weight = step_weight(cfg, 0);
@@ -416,6 +424,7 @@ fn roll_back(
 ) -> State {
     let mut s = transition(s, Phase::RolledBack, 0, false, reason, actions);
     s.cause = Some(cause);
+    s.held_since_ms = None;
     s.planned_weight = 0;
     s.manual = false;
     s.promoted_ms = None;
@@ -529,11 +538,35 @@ pub fn step(s: &State, event: Event, cfg: &Rollout) -> Result<(State, Vec<Action
             s.promoted_ms = s.promoted_ms.map(|_| now_ms);
             s
         }
-        Event::Tick { now_ms, critical } => {
+        Event::Tick {
+            now_ms,
+            critical,
+            outage,
+        } => {
             let live = matches!(
                 s.phase,
                 Phase::Progressing | Phase::Paused | Phase::Promoted
             );
+            // A shared outage holds a progressing rollout; its end resumes it
+            // with the clocks moved on by the time it lasted.
+            match (s.phase, &outage, s.held_since_ms) {
+                (Phase::Progressing, Some(why), None) => {
+                    s.held_since_ms = Some(now_ms);
+                    s.reason = format!("held: {why}");
+                }
+                (_, None, Some(since)) => {
+                    let lasted = now_ms.saturating_sub(since);
+                    s.held_since_ms = None;
+                    s.step_since_ms += lasted;
+                    s.window_since_ms += lasted;
+                    s.check_since_ms += lasted;
+                    s.reason = format!(
+                        "the shared outage ended after {}; the rollout goes on",
+                        humantime::format_duration(std::time::Duration::from_millis(lasted))
+                    );
+                }
+                _ => {}
+            }
             if let Some(r) = critical
                 .iter()
                 .find(|r| matches!(r.verdict, Verdict::Fail(_)))
@@ -549,7 +582,7 @@ pub fn step(s: &State, event: Event, cfg: &Rollout) -> Result<(State, Vec<Action
                     cfg,
                     &mut actions,
                 )
-            } else if s.phase != Phase::Progressing {
+            } else if s.phase != Phase::Progressing || s.held_since_ms.is_some() {
                 s
             } else {
                 // An A/B test makes no steps: it is held to its deadline only
@@ -575,7 +608,7 @@ pub fn step(s: &State, event: Event, cfg: &Rollout) -> Result<(State, Vec<Action
             }
         }
         Event::Check { now_ms, results } => {
-            if s.phase != Phase::Progressing {
+            if s.phase != Phase::Progressing || s.held_since_ms.is_some() {
                 return Ok((s, actions));
             }
             actions.push(Action::Checked(results.clone()));

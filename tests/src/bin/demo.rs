@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 12)]
     fault_after: u64,
     /// Requests per second the clients send (each on a new connection).
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = 1000.0)]
     rate: f64,
     /// Ingress mode: auto, xdp or tc.
     #[arg(long, default_value = "auto")]
@@ -54,7 +54,7 @@ struct Args {
 const ROLLOUT: &str = "    rollout:
       steps: [5, 10, 25, 50, 100]
       interval: 5s
-      checks_per_step: 2
+      checks_per_step: 1
       min_requests: 20
       progress_deadline: 1m
     analysis:
@@ -97,7 +97,7 @@ fn main() -> Result<()> {
     .context("building the demo network")?;
     let agent = Agent::start(&topo.node, &topo.config(0.0, ROLLOUT, &args.mode))
         .context("starting kanari")?;
-    let load = Load::start(&topo.client, VIP, args.rate, 16, 0).context("starting the clients")?;
+    let load = Load::start(&topo.client, VIP, args.rate, 32, 0).context("starting the clients")?;
     let canary = topo.canary_server();
 
     let rt = runtime();

@@ -49,7 +49,17 @@ fn check(s: &State, now_ms: u64, results: Vec<JudgeResult>, cfg: &Rollout) -> St
 }
 
 fn tick(s: &State, now_ms: u64, critical: Vec<JudgeResult>, cfg: &Rollout) -> State {
-    step(s, Event::Tick { now_ms, critical }, cfg).unwrap().0
+    step(
+        s,
+        Event::Tick {
+            now_ms,
+            critical,
+            outage: None,
+        },
+        cfg,
+    )
+    .unwrap()
+    .0
 }
 
 #[test]
@@ -162,6 +172,7 @@ fn after_a_rollback_only_an_operator_or_a_new_release_raises_the_weight() {
         Event::Tick {
             now_ms: 99_000,
             critical: vec![],
+            outage: None,
         },
         Event::Scaled {
             backends: backends(2),
