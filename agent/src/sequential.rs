@@ -94,14 +94,14 @@ pub fn samples_needed(n: u64, half: f64, target: f64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// SplitMix64, for seeded draws.
-    struct Rng(u64);
+    /// SplitMix64, for seeded draws (the judges' simulations use it too).
+    pub(crate) struct Rng(pub(crate) u64);
 
     impl Rng {
-        fn unit(&mut self) -> f64 {
+        pub(crate) fn unit(&mut self) -> f64 {
             self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
             let mut z = self.0;
             z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -131,29 +131,32 @@ mod tests {
         assert!(i.high < 0.001, "{i:?}");
     }
 
+    /// How many of `runs` sequences of Bernoulli(`p`) draws, each watched
+    /// after every draw from the 20th to the 5,000th (as the judges look),
+    /// ever saw `misses(x, n)` say the interval missed `p`.
+    fn ever_missed(runs: u32, p: f64, misses: impl Fn(u64, u64) -> bool) -> u32 {
+        let mut rng = Rng(7);
+        (0..runs)
+            .filter(|_| {
+                let mut x = 0u64;
+                (1..=5000u64).any(|n| {
+                    x += (rng.unit() < p) as u64;
+                    n >= 20 && misses(x, n)
+                })
+            })
+            .count() as u32
+    }
+
     /// The interval holds at every look: over many sequences watched after
     /// every sample up to 5,000, the share that ever miss the truth stays
     /// below alpha (bound at 99.9 %).
     #[test]
     fn the_interval_holds_under_continuous_monitoring() {
         let (alpha, runs, p) = (0.05, 400u32, 0.1);
-        let mut missed = 0;
-        let mut rng = Rng(7);
-        for _ in 0..runs {
-            let (mut x, mut ever) = (0u64, false);
-            for n in 1..=5000u64 {
-                x += (rng.unit() < p) as u64;
-                // Looking from the 20th sample on, as the judges do.
-                if n >= 20 {
-                    let i = proportion(x, n, 0.05, alpha);
-                    if p < i.low || p > i.high {
-                        ever = true;
-                        break;
-                    }
-                }
-            }
-            missed += ever as u32;
-        }
+        let missed = ever_missed(runs, p, |x, n| {
+            let i = proportion(x, n, 0.05, alpha);
+            p < i.low || p > i.high
+        });
         let share = missed as f64 / runs as f64;
         let bound = alpha + 3.29 * (alpha * (1.0 - alpha) / runs as f64).sqrt();
         assert!(
@@ -161,23 +164,10 @@ mod tests {
             "{missed} of {runs} sequences left the interval"
         );
         // A fixed-horizon 95 % interval, looked at as often, misses far more.
-        let mut fixed_missed = 0;
-        let mut rng = Rng(7);
-        for _ in 0..runs {
-            let (mut x, mut ever) = (0u64, false);
-            for n in 1..=5000u64 {
-                x += (rng.unit() < p) as u64;
-                if n >= 20 {
-                    let est = x as f64 / n as f64;
-                    let h = 1.96 * (est * (1.0 - est) / n as f64).sqrt();
-                    if (est - p).abs() > h {
-                        ever = true;
-                        break;
-                    }
-                }
-            }
-            fixed_missed += ever as u32;
-        }
+        let fixed_missed = ever_missed(runs, p, |x, n| {
+            let est = x as f64 / n as f64;
+            (est - p).abs() > 1.96 * (est * (1.0 - est) / n as f64).sqrt()
+        });
         assert!(
             fixed_missed > 3 * missed.max(1),
             "peeking at a fixed-horizon test: {fixed_missed} of {runs}"
