@@ -451,7 +451,19 @@ pub fn critical(
             let v = failed as f64 / n as f64;
             value.get_or_insert(v);
             let sv = sf as f64 / sn.max(1) as f64;
+            // Both failing at half the critical rate or more: stable's
+            // trouble is the canary's too (a database down for both).
+            let outage = sn >= c.min_requests && sv >= limit / 2.0 && v >= limit / 2.0;
             if v < limit {
+                if outage {
+                    shared.get_or_insert_with(|| {
+                        format!(
+                            "a shared outage: {} of the canary's last {n} {what} failed, and {} of stable's",
+                            pct(v),
+                            pct(sv)
+                        )
+                    });
+                }
                 verdict.get_or_insert(Verdict::Pass);
                 continue;
             }
@@ -473,7 +485,7 @@ pub fn critical(
                 )));
                 break;
             }
-            let why = if sn >= c.min_requests && sv >= limit / 2.0 {
+            let why = if outage {
                 let why = format!(
                     "a shared outage: {} of the canary's last {n} {what} failed, and {} of stable's",
                     pct(v),

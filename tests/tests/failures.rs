@@ -103,3 +103,45 @@ fn a_canary_that_never_answers_is_at_weight_0_within_request_timeout_plus_1_seco
         "the hung requests are counted as timeouts"
     );
 }
+
+#[test]
+fn a_shared_outage_holds_the_rollout_instead_of_rolling_it_back() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let section = "    rollout: {steps: [10, 100], interval: 2s, progress_deadline: 1h}\n    analysis: {limits: {max_error_rate: 5}}\n";
+    let agent = Agent::start(&topo.node, &topo.config(0.0, section, "tc")).expect("kanari starts");
+    let load = Load::start(&topo.client, VIP, 600.0, 24, 0).expect("load");
+    std::thread::sleep(Duration::from_secs(2));
+    // A database both versions need goes down: 60 % of every answer is a 500.
+    for b in &topo.backends {
+        b.server
+            .as_ref()
+            .expect("a server")
+            .behavior
+            .set_error_rate(0.6);
+    }
+    let (_, held) = wait_rollout(&agent.socket, 10, "the hold", |_, r| {
+        r.reason.contains("shared outage")
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    let (w, r) = rollout(&agent.socket);
+    assert_eq!((r.phase.as_str(), w), ("progressing", 10.0), "{r:#?}");
+    assert!(r.reason.contains("held: a shared outage"), "{}", r.reason);
+    // The outage ends: once it has left the critical window, the rollout goes on.
+    for b in &topo.backends {
+        b.server
+            .as_ref()
+            .expect("a server")
+            .behavior
+            .set_error_rate(0.0);
+    }
+    let (_, on) = wait_rollout(&agent.socket, 30, "the end of the hold", |_, r| {
+        !r.reason.starts_with("held")
+    });
+    drop(load);
+    eprintln!("shared outage: {}; then: {}", held.reason, on.reason);
+    assert_ne!(on.phase, "rolled_back", "{on:#?}");
+    agent.stop().expect("kanari stops");
+}
