@@ -90,21 +90,34 @@ pub struct JudgeResult {
     pub value: Option<f64>,
     /// What it was held to.
     pub limit: Option<f64>,
+    /// Evaluated, shown and exported, never acted on (`analysis.dry_run`).
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
-/// The verdict of a set of results: the first failure, else the first
+impl JudgeResult {
+    /// Whether the result decides anything: a failure not in dry run.
+    pub fn fails(&self) -> bool {
+        !self.dry_run && matches!(self.verdict, Verdict::Fail(_))
+    }
+}
+
+/// Marks the results of the judges `analysis.dry_run` names.
+pub fn mark_dry_run(results: &mut [JudgeResult], dry_run: &[String]) {
+    for r in results {
+        r.dry_run = dry_run.iter().any(|n| n == r.judge.name());
+    }
+}
+
+/// The verdict of a set of results, the dry-run ones left out: the first
+/// failure, else the first
 /// inconclusive one, else pass.
 pub fn overall(results: &[JudgeResult]) -> Verdict {
-    if let Some(r) = results
-        .iter()
-        .find(|r| matches!(r.verdict, Verdict::Fail(_)))
-    {
+    let live = || results.iter().filter(|r| !r.dry_run);
+    if let Some(r) = live().find(|r| matches!(r.verdict, Verdict::Fail(_))) {
         return r.verdict.clone();
     }
-    if let Some(r) = results
-        .iter()
-        .find(|r| matches!(r.verdict, Verdict::Inconclusive(_)))
-    {
+    if let Some(r) = live().find(|r| matches!(r.verdict, Verdict::Inconclusive(_))) {
         return r.verdict.clone();
     }
     Verdict::Pass
@@ -124,6 +137,7 @@ fn result(judge: Judge, verdict: Verdict, value: Option<f64>, limit: Option<f64>
         verdict,
         value,
         limit,
+        dry_run: false,
     }
 }
 
@@ -304,6 +318,7 @@ pub fn check(
     }
 
     let Some(cmp) = &analysis.compare else {
+        mark_dry_run(&mut out, &analysis.dry_run);
         return out;
     };
     let too_few = if canary_n < min_requests {
@@ -416,6 +431,7 @@ pub fn check(
             out.push(result(judge, verdict, increase, Some(rel)));
         }
     }
+    mark_dry_run(&mut out, &analysis.dry_run);
     out
 }
 
@@ -575,6 +591,7 @@ pub(crate) mod tests {
             },
             request_timeout: Duration::from_secs(10),
             warmup: Duration::ZERO,
+            dry_run: Vec::new(),
         }
     }
 
@@ -780,6 +797,29 @@ pub(crate) mod tests {
             crit(&c, None, Some(refused))[1].verdict,
             Verdict::Fail(_)
         ));
+    }
+
+    #[test]
+    fn every_judge_has_the_name_the_configuration_knows() {
+        let names: Vec<&str> = Judge::ALL.iter().map(|j| j.name()).collect();
+        assert_eq!(names, crate::config::JUDGE_NAMES);
+    }
+
+    #[test]
+    fn a_judge_in_dry_run_is_shown_but_decides_nothing() {
+        let mut a = analysis();
+        a.dry_run = vec!["error_rate".into(), "error_rate_vs_stable".into()];
+        let rs = judge(
+            &a,
+            100,
+            &totals(900, 100, 2_000_000),
+            &totals(9000, 9, 2_000_000),
+            true,
+        );
+        let e = rs.iter().find(|r| r.judge == Judge::ErrorRate).unwrap();
+        assert!(e.dry_run && matches!(e.verdict, Verdict::Fail(_)), "{e:?}");
+        assert!(!e.fails());
+        assert!(!matches!(overall(&rs), Verdict::Fail(_)), "{rs:#?}");
     }
 
     #[test]

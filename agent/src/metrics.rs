@@ -126,6 +126,7 @@ fn rollout_families(view: &Snapshot) -> Vec<MetricFamily> {
     let mut step = Vec::new();
     let mut values = Vec::new();
     let mut limits = Vec::new();
+    let mut dry = Vec::new();
     for (service, r) in view.rollouts.iter() {
         for p in crate::rollout::Phase::ALL {
             let v = if r.state.phase == p { 1.0 } else { 0.0 };
@@ -139,6 +140,9 @@ fn rollout_families(view: &Snapshot) -> Vec<MetricFamily> {
             }
             if let Some(v) = j.limit {
                 limits.push(gauge(&l, v));
+            }
+            if j.dry_run {
+                dry.push(gauge(&l, 1.0));
             }
         }
     }
@@ -193,6 +197,12 @@ fn rollout_families(view: &Snapshot) -> Vec<MetricFamily> {
             "The limit each judge holds its value to.",
             MetricType::GAUGE,
             limits,
+        ),
+        family(
+            "kanari_rollout_judge_dry_run",
+            "1 for a judge in dry run (analysis.dry_run): evaluated and shown, never acted on.",
+            MetricType::GAUGE,
+            dry,
         ),
         family(
             "kanari_rollbacks_total",

@@ -193,7 +193,8 @@ fn judged(r: &JudgeResult) -> String {
         Verdict::Fail(w) => ("FAIL", format!(": {w}")),
         Verdict::Inconclusive(w) => ("inconclusive", format!(": {w}")),
     };
-    format!("{} {mark} ({value} vs {limit}){why}", r.judge.name())
+    let dry = if r.dry_run { " (dry run)" } else { "" };
+    format!("{}{dry} {mark} ({value} vs {limit}){why}", r.judge.name())
 }
 
 /// The steps as a bar, the current one in brackets.

@@ -243,6 +243,21 @@ pub struct Analysis {
     pub request_timeout: Duration,
     /// After each weight change, data counts only after this long.
     pub warmup: Duration,
+    /// Judges evaluated, shown and exported but never acted on, by name.
+    pub dry_run: Vec<String>,
 }
+
+/// Every judge's name, as `analysis.dry_run` and the metrics spell them.
+pub const JUDGE_NAMES: [&str; 9] = [
+    "error_rate",
+    "latency_p99",
+    "latency_p50",
+    "connect_errors",
+    "error_rate_vs_stable",
+    "latency_vs_stable",
+    "tail_latency_vs_stable",
+    "critical_error_rate",
+    "critical_connect_errors",
+];
 
 pub const DEFAULT_STEPS: [u32; 6] = [1, 5, 10, 25, 50, 100];

@@ -347,6 +347,8 @@ pub(super) struct RawAnalysis {
     pub(super) limits: RawAnalysisLimits,
     pub(super) request_timeout: Option<DurationField>,
     pub(super) warmup: Option<DurationField>,
+    #[serde(default)]
+    pub(super) dry_run: Vec<String>,
     pub(super) compare_to_stable: Option<RawCompare>,
     #[serde(default)]
     pub(super) critical: RawCritical,

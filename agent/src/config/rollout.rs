@@ -28,6 +28,7 @@
 //!     confidence: 0.99        # 0.9 to 0.9999
 //!   request_timeout: 10s      # a request unanswered this long is a failure (1s to 10m)
 //!   warmup: 0s                # after each weight change, data counts only after this
+//!   dry_run: []               # judges evaluated and shown, never acted on
 //!   critical:                 # every tick: roll back at once
 //!     error_rate: 50          # percent (1 to 100), over at least min_requests (5 or more)
 //!     connect_error_rate: 50
@@ -40,8 +41,8 @@ use std::time::Duration;
 use kanari_common::maps::BASIS_POINTS;
 
 use super::{
-    Analysis, Compare, Critical, DEFAULT_MIN_LATENCY_INCREASE, DEFAULT_STEPS, FieldError, Limits,
-    Rollout, Strategy, err,
+    Analysis, Compare, Critical, DEFAULT_MIN_LATENCY_INCREASE, DEFAULT_STEPS, FieldError,
+    JUDGE_NAMES, Limits, Rollout, Strategy, err,
     raw::{PercentField, RawAnalysis, RawRollout},
 };
 
@@ -205,6 +206,14 @@ pub(super) fn validate(
             ),
         );
     }
+    for (k, name) in analysis.dry_run.iter().enumerate() {
+        if !JUDGE_NAMES.contains(&name.as_str()) {
+            return err(
+                at(&format!("analysis.dry_run[{k}]")),
+                format!("`{name}` is not a judge; one of {}", JUDGE_NAMES.join(", ")),
+            );
+        }
+    }
     let warmup = analysis.warmup.map_or(Duration::ZERO, |d| d.0);
     if warmup >= interval {
         return err(
@@ -346,6 +355,7 @@ pub(super) fn validate(
             critical,
             request_timeout,
             warmup,
+            dry_run: analysis.dry_run,
         },
     ))
 }

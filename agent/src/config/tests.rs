@@ -457,6 +457,13 @@ fn bad_inputs_name_the_field_and_the_fix() {
         ),
         (
             svc(
+                "    canary: {backends: [10.0.3.1:80]}\n    rollout: {}\n    analysis: {dry_run: [error_rate, p99]}\n",
+            ),
+            "services[0].analysis.dry_run[1]",
+            "`p99` is not a judge; one of error_rate",
+        ),
+        (
+            svc(
                 "    canary: {backends: [10.0.3.1:80]}\n    rollout: {interval: 10s}\n    analysis: {warmup: 10s}\n",
             ),
             "services[0].analysis.warmup",

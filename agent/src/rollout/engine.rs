@@ -547,12 +547,16 @@ impl Engine {
                 // rollback under 1 − confidence per hour of looking: two
                 // looks a tick, each at (1 − confidence) / looks per hour.
                 let looks_per_hour = 2.0 * 3600.0 / config.tick.as_secs_f64();
-                analysis::critical(
+                let (mut results, outage) = analysis::critical(
                     c,
                     &requests,
                     &connections,
                     (1.0 - confidence) / looks_per_hour,
-                )
+                );
+                analysis::mark_dry_run(&mut results, &spec.analysis.dry_run);
+                // A critical path all in dry run holds nothing either.
+                let outage = outage.filter(|_| results.iter().any(|r| !r.dry_run));
+                (results, outage)
             } else {
                 (Vec::new(), None)
             };

@@ -567,11 +567,7 @@ pub fn step(s: &State, event: Event, cfg: &Rollout) -> Result<(State, Vec<Action
                 }
                 _ => {}
             }
-            if let Some(r) = critical
-                .iter()
-                .find(|r| matches!(r.verdict, Verdict::Fail(_)))
-                .filter(|_| live)
-            {
+            if let Some(r) = critical.iter().find(|r| r.fails()).filter(|_| live) {
                 let Verdict::Fail(why) = &r.verdict else {
                     unreachable!()
                 };
@@ -628,7 +624,7 @@ pub fn step(s: &State, event: Event, cfg: &Rollout) -> Result<(State, Vec<Action
                     if s.failures >= cfg.failure_limit {
                         let judge = results
                             .iter()
-                            .find(|r| matches!(r.verdict, Verdict::Fail(_)))
+                            .find(|r| r.fails())
                             .map(|r| r.judge)
                             .expect("a failed check has a failed judge");
                         roll_back(s, RollbackCause::Check(judge), why, cfg, &mut actions)

@@ -824,3 +824,25 @@ fn a_shared_outage_holds_the_rollout_and_its_end_resumes_it() {
     let sim = sim.run(2000.0, HEALTHY, |_| HEALTHY, 1200);
     assert_eq!(sim.state().phase, Phase::Promoted, "{}", sim.state().reason);
 }
+
+#[test]
+fn a_critical_path_in_dry_run_shows_the_failure_and_rolls_nothing_back() {
+    let dry = "{steps: [1, 5, 10, 25, 50, 100], interval: 10s}\n    analysis: {dry_run: [critical_error_rate, error_rate, error_rate_vs_stable]}";
+    let mut sim = Sim::new(dry, 14);
+    sim.until(2_000, 2000.0, HEALTHY);
+    sim.until(10_000, 2000.0, BROKEN);
+    let s = sim.state();
+    assert_eq!(
+        (s.phase, sim.weight()),
+        (Phase::Progressing, 100),
+        "{}",
+        s.reason
+    );
+    let crit = sim.engine.critical("web");
+    assert!(
+        crit.iter().any(|r| r.judge == Judge::CriticalErrorRate
+            && r.dry_run
+            && matches!(r.verdict, Verdict::Fail(_))),
+        "{crit:#?}"
+    );
+}

@@ -33,6 +33,7 @@ fn result(judge: Judge, verdict: Verdict) -> Vec<JudgeResult> {
         verdict,
         value: None,
         limit: None,
+        dry_run: false,
     }]
 }
 
