@@ -45,6 +45,22 @@ pub fn metrics_router(snapshots: Snapshots) -> Router {
             }),
         )
         .route(
+            "/analysis/{service}",
+            get(
+                |State(s): State<Snapshots>, AxPath(service): AxPath<String>| async move {
+                    let snapshot = s.borrow().clone();
+                    match status::analysis(&snapshot, &service) {
+                        Some(a) => (StatusCode::OK, Json(a)).into_response(),
+                        None => answer(
+                            StatusCode::NOT_FOUND,
+                            false,
+                            format!("no rollout named {service}"),
+                        ),
+                    }
+                },
+            ),
+        )
+        .route(
             "/healthz",
             get(|State(s): State<Snapshots>| async move {
                 let snapshot = s.borrow().clone();

@@ -176,6 +176,51 @@ pub fn report(view: &Snapshot) -> StatusReport {
     }
 }
 
+/// One service's judgement, for tools that decide on it (Argo Rollouts'
+/// `web` metric provider, scripts): `GET /analysis/SERVICE` on the metrics
+/// listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisReport {
+    pub service: String,
+    /// `pass`, `fail` or `inconclusive`: the last check's verdict, the
+    /// critical path's failure first (dry-run judges left out).
+    pub verdict: String,
+    pub why: String,
+    pub phase: String,
+    pub canary_weight_percent: f64,
+    pub step: usize,
+    pub judges: Vec<JudgeResult>,
+    pub critical: Vec<JudgeResult>,
+}
+
+/// The judgement of `service`, if it has a rollout.
+pub fn analysis(view: &Snapshot, service: &str) -> Option<AnalysisReport> {
+    let s = view.config.services.iter().find(|s| s.name == service)?;
+    let r = view.rollouts.get(service)?;
+    let all: Vec<JudgeResult> = r
+        .critical
+        .iter()
+        .filter(|j| matches!(j.verdict, Verdict::Fail(_)))
+        .chain(r.state.last_check.iter())
+        .cloned()
+        .collect();
+    let verdict = crate::analysis::overall(&all);
+    let why = match &verdict {
+        Verdict::Pass => String::new(),
+        Verdict::Fail(w) | Verdict::Inconclusive(w) => w.clone(),
+    };
+    Some(AnalysisReport {
+        service: s.name.clone(),
+        verdict: verdict.name().to_string(),
+        why,
+        phase: r.state.phase.name().to_string(),
+        canary_weight_percent: view.weight(s) as f64 * 100.0 / BASIS_POINTS as f64,
+        step: r.state.step,
+        judges: r.state.last_check.clone(),
+        critical: r.critical.clone(),
+    })
+}
+
 /// `value vs limit` of a judge, in its unit.
 fn judged(r: &JudgeResult) -> String {
     let latency = matches!(r.judge, Judge::LatencyP50 | Judge::LatencyP99);

@@ -485,6 +485,86 @@ fn the_shipped_configurations_are_valid() {
     }
 }
 
+/// The Argo Rollouts template reads the agent's analysis endpoint and the
+/// verdict field it serves; the Flagger template's query names kanari's
+/// metrics and labels (both are also checked by yamllint with every file).
+#[test]
+fn the_argo_and_flagger_templates_read_what_the_agent_serves() {
+    let argo = yaml_file(&deploy("argo/analysis-template.yaml"));
+    assert_eq!(argo["kind"], "AnalysisTemplate");
+    let web = &argo["spec"]["metrics"][0]["provider"]["web"];
+    let url = web["url"].as_str().expect("a url");
+    assert!(url.ends_with(":9477/analysis/{{args.service}}"), "{url}");
+    assert_eq!(web["jsonPath"], "{$.verdict}");
+    // The field and the values its conditions compare with.
+    let report = kanari::status::AnalysisReport {
+        service: "web".into(),
+        verdict: "pass".into(),
+        why: String::new(),
+        phase: "progressing".into(),
+        canary_weight_percent: 10.0,
+        step: 0,
+        judges: Vec::new(),
+        critical: Vec::new(),
+    };
+    let json = serde_json::to_value(&report).expect("serializable");
+    assert!(json.get("verdict").is_some());
+    let m = &argo["spec"]["metrics"][0];
+    assert_eq!(m["successCondition"], "result == \"pass\"");
+    assert_eq!(m["failureCondition"], "result == \"fail\"");
+    let flagger = yaml_file(&deploy("flagger/metric-template.yaml"));
+    assert_eq!(flagger["kind"], "MetricTemplate");
+    let q = flagger["spec"]["query"].as_str().expect("a query");
+    for name in [
+        "kanari_requests_total",
+        "kanari_tcp_errors_total",
+        "version=\"canary\"",
+        "class=\"5xx\"",
+    ] {
+        assert!(q.contains(name), "{name} in {q}");
+    }
+    // The query, as Flagger renders it, computes the canary's failure share:
+    // per minute 95 2xx, 3 5xx, 1 reset and 1 timeout (and stable's 5xx,
+    // which must not count) is 5 % (rounded: this promtool compares exactly).
+    let rendered = q
+        .replace("{{ target }}", "web")
+        .replace("{{ interval }}", "5m");
+    let series = |labels: &str, per_minute: u32| {
+        serde_json::json!({
+            "series": labels,
+            "values": format!("0+{per_minute}x20"),
+        })
+    };
+    let web = r#"service="web",backend="10.0.0.1:80""#;
+    let test = serde_json::json!({
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                series(&format!(r#"kanari_requests_total{{{web},version="canary",class="2xx"}}"#), 95),
+                series(&format!(r#"kanari_requests_total{{{web},version="canary",class="5xx"}}"#), 3),
+                series(&format!(r#"kanari_requests_total{{{web},version="stable",class="5xx"}}"#), 50),
+                series(&format!(r#"kanari_tcp_errors_total{{{web},version="canary",kind="reset"}}"#), 1),
+                series(&format!(r#"kanari_tcp_errors_total{{{web},version="canary",kind="timeout"}}"#), 1),
+                series(&format!(r#"kanari_tcp_errors_total{{{web},version="canary",kind="unanswered"}}"#), 7),
+            ],
+            "promql_expr_test": [{
+                "expr": format!("round({rendered}, 0.001)"),
+                "eval_time": "10m",
+                "exp_samples": [{"labels": "{}", "value": 5}],
+            }],
+        }],
+    });
+    let dir = TempDir::new("flagger");
+    let path = dir.join("flagger.test.json");
+    std::fs::write(&path, test.to_string()).expect("writing the test");
+    let out = check(
+        "promtool test rules (deploy/flagger/metric-template.yaml's query)",
+        Command::new("promtool").args(["test", "rules"]).arg(&path),
+    );
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
 #[test]
 fn the_prometheus_configs_and_rules_pass_promtool() {
     let prometheus = deploy("prometheus");

@@ -176,6 +176,25 @@ fn a_slow_canary_is_rolled_back_by_the_comparison_with_stable() {
         "slow, not failing"
     );
     eprintln!("slow canary: {}", r.reason);
+    // What Argo Rollouts' web metric reads (deploy/argo/analysis-template.yaml).
+    let (code, body) = kanari_tests::control::get(&topo.node, "/analysis/web");
+    assert_eq!(code, 200, "{body}");
+    let a: kanari::status::AnalysisReport =
+        serde_json::from_str(&body).expect("an analysis report");
+    assert_eq!(
+        (a.verdict.as_str(), a.phase.as_str()),
+        ("fail", "rolled_back"),
+        "{a:#?}"
+    );
+    assert!(
+        a.judges
+            .iter()
+            .any(|j| j.judge.name() == "latency_vs_stable")
+    );
+    assert_eq!(
+        kanari_tests::control::get(&topo.node, "/analysis/nosuch").0,
+        404
+    );
     agent.stop().expect("kanari stops");
 }
 
