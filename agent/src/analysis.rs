@@ -553,6 +553,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::config::{Compare, Limits};
+    use crate::telemetry::Histogram;
 
     /// `ok` + `errors` requests with times to first byte spread evenly
     /// from `ttfb_ns` to 1.5 x `ttfb_ns`.
@@ -562,7 +563,7 @@ pub(crate) mod tests {
         t.requests[CLASS_5XX] = errors;
         let n = ok + errors;
         for i in 0..n {
-            t.ttfb.0[hist::bucket_index(ttfb_ns + ttfb_ns * i / (2 * n)) as usize] += 1;
+            t.ttfb.0[hist::TTFB.index(ttfb_ns + ttfb_ns * i / (2 * n)) as usize] += 1;
         }
         t.connections = n;
         t
@@ -722,10 +723,10 @@ pub(crate) mod tests {
         canary.ttfb = Default::default();
         stable.ttfb = Default::default();
         for i in 0..5000u64 {
-            canary.ttfb.0[hist::bucket_index(2_000_000 + i * 100 + 100_000) as usize] += 1;
+            canary.ttfb.0[hist::TTFB.index(2_000_000 + i * 100 + 100_000) as usize] += 1;
         }
         for i in 0..50000u64 {
-            stable.ttfb.0[hist::bucket_index(2_000_000 + (i % 5000) * 100) as usize] += 1;
+            stable.ttfb.0[hist::TTFB.index(2_000_000 + (i % 5000) * 100) as usize] += 1;
         }
         let rs = judge(&analysis(), 100, &canary, &stable, true);
         let lat = rs
@@ -757,6 +758,41 @@ pub(crate) mod tests {
             matches!(verdict_of(&rs, Judge::LatencyVsStable), Verdict::Fail(_)),
             "{rs:#?}"
         );
+    }
+
+    /// Wherever latencies fall against the bucket edges, a canary 1 % slower
+    /// than stable passes the 20 % comparison (median and tail), and one
+    /// 25 % slower fails it.
+    #[test]
+    fn latency_verdicts_do_not_depend_on_the_bucket_edges() {
+        let with = |h: Histogram| {
+            let mut t = totals(0, 0, 1);
+            t.requests[CLASS_2XX] = h.count();
+            t.ttfb = h;
+            t
+        };
+        for k in 0..32 {
+            let median = 20e6 * 2f64.powf(k as f64 / 32.0);
+            let stable = with(Histogram::log_logistic(median, 0.1, 50_000));
+            for (slower, pass) in [(1.01, true), (1.25, false)] {
+                let canary = with(Histogram::log_logistic(median * slower, 0.1, 20_000));
+                let rs = judge(&analysis(), 100, &canary, &stable, true);
+                let judges: &[Judge] = if pass {
+                    &[Judge::LatencyVsStable, Judge::TailLatencyVsStable]
+                } else {
+                    &[Judge::LatencyVsStable]
+                };
+                for j in judges {
+                    let v = verdict_of(&rs, *j);
+                    let ok = if pass {
+                        *v == Verdict::Pass
+                    } else {
+                        matches!(v, Verdict::Fail(_))
+                    };
+                    assert!(ok, "median {median:.0} ns, canary x{slower}: {j:?} {v:?}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -845,7 +881,7 @@ pub(crate) mod tests {
         // Stable: 2-3 ms. The canary: the same, but 3 % of its answers take 9 ms.
         let stable = totals(50_000, 0, 2_000_000);
         let mut canary = totals(5000, 0, 2_000_000);
-        canary.ttfb.0[hist::bucket_index(9_000_000) as usize] += 150;
+        canary.ttfb.0[hist::TTFB.index(9_000_000) as usize] += 150;
         canary.requests[CLASS_2XX] += 150;
         let rs = judge(&analysis(), 100, &canary, &stable, true);
         assert_eq!(

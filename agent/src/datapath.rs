@@ -173,6 +173,12 @@ impl Datapath {
                 "adopting the pinned maps of a previous agent: conntrack, weights and counters carry on"
             );
         }
+        if let Some(p) = &opts.pins {
+            let current: Vec<&str> = MAPS.iter().map(|(n, _, _)| *n).collect();
+            for path in p.remove_other_maps(&current)? {
+                info!(pin = %path.display(), "removed the pin of a map layout this version no longer uses");
+            }
+        }
         Ok(Self {
             ebpf,
             links: BTreeMap::new(),

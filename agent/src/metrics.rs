@@ -7,7 +7,6 @@
 //! per-client label, so the number of series is bounded by the config.
 
 use kanari_common::{
-    hist::{self, BUCKETS},
     http::{CLASS_NAMES, CLASSES},
     maps::{BASIS_POINTS, FROM_BACKEND, TO_BACKEND},
 };
@@ -64,29 +63,33 @@ fn gauge(pairs: &[(&str, &str)], v: f64) -> Metric {
     m
 }
 
-/// Kernel buckets exported as `le` bounds: every other kernel boundary
-/// (2^n and 1.5 x 2^n ns), from 1.024 µs up; the kernel's finer buckets stay
-/// in the agent for its own quantiles.
-fn exported_bounds() -> impl Iterator<Item = u32> {
-    // Kernel bucket i's upper bound is bucket_upper_ns(i); keep bucket 0 and
-    // then every second one, and never the overflow bucket (that is +Inf).
-    (0..BUCKETS as u32 - 1).filter(|i| *i == 0 || i % 2 == 0)
+/// Kernel buckets exported as `le` bounds: the kernel boundaries at 2^n and
+/// 1.5 x 2^n ns, from 1.024 µs up, in both layouts (the same `le` values for
+/// every histogram); the kernel's finer buckets stay in the agent for its
+/// own quantiles.
+fn exported_bounds<const N: usize>() -> impl Iterator<Item = u32> {
+    let layout = Histogram::<N>::LAYOUT;
+    // Never the overflow bucket: that is +Inf.
+    (0..layout.overflow()).filter(move |i| {
+        let upper = layout.upper_ns(*i);
+        upper.is_power_of_two() || (upper.is_multiple_of(3) && (upper / 3).is_power_of_two())
+    })
 }
 
-fn histogram(pairs: &[(&str, &str)], h: &Histogram, sum_ns: u64) -> Metric {
+fn histogram<const N: usize>(pairs: &[(&str, &str)], h: &Histogram<N>, sum_ns: u64) -> Metric {
     let mut m = Metric::default();
     m.set_label(labels(pairs));
     let mut p = proto::Histogram::default();
-    let mut cumulative = Vec::with_capacity(BUCKETS);
+    let mut cumulative = Vec::with_capacity(N);
     let mut running = 0u64;
     for c in h.0.iter() {
         running += c;
         cumulative.push(running);
     }
-    let buckets = exported_bounds()
+    let buckets = exported_bounds::<N>()
         .map(|i| {
             let mut b = proto::Bucket::default();
-            b.set_upper_bound(hist::bucket_upper_ns(i) as f64 / 1e9);
+            b.set_upper_bound(Histogram::<N>::LAYOUT.upper_ns(i) as f64 / 1e9);
             b.set_cumulative_count(cumulative[i as usize]);
             b
         })
@@ -418,7 +421,7 @@ mod tests {
         let mut s = BackendStats::ZERO;
         s.requests[kanari_common::http::CLASS_5XX] = 3;
         s.requests[kanari_common::http::CLASS_2XX] = 7;
-        s.ttfb_hist[hist::bucket_index(20_000_000) as usize] = 10;
+        s.ttfb_hist[kanari_common::hist::TTFB.index(20_000_000) as usize] = 10;
         s.ttfb_sum_ns = 200_000_000;
         let mut v = canary_snapshot("12.5", s, 1);
         v.counters = std::sync::Arc::new(vec![("eth0".into(), DpCounter::XdpSteered, 42)]);

@@ -109,6 +109,27 @@ impl Pins {
         std::fs::read_dir(self.maps_dir()).is_ok_and(|mut d| d.next().is_some())
     }
 
+    /// Removes the pinned maps not named in `current`: maps of a layout this
+    /// agent no longer uses (a name's version suffix changed). Programs still
+    /// attached keep such a map alive until their links are switched to this
+    /// agent's programs. Returns what was removed.
+    pub fn remove_other_maps(&self, current: &[&str]) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.maps_dir()) else {
+            return Ok(removed);
+        };
+        for e in entries {
+            let path = e?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|n| !current.contains(&n.as_str())) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes every pin: links first (the programs detach), then maps (they
     /// are freed once no program uses them). Returns what was removed.
     pub fn remove_all(&self) -> Result<Vec<PathBuf>> {
@@ -183,6 +204,22 @@ fn private_mount_namespace() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An upgrade that changed a map's layout (its name's version) leaves
+    /// no pin of the old one behind; the current maps stay.
+    #[test]
+    fn pins_of_other_map_layouts_are_removed() {
+        let root = std::env::temp_dir().join(format!("kanari-pins-{}", std::process::id()));
+        let p = Pins::new(&root);
+        std::fs::create_dir_all(p.maps_dir()).unwrap();
+        for name in ["KN_STATS_V1", "KN_STATS_V2", "KN_CT_V1"] {
+            std::fs::write(p.map(name), b"").unwrap();
+        }
+        let removed = p.remove_other_maps(&["KN_STATS_V2", "KN_CT_V1"]).unwrap();
+        assert_eq!(removed, vec![p.map("KN_STATS_V1")]);
+        assert!(p.map("KN_STATS_V2").exists() && p.map("KN_CT_V1").exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn paths() {

@@ -381,7 +381,7 @@ mod tests {
         let mut s = BackendStats::ZERO;
         s.requests[CLASS_2XX] = 80;
         s.requests[CLASS_5XX] = 20;
-        s.ttfb_hist[hist::bucket_index(20_000_000) as usize] = 100;
+        s.ttfb_hist[hist::TTFB.index(20_000_000) as usize] = 100;
         s.refused = 2;
         let v = canary_snapshot("10", s, 10);
         let r = report(&v);

@@ -40,8 +40,7 @@ use kanari::{
     datapath::Datapath,
 };
 use kanari_common::{
-    csum,
-    hist::{self, bucket_index},
+    csum, hist,
     http::{CLASS_2XX, CLASS_3XX, CLASS_4XX, CLASS_5XX, CLASS_NONE, CLASS_OTHER, CLASSES},
     maps::{
         BackendStats, CT_F_HTTP, CT_FORWARD, CT_REVERSE, Counter, CtEntry, FROM_BACKEND, FlowKey,
@@ -284,9 +283,11 @@ fn sum_stats(per_cpu: &[BackendStats]) -> BackendStats {
             t.bytes[d] += s.bytes[d];
             t.packets[d] += s.packets[d];
         }
-        for i in 0..hist::BUCKETS {
-            t.ttfb_hist[i] = t.ttfb_hist[i].wrapping_add(s.ttfb_hist[i]);
-            t.connect_hist[i] = t.connect_hist[i].wrapping_add(s.connect_hist[i]);
+        for (t, s) in t.ttfb_hist.iter_mut().zip(&s.ttfb_hist) {
+            *t = t.wrapping_add(*s);
+        }
+        for (t, s) in t.connect_hist.iter_mut().zip(&s.connect_hist) {
+            *t = t.wrapping_add(*s);
         }
     }
     t
@@ -324,14 +325,14 @@ struct Step {
 
 impl Step {
     fn between(a: &BackendStats, b: &BackendStats) -> Self {
-        let buckets = |x: &[u32; hist::BUCKETS], y: &[u32; hist::BUCKETS]| -> Vec<u32> {
-            (0..hist::BUCKETS as u32)
+        fn buckets<const N: usize>(x: &[u32; N], y: &[u32; N]) -> Vec<u32> {
+            (0..N as u32)
                 .flat_map(|i| {
                     let n = y[i as usize].wrapping_sub(x[i as usize]);
                     std::iter::repeat_n(i, n as usize)
                 })
                 .collect()
-        };
+        }
         let connect_buckets = buckets(&a.connect_hist, &b.connect_hist);
         let ttfb_buckets = buckets(&a.ttfb_hist, &b.ttfb_hist);
         let d = |x: u64, y: u64| y.checked_sub(x).expect("statistics only grow");
@@ -373,19 +374,25 @@ impl Step {
     /// sent after `since`: its bucket is the bucket of its duration, which is
     /// positive and no longer than the host saw pass.
     fn one_connect_sample(&self, since: Instant) -> &Self {
-        one_sample("connect", self.connect_ns, &self.connect_buckets, since);
+        one_sample(
+            "connect",
+            hist::CONNECT,
+            self.connect_ns,
+            &self.connect_buckets,
+            since,
+        );
         self
     }
 
     /// As [`Step::one_connect_sample`], for the time to first byte of a
     /// request sent after `since`.
     fn one_ttfb_sample(&self, since: Instant) -> &Self {
-        one_sample("TTFB", self.ttfb_ns, &self.ttfb_buckets, since);
+        one_sample("TTFB", hist::TTFB, self.ttfb_ns, &self.ttfb_buckets, since);
         self
     }
 }
 
-fn one_sample(what: &str, ns: u64, buckets: &[u32], since: Instant) {
+fn one_sample(what: &str, layout: hist::Layout, ns: u64, buckets: &[u32], since: Instant) {
     let elapsed = since.elapsed().as_nanos() as u64;
     assert!(
         ns > 0 && ns <= elapsed,
@@ -393,7 +400,7 @@ fn one_sample(what: &str, ns: u64, buckets: &[u32], since: Instant) {
     );
     assert_eq!(
         buckets,
-        [bucket_index(ns)],
+        [layout.index(ns)],
         "one {what} sample of {ns} ns, in its bucket"
     );
 }

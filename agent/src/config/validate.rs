@@ -307,7 +307,7 @@ pub(super) fn validate(
             return err(
                 "limits.backends",
                 format!(
-                    "the services list more than {max_backends} backends; raise limits.backends (about 1 KiB of kernel memory per backend per CPU)"
+                    "the services list more than {max_backends} backends; raise limits.backends (about 2 KiB of kernel memory per backend per CPU)"
                 ),
             );
         }

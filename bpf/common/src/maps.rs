@@ -14,7 +14,7 @@ pub mod names {
     pub const CONNTRACK: &str = "KN_CT_V1";
     pub const SEGMENTS: &str = "KN_SEGMENTS_V1";
     pub const COUNTERS: &str = "KN_COUNTERS_V2";
-    pub const STATS: &str = "KN_STATS_V1";
+    pub const STATS: &str = "KN_STATS_V2";
     pub const SETTINGS: &str = "KN_SETTINGS_V1";
     pub const GUARD: &str = "KN_GUARD_V1";
 }
@@ -39,7 +39,7 @@ pub const BACKEND_SET_SLOTS: u32 = MAX_SERVICES * 4;
 /// Client CIDR segments over all services.
 pub const MAX_SEGMENTS: u32 = 16 * 1024;
 /// Default number of backends whose statistics the kernel keeps (the size of
-/// `KN_STATS_V1`, about 1 KiB per backend per CPU). Backend ids index it.
+/// `KN_STATS_V2`, about 2 KiB per backend per CPU). Backend ids index it.
 pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
 /// Interface x counter pairs in `KN_COUNTERS_V2`.
 pub const MAX_COUNTER_KEYS: u32 = 64 * 32;
@@ -266,7 +266,7 @@ impl CtEntry {
 /// Request classes counted in [`BackendStats::requests`] (see [`crate::http`]).
 pub const CLASSES: usize = crate::http::CLASSES;
 
-/// Value of `KN_STATS_V1`, a per-CPU array indexed by backend id. Every field
+/// Value of `KN_STATS_V2`, a per-CPU array indexed by backend id. Every field
 /// only grows; the agent sums CPUs and takes differences. Histogram buckets
 /// are u32 to halve the map (they wrap; the agent's differences wrap with them).
 #[repr(C)]
@@ -291,8 +291,10 @@ pub struct BackendStats {
     /// To the backend, from the backend (IP bytes).
     pub bytes: [u64; 2],
     pub packets: [u64; 2],
-    pub ttfb_hist: [u32; crate::hist::BUCKETS],
-    pub connect_hist: [u32; crate::hist::BUCKETS],
+    /// Time to first byte, in [`crate::hist::TTFB`]'s buckets.
+    pub ttfb_hist: [u32; crate::hist::TTFB_BUCKETS],
+    /// Connect time, in [`crate::hist::CONNECT`]'s buckets.
+    pub connect_hist: [u32; crate::hist::CONNECT_BUCKETS],
 }
 
 impl BackendStats {
@@ -307,8 +309,8 @@ impl BackendStats {
         ttfb_sum_ns: 0,
         bytes: [0; 2],
         packets: [0; 2],
-        ttfb_hist: [0; crate::hist::BUCKETS],
-        connect_hist: [0; crate::hist::BUCKETS],
+        ttfb_hist: [0; crate::hist::TTFB_BUCKETS],
+        connect_hist: [0; crate::hist::CONNECT_BUCKETS],
     };
 }
 
@@ -505,7 +507,10 @@ const _: () = assert!(size_of::<Backend>() == 12);
 const _: () = assert!(size_of::<BackendSet>() == 4 + 12 * MAX_BACKENDS_PER_GROUP);
 const _: () = assert!(size_of::<FlowKey>() == 16);
 const _: () = assert!(size_of::<CtEntry>() == 40);
-const _: () = assert!(size_of::<BackendStats>() == 17 * 8 + 2 * 4 * crate::hist::BUCKETS);
+const _: () = assert!(
+    size_of::<BackendStats>()
+        == 17 * 8 + 4 * (crate::hist::TTFB_BUCKETS + crate::hist::CONNECT_BUCKETS)
+);
 const _: () = assert!(size_of::<CounterKey>() == 8);
 const _: () = assert!(size_of::<Settings>() == 16);
 const _: () = assert!(size_of::<Bucket>() == 16);

@@ -76,7 +76,7 @@ static COUNTERS: PerCpuHashMap<CounterKey, u64> =
     PerCpuHashMap::with_max_entries(MAX_COUNTER_KEYS, 0);
 
 /// Sized by the agent from the configuration (`limits.backends`).
-#[map(name = "KN_STATS_V1")]
+#[map(name = "KN_STATS_V2")]
 static STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "KN_SETTINGS_V1")]
@@ -177,8 +177,11 @@ fn in_range<const LO: u64, const HI: u64>(v: u64) -> Option<u64> {
 }
 
 #[inline(always)]
-fn record(hist: &mut [u32; hist::BUCKETS], ns: u64) {
-    let Some(i) = in_range::<0, { hist::OVERFLOW as u64 }>(hist::bucket_index(ns) as u64) else {
+fn record<const N: usize>(hist: &mut [u32; N], ns: u64) {
+    // The index is below N by construction; the verifier is shown it.
+    let Some(i) =
+        in_range::<0, { hist::TTFB_BUCKETS as u64 - 1 }>(hist::Layout::of(N).index(ns) as u64)
+    else {
         return;
     };
     if let Some(b) = hist.get_mut(i as usize) {
