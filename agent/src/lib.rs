@@ -15,10 +15,13 @@ pub mod daemon;
 pub mod datapath;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod hooks;
 pub mod metrics;
 pub mod notify;
 pub mod pins;
 pub mod plan;
+pub mod record;
+pub mod replay;
 pub mod rollout;
 pub mod sequential;
 pub mod snapshot;

@@ -84,6 +84,17 @@ enum Command {
         /// Percent, 0 to 100.
         percent: f64,
     },
+    /// Print the decisions a configuration would have taken on telemetry
+    /// recorded by `telemetry.record`: each check's verdict per judge, each
+    /// step, promotion and rollback, beside the weights the agent set then.
+    /// The traffic split is the recorded one; gates count as answering 2xx.
+    Replay {
+        /// The recording (telemetry.record's file, or its rotated FILE.1).
+        file: PathBuf,
+        /// The configuration to judge with (by default the one recorded).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Rollout commands.
     Rollout {
         #[command(subcommand)]
@@ -104,6 +115,55 @@ enum RolloutVerb {
     },
 }
 
+/// `kanari replay`: prints the replay's lines and each service's end.
+fn replay(file: &std::path::Path, config_path: Option<&std::path::Path>) -> ExitCode {
+    let (header, ticks) = match kanari::record::read(file) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The data path is not touched: any interface name will do.
+    let any = |_: &str| true;
+    let parsed = match config_path {
+        Some(path) => config::load(path, &any),
+        None => config::parse(&header.config_path, &header.config, &any),
+    };
+    let config = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let r = kanari::replay::replay(&config, &ticks);
+    let span = match (ticks.first(), ticks.last()) {
+        (Some(a), Some(b)) => b.t_ms.saturating_sub(a.t_ms) as f64 / 1e3,
+        _ => 0.0,
+    };
+    println!(
+        "replaying {} ({} ticks, {span:.1} s) with {}",
+        file.display(),
+        ticks.len(),
+        config_path.map_or_else(
+            || format!("the recorded {}", header.config_path),
+            |p| p.display().to_string()
+        )
+    );
+    for line in &r.lines {
+        println!("{line}");
+    }
+    for (service, (phase, weight)) in &r.end {
+        println!(
+            "end: {service}: {} at {}%",
+            phase.replace('_', " "),
+            *weight as f64 / 100.0
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -117,6 +177,7 @@ fn main() -> ExitCode {
     let socket = cli.socket;
     let verb = |service: String, verb: Verb| block_on(send(socket.clone(), service, verb));
     match cli.command {
+        Command::Replay { file, config } => replay(&file, config.as_deref()),
         Command::CheckConfig { file } => match config::load(&file, &daemon::interface_exists) {
             Ok(c) => {
                 println!(

@@ -170,6 +170,21 @@ fn rollout_families(view: &Snapshot) -> Vec<MetricFamily> {
         .iter()
         .map(|(s, n)| counter(&[("service", s.as_str())], *n))
         .collect();
+    let webhooks = view
+        .webhooks
+        .iter()
+        .map(|((s, w, t, o), n)| {
+            counter(
+                &[
+                    ("service", s.as_str()),
+                    ("webhook", w.as_str()),
+                    ("type", t),
+                    ("outcome", o),
+                ],
+                *n,
+            )
+        })
+        .collect();
     vec![
         family(
             "kanari_rollout_phase",
@@ -218,6 +233,12 @@ fn rollout_families(view: &Snapshot) -> Vec<MetricFamily> {
             "Rollouts promoted to 100 %.",
             MetricType::COUNTER,
             promotions,
+        ),
+        family(
+            "kanari_webhook_deliveries_total",
+            "Webhook deliveries (rollout.webhooks) by outcome: ok (2xx), failed (after its retries), dropped (queue full).",
+            MetricType::COUNTER,
+            webhooks,
         ),
     ]
 }

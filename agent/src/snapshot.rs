@@ -92,6 +92,8 @@ pub struct Snapshot {
     /// Backend ids held back while conntrack entries may still carry them.
     pub quarantined_ids: usize,
     pub ticks: TickStats,
+    /// Webhook deliveries by outcome.
+    pub webhooks: Arc<crate::hooks::DeliveryCounts>,
     /// When the loop published it, on the agent's clock (ms) and as an instant.
     pub at_ms: u64,
     pub taken: Instant,
@@ -115,6 +117,7 @@ impl Snapshot {
             write_failures: 0,
             quarantined_ids: 0,
             ticks: TickStats::default(),
+            webhooks: Arc::default(),
             at_ms: 0,
             taken: Instant::now(),
         }

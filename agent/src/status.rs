@@ -64,6 +64,10 @@ pub struct RolloutStatus {
     pub failure_limit: u32,
     pub seconds_in_step: f64,
     pub reason: String,
+    /// The gate (`confirm-traffic-increase`, `confirm-promotion`) whose
+    /// webhooks the next step waits for.
+    #[serde(default)]
+    pub awaiting: Option<String>,
     pub manual: bool,
     pub last_check: Vec<JudgeResult>,
     pub critical: Vec<JudgeResult>,
@@ -132,6 +136,7 @@ pub fn report(view: &Snapshot) -> StatusReport {
                         failure_limit: spec.rollout.failure_limit,
                         seconds_in_step: view.at_ms.saturating_sub(st.step_since_ms) as f64 / 1e3,
                         reason: st.reason.clone(),
+                        awaiting: st.awaiting.map(|k| k.name().to_string()),
                         manual: st.manual,
                         last_check: st.last_check.clone(),
                         critical: r.critical.clone(),

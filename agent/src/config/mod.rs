@@ -42,6 +42,7 @@ mod model;
 mod raw;
 mod rollout;
 mod validate;
+mod webhooks;
 
 use locate::{context_line, is_syntax_error, path_at_line, yaml_message};
 use raw::RawConfig;
@@ -56,6 +57,10 @@ pub use rollout::{
     MIN_MIN_REQUESTS,
 };
 pub use validate::default_salt;
+pub use webhooks::{
+    DEFAULT_WEBHOOK_RETRIES, DEFAULT_WEBHOOK_TIMEOUT, MAX_WEBHOOK_RETRIES, MAX_WEBHOOK_TIMEOUT,
+    MIN_WEBHOOK_TIMEOUT,
+};
 
 /// Bounds of `conntrack.connections`.
 pub const MIN_CONNTRACK_CONNECTIONS: u32 = 1024;

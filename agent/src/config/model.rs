@@ -10,7 +10,7 @@ use std::{
 };
 
 use kanari_common::maps::Group;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration that passed validation.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,8 +30,22 @@ pub struct Config {
     /// Where the data path's maps and links are pinned (on a bpf filesystem).
     pub pin_dir: PathBuf,
     pub tick: Duration,
+    /// `telemetry.record`: where the judges' per-tick telemetry is written.
+    pub record: Option<RecordTo>,
     pub services: Vec<Service>,
 }
+
+/// `telemetry.record` and `telemetry.record_max_mb` (see [`crate::record`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordTo {
+    pub path: PathBuf,
+    /// Past this size the file is renamed to `PATH.1` and a new one begun.
+    pub max_bytes: u64,
+}
+
+/// `telemetry.record_max_mb` by default, and at most.
+pub const DEFAULT_RECORD_MAX_MB: u64 = 64;
+pub const MAX_RECORD_MAX_MB: u64 = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interface {
@@ -200,6 +214,51 @@ pub struct Rollout {
     /// `ab` only: how long the experiment runs before it is promoted on a
     /// passing check; `None`: until an operator decides.
     pub duration: Option<Duration>,
+    /// Lifecycle events posted, and gates asked before a step up or the promotion.
+    pub webhooks: Vec<Webhook>,
+}
+
+impl Rollout {
+    /// Whether a webhook of this kind is configured (a gate then holds until it answers 2xx).
+    pub fn has_hook(&self, kind: HookKind) -> bool {
+        self.webhooks.iter().any(|w| w.kind == kind)
+    }
+}
+
+/// What a webhook is for (Flagger's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookKind {
+    /// Told of every step, pause, promotion and rollback; its answer is ignored.
+    Event,
+    /// Asked before each weight increase: a non-2xx answer holds the step.
+    ConfirmTrafficIncrease,
+    /// Asked before the promotion: a non-2xx answer holds the last step.
+    ConfirmPromotion,
+}
+
+impl HookKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            HookKind::Event => "event",
+            HookKind::ConfirmTrafficIncrease => "confirm-traffic-increase",
+            HookKind::ConfirmPromotion => "confirm-promotion",
+        }
+    }
+}
+
+/// One of `rollout.webhooks` (see [`super::webhooks`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Webhook {
+    pub name: String,
+    pub kind: HookKind,
+    /// `http://HOST[:PORT]/PATH`.
+    pub url: String,
+    /// Per attempt.
+    pub timeout: Duration,
+    /// Attempts after a failed one.
+    pub retries: u32,
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -115,12 +115,16 @@ impl Default for RawState {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawTelemetry {
     pub(super) tick: DurationField,
+    pub(super) record: Option<PathBuf>,
+    pub(super) record_max_mb: Option<u64>,
 }
 
 impl Default for RawTelemetry {
     fn default() -> Self {
         Self {
             tick: DurationField(DEFAULT_TICK),
+            record: None,
+            record_max_mb: None,
         }
     }
 }
@@ -338,6 +342,8 @@ pub(super) struct RawRollout {
     pub(super) on_rollback: OnRollback,
     pub(super) watch_after_promotion: Option<DurationField>,
     pub(super) duration: Option<DurationField>,
+    #[serde(default)]
+    pub(super) webhooks: Vec<super::webhooks::RawWebhook>,
 }
 
 #[derive(Deserialize, Default)]

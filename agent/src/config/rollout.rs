@@ -13,6 +13,7 @@
 //!   on_rollback: drain        # drain (weight 0) | cut (also drop canary connections)
 //!   watch_after_promotion: 5m # the critical path watches a promoted canary this long
 //!   duration: 1h              # ab only: promoted on a passing check after this long
+//!   webhooks: []              # lifecycle events and gates (see `webhooks`)
 //! analysis:
 //!   limits:                   # fixed limits on the canary (none by default)
 //!     max_error_rate: 1       # percent of HTTP responses that are 5xx
@@ -21,8 +22,8 @@
 //!     max_connect_errors_rate: 1   # percent of connections refused or unanswered
 //!   compare_to_stable:        # statistical comparison with stable (on by default;
 //!     enabled: true           #   unwritten fields keep their defaults)
-//!     max_error_rate_increase: 1   # percentage points, two-proportion test
-//!     max_latency_increase: 20     # percent of stable's median, Mann-Whitney U test
+//!     max_error_rate_increase: 1   # percentage points (always-valid interval)
+//!     max_latency_increase: 20     # percent of stable's median and tail quantile
 //!     min_latency_increase: 1ms    # and at least this much (a smaller slowdown passes)
 //!     tail_quantile: 0.99     # the tail compared beside the median (0.75 to 0.999)
 //!     confidence: 0.99        # 0.9 to 0.9999
@@ -348,6 +349,7 @@ pub(super) fn validate(
             on_rollback: rollout.on_rollback,
             watch_after_promotion,
             duration,
+            webhooks: super::webhooks::validate(rollout.webhooks, at)?,
         },
         Analysis {
             limits,

@@ -8,9 +8,10 @@ use kanari_common::maps::{
 };
 
 use super::{
-    Cidr, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR, FieldError, Interface,
-    MAX_CONNTRACK_CONNECTIONS, MAX_LIMIT_BACKENDS, MAX_TICK, MIN_CONNTRACK_CONNECTIONS, MIN_TICK,
-    RolloutSpec, SegmentRule, Service, err, raw::RawConfig, rollout,
+    Cidr, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_RECORD_MAX_MB, DEFAULT_STATE_DIR, FieldError,
+    Interface, MAX_CONNTRACK_CONNECTIONS, MAX_LIMIT_BACKENDS, MAX_RECORD_MAX_MB, MAX_TICK,
+    MIN_CONNTRACK_CONNECTIONS, MIN_TICK, RecordTo, RolloutSpec, SegmentRule, Service, err,
+    raw::RawConfig, rollout,
 };
 
 /// The salt of a service without one in the file: FNV-1a of its name, so a
@@ -101,6 +102,29 @@ pub(super) fn validate(
             format!("{max_backends} is outside 1 to {MAX_LIMIT_BACKENDS}"),
         );
     }
+    let max_mb = raw.telemetry.record_max_mb.unwrap_or(DEFAULT_RECORD_MAX_MB);
+    if !(1..=MAX_RECORD_MAX_MB).contains(&max_mb) {
+        return err(
+            "telemetry.record_max_mb",
+            format!("{max_mb} is outside 1 to {MAX_RECORD_MAX_MB}"),
+        );
+    }
+    let record = match raw.telemetry.record {
+        Some(path) if !path.is_absolute() => {
+            return err(
+                "telemetry.record",
+                format!(
+                    "{} is not an absolute path (e.g. /var/lib/kanari/telemetry.jsonl)",
+                    path.display()
+                ),
+            );
+        }
+        Some(path) => Some(RecordTo {
+            path,
+            max_bytes: max_mb * 1024 * 1024,
+        }),
+        None => None,
+    };
     let tick = raw.telemetry.tick.0;
     if !(MIN_TICK..=MAX_TICK).contains(&tick) {
         return err(
@@ -374,6 +398,7 @@ pub(super) fn validate(
         state_dir,
         pin_dir,
         tick,
+        record,
         services,
     })
 }

@@ -29,9 +29,11 @@ use crate::{
     config::{self, Config, ConfigError},
     config::{DEFAULT_REQUEST_TIMEOUT, Service},
     datapath::{ConntrackScan, Datapath, LoadOptions, Pending},
+    hooks::{GateAnswer, Hooks},
     pins::Pins,
     plan::{self, Applied, Quarantine},
-    rollout::{Action, Engine, Store},
+    record::{self, Differ, Recorder},
+    rollout::{Action, Engine, Event, Store},
     snapshot::{RolloutView, Snapshot, TickStats},
     telemetry::{BackendKey, GroupName, Telemetry},
 };
@@ -74,6 +76,8 @@ pub(super) struct Setup {
     pub tick_pending: Arc<AtomicBool>,
     /// The tick period, for the timer.
     pub period: watch::Sender<Duration>,
+    /// The webhooks' tasks.
+    pub hooks: Hooks,
 }
 
 struct Agent {
@@ -111,6 +115,9 @@ struct Agent {
     ticks: TickStats,
     snapshots: watch::Sender<Arc<Snapshot>>,
     period: watch::Sender<Duration>,
+    hooks: Hooks,
+    /// `telemetry.record`: the writer, and the totals its last tick was taken from.
+    recorder: Option<(Recorder, Differ)>,
 }
 
 /// Runs the loop until a stop input; the exit code.
@@ -124,8 +131,24 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         snapshots,
         tick_pending,
         period,
+        hooks,
     } = setup;
     let clock = Clock::new();
+    let recorder = match &config.record {
+        Some(r) => {
+            let header = record::Header {
+                format: record::FORMAT.into(),
+                version: record::VERSION,
+                config_path: path.display().to_string(),
+                config: std::fs::read_to_string(&path).unwrap_or_default(),
+                started_unix_ms: unix_ms(),
+            };
+            let recorder = Recorder::start(r.path.clone(), r.max_bytes, header)?;
+            info!(path = %r.path.display(), "recording the judges' telemetry");
+            Some((recorder, Differ::default()))
+        }
+        None => None,
+    };
     let store = Store::new(&config.state_dir);
     let engine = Engine::new(store);
     // The release train's rule holds at start too: the persisted rollouts
@@ -194,6 +217,8 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         ticks: TickStats::default(),
         snapshots,
         period,
+        hooks,
+        recorder,
     };
     agent.apply(Arc::unwrap_or_clone(config))?;
     agent.tick();
@@ -232,6 +257,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
                 continue; // published before answering
             }
             Input::Conntrack { started_ms, scan } => agent.walked(started_ms, scan),
+            Input::Gate(answer) => agent.gate(answer),
             Input::Stop(why) => {
                 info!("{why}: stopping");
                 break;
@@ -267,6 +293,7 @@ impl Agent {
             ),
             ("state.dir", config.state_dir != self.config.state_dir),
             ("bpf.pin_dir", config.pin_dir != self.config.pin_dir),
+            ("telemetry.record", config.record != self.config.record),
         ];
         for (field, changed) in fixed_at_start {
             if changed {
@@ -280,6 +307,7 @@ impl Agent {
             control_socket: self.config.control_socket.clone(),
             state_dir: self.config.state_dir.clone(),
             pin_dir: self.config.pin_dir.clone(),
+            record: self.config.record.clone(),
             ..config
         };
         self.engine.sync(&config, self.clock.now_ms());
@@ -498,9 +526,28 @@ impl Agent {
         if let Err(e) = self.read() {
             warn!("reading the kernel's counters: {e:#}");
         }
-        let decided = self
-            .engine
-            .tick(&self.config, &self.telemetry, self.clock.now_ms());
+        let now = self.clock.now_ms();
+        let decided = self.engine.tick(&self.config, &self.telemetry, now);
+        if let Some((recorder, differ)) = &mut self.recorder {
+            let services: Vec<(String, u32)> = self
+                .config
+                .services
+                .iter()
+                .filter(|s| s.rollout.is_some())
+                .map(|s| {
+                    let w = self.engine.state(&s.name).map_or(0, |st| st.weight);
+                    (s.name.clone(), w)
+                })
+                .collect();
+            let before = recorder.dropped;
+            recorder.record(&differ.tick(now, &self.telemetry, &services));
+            if recorder.dropped > before && recorder.dropped.is_power_of_two() {
+                warn!(
+                    dropped = recorder.dropped,
+                    "telemetry.record is behind: ticks dropped"
+                );
+            }
+        }
         // A failed write is logged, counted and retried by reconcile itself.
         let _ = self.act(&decided, Check::Cheap);
         self.ticks.record(started.elapsed().as_secs_f64());
@@ -586,6 +633,22 @@ impl Agent {
         let _ = req.reply.send(reply);
     }
 
+    /// A gate's answer: the step up or the promotion it held, if still due.
+    fn gate(&mut self, a: GateAnswer) {
+        let event = Event::Gate {
+            now_ms: self.clock.now_ms(),
+            kind: a.kind,
+            open: a.open,
+            why: a.why,
+        };
+        let actions = self
+            .engine
+            .gate_answered(&self.config, &a.service, &a.revision, event);
+        if !actions.is_empty() {
+            let _ = self.act(&[(a.service, actions)], Check::Cheap);
+        }
+    }
+
     /// A walk of the conntrack table: its size, and the quarantined ids it
     /// no longer found.
     fn walked(&mut self, started_ms: u64, scan: Result<ConntrackScan, String>) {
@@ -649,6 +712,8 @@ impl Agent {
     /// last snapshot (telemetry between ticks, rollouts between their
     /// changes) is shared with it, not copied.
     fn publish(&mut self) {
+        // What the rollouts did since, for their webhooks (queued, never waited on).
+        self.hooks.send(&self.config, self.engine.take_notices());
         let now = self.clock.now_ms();
         let rollouts_at = (self.engine.generation(), self.config_generation);
         if self.rollouts.0 != Some(rollouts_at) {
@@ -695,6 +760,7 @@ impl Agent {
             write_failures: self.write_failures,
             quarantined_ids: self.quarantine.len(),
             ticks: self.ticks.clone(),
+            webhooks: Arc::new(self.hooks.counts()),
             at_ms: now,
             taken: Instant::now(),
         };

@@ -58,6 +58,8 @@ pub enum Input {
         started_ms: u64,
         scan: Result<ConntrackScan, String>,
     },
+    /// A gate's webhooks answered.
+    Gate(crate::hooks::GateAnswer),
     /// SIGTERM or SIGINT.
     Stop(&'static str),
 }
@@ -164,6 +166,16 @@ async fn serve(path: PathBuf, config: Config, detach_on_exit: bool) -> Result<Ex
     tokio::spawn(
         axum::serve(control_listener, api::control_router(snapshots_rx, verbs)).into_future(),
     );
+    let (answers, mut answers_rx) = mpsc::channel(16);
+    let hooks = crate::hooks::Hooks::spawn(answers);
+    let to_loop = inputs.clone();
+    tokio::spawn(async move {
+        while let Some(a) = answers_rx.recv().await {
+            if to_loop.send(Input::Gate(a)).await.is_err() {
+                break;
+            }
+        }
+    });
     let to_loop = inputs.clone();
     tokio::spawn(async move {
         while let Some(v) = verbs_rx.recv().await {
@@ -214,6 +226,7 @@ async fn serve(path: PathBuf, config: Config, detach_on_exit: bool) -> Result<Ex
                 snapshots,
                 tick_pending: pending,
                 period,
+                hooks,
             });
             let _ = done.send(code);
         })

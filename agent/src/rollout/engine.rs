@@ -21,7 +21,9 @@ use super::{
 };
 use crate::{
     analysis::{self, Judge, JudgeResult},
-    config::{Config, DEFAULT_CONFIDENCE, Protocol, Rollout, RolloutSpec, Service, Strategy},
+    config::{
+        Config, DEFAULT_CONFIDENCE, HookKind, Protocol, Rollout, RolloutSpec, Service, Strategy,
+    },
     plan::Override,
     telemetry::{Recent, Telemetry, Totals},
     verb::Verb,
@@ -44,6 +46,24 @@ pub struct Counts {
     pub rollbacks: BTreeMap<(String, &'static str), u64>,
     pub promotions: BTreeMap<String, u64>,
     pub transitions: BTreeMap<(String, Phase, Phase), u64>,
+}
+
+/// A rollout's lifecycle event, or a gate to ask, for its webhooks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Notice {
+    pub service: String,
+    /// `event` webhooks: what happened (`step`, `paused`, `promoted`,
+    /// `rolled_back`, ...); gates: `None`.
+    pub event: Option<&'static str>,
+    /// The gate to ask.
+    pub gate: Option<HookKind>,
+    pub phase: Phase,
+    pub awaiting: Option<HookKind>,
+    pub weight: u32,
+    pub step: usize,
+    pub revision: String,
+    pub reason: String,
+    pub cause: Option<RollbackCause>,
 }
 
 /// How a configured canary relates to the one a rollout is for.
@@ -196,6 +216,8 @@ pub struct Engine {
     store: Store,
     services: BTreeMap<String, Tracked>,
     pub counts: Counts,
+    /// What the webhooks are to be told or asked, oldest first ([`Engine::take_notices`]).
+    notices: Vec<Notice>,
     /// Grows whenever a state or a critical-path result changes, so a
     /// publisher knows when to copy them again.
     generation: u64,
@@ -207,6 +229,7 @@ impl Engine {
             store,
             services: BTreeMap::new(),
             counts: Counts::default(),
+            notices: Vec::new(),
             generation: 0,
         }
     }
@@ -427,8 +450,44 @@ impl Engine {
         }
     }
 
-    /// Logs and counts what a step did.
+    /// The notices since the last call, oldest first.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Logs and counts what a step did, and notes it for the webhooks.
     fn record(&mut self, service: &str, next: &State, actions: &[Action]) {
+        let notice = |event, gate| Notice {
+            service: service.to_string(),
+            event,
+            gate,
+            phase: next.phase,
+            awaiting: next.awaiting,
+            weight: next.weight,
+            step: next.step,
+            revision: next.revision.clone(),
+            reason: next.reason.clone(),
+            cause: next.cause,
+        };
+        // One event per step of the machine: the phase it entered, else a new weight.
+        let event = actions.iter().find_map(|a| match a {
+            Action::Transition { to, .. } => Some(to.name()),
+            _ => None,
+        });
+        let event = event.or_else(|| {
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::SetWeight(_)))
+                .then_some("step")
+        });
+        if let Some(e) = event {
+            self.notices.push(notice(Some(e), None));
+        }
+        for a in actions {
+            if let Action::AskGate(kind) = a {
+                self.notices.push(notice(None, Some(*kind)));
+            }
+        }
         for a in actions {
             match a {
                 Action::Transition { from, to, reason } => {
@@ -487,6 +546,9 @@ impl Engine {
                         failures = next.failures,
                         "check"
                     );
+                }
+                Action::AskGate(kind) => {
+                    info!(service, gate = kind.name(), "{}", next.reason);
                 }
                 Action::CanarySegments(_) | Action::CutCanary => {}
             }
@@ -600,6 +662,7 @@ impl Engine {
             }
             let window_moved = state.window_since_ms != t.state.window_since_ms;
             let changed = state != t.state;
+            let raised = state.weight > t.state.weight;
             self.record(&name, &state, &actions);
             let t = self.services.get_mut(&name).expect("listed");
             if window_moved {
@@ -609,7 +672,7 @@ impl Engine {
             t.state = state;
             if changed {
                 self.generation += 1;
-                self.store.save(&name, &t.state);
+                self.persist(&name, raised);
             }
             if !actions.is_empty() {
                 out.push((name, actions));
@@ -667,10 +730,58 @@ impl Engine {
         if next.window_since_ms != t.state.window_since_ms {
             t.window_start = None;
         }
+        let raised = next.weight > t.state.weight;
         t.state = next;
         self.generation += 1;
-        self.store.save(service, &t.state);
+        self.persist(service, raised);
         Ok(actions)
+    }
+
+    /// The answer of `service`'s gate webhooks, asked for `revision`.
+    pub fn gate_answered(
+        &mut self,
+        config: &Config,
+        service: &str,
+        revision: &str,
+        event: Event,
+    ) -> Vec<Action> {
+        let Some(spec) = config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.rollout.as_ref())
+        else {
+            return Vec::new();
+        };
+        let Some(t) = self.services.get(service) else {
+            return Vec::new();
+        };
+        if t.state.revision != revision {
+            return Vec::new();
+        }
+        let (next, actions) = machine::step(&t.state, event, &spec.rollout).expect("never refused");
+        self.record(service, &next, &actions);
+        let t = self.services.get_mut(service).expect("present");
+        if next != t.state {
+            let raised = next.weight > t.state.weight;
+            t.state = next;
+            self.generation += 1;
+            self.persist(service, raised);
+        }
+        actions
+    }
+
+    /// Saves `service`'s state. A raised weight is on disk before the
+    /// kernel takes it (the caller writes the maps after this returns): an
+    /// agent killed at any moment resumes at least at the step whose weight
+    /// the kernel holds. Lowered weights go to the kernel first, at once.
+    fn persist(&self, service: &str, raised: bool) {
+        if let Some(t) = self.services.get(service) {
+            self.store.save(service, &t.state);
+            if raised {
+                self.store.flush();
+            }
+        }
     }
 
     /// Records that the kernel took `service`'s weight at `unix_ms` (wall clock).

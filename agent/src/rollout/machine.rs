@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     analysis::{self, Judge, JudgeResult, Verdict},
-    config::{OnRollback, Rollout, Strategy},
+    config::{HookKind, OnRollback, Rollout, Strategy},
 };
 use kanari_common::maps::BASIS_POINTS;
 
@@ -165,6 +165,10 @@ pub struct State {
     /// for display only).
     #[serde(default, alias = "weight_written_ms")]
     pub weight_written_unix_ms: Option<u64>,
+    /// The checks passed and the step up (or the promotion) waits for this
+    /// gate's webhooks to answer 2xx.
+    #[serde(default)]
+    pub awaiting: Option<HookKind>,
 }
 
 /// `planned_weight` of a state persisted before it existed: taken from `weight`.
@@ -232,6 +236,14 @@ pub enum Event {
         now_ms: u64,
         revision: Option<String>,
     },
+    /// The webhooks of a gate answered: `open` when every one said 2xx,
+    /// else `why` not.
+    Gate {
+        now_ms: u64,
+        kind: HookKind,
+        open: bool,
+        why: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -250,6 +262,8 @@ pub enum Action {
     },
     /// A check was judged (for the metrics).
     Checked(Vec<JudgeResult>),
+    /// Ask this gate's webhooks (the answer comes back as [`Event::Gate`]).
+    AskGate(HookKind),
 }
 
 /// An operator request that does not apply in this phase.
@@ -303,6 +317,7 @@ impl State {
             manual: false,
             last_check: Vec::new(),
             weight_written_unix_ms: None,
+            awaiting: None,
         };
         if has_canary {
             idle.revision = revision;
@@ -384,6 +399,7 @@ fn transition(
     s.weight = weight;
     s.canary_segments = segments;
     s.reason = reason;
+    s.awaiting = None;
     s
 }
 
@@ -445,7 +461,14 @@ fn promote(mut s: State, now_ms: u64, reason: String, actions: &mut Vec<Action>)
 /// After passing checks: the next step up, or the promotion. A rollout whose
 /// steps were reloaded under it may sit below its step's weight: the step's
 /// weight is then the next one.
-fn advance(mut s: State, now_ms: u64, cfg: &Rollout, actions: &mut Vec<Action>) -> State {
+/// `confirmed`: the gate whose webhooks just answered 2xx.
+fn advance(
+    mut s: State,
+    now_ms: u64,
+    cfg: &Rollout,
+    confirmed: Option<HookKind>,
+    actions: &mut Vec<Action>,
+) -> State {
     let target = if s.planned_weight < step_weight(cfg, s.step) {
         s.step
     } else {
@@ -454,7 +477,23 @@ fn advance(mut s: State, now_ms: u64, cfg: &Rollout, actions: &mut Vec<Action>) 
     // A step of 100 % leaves stable nothing to compare with: reaching it is the promotion.
     let w = step_weight(cfg, target);
     if target >= cfg.steps.len() || w >= BASIS_POINTS {
-        return promote(s, now_ms, "every check passed".into(), actions);
+        return gated_promote(
+            s,
+            now_ms,
+            cfg,
+            confirmed,
+            "every check passed".into(),
+            actions,
+        );
+    }
+    if let Some(held) = gate(
+        &mut s,
+        cfg,
+        HookKind::ConfirmTrafficIncrease,
+        confirmed,
+        actions,
+    ) {
+        return held;
     }
     s.step = target;
     s.passes = 0;
@@ -467,6 +506,42 @@ fn advance(mut s: State, now_ms: u64, cfg: &Rollout, actions: &mut Vec<Action>) 
         w as f64 / 100.0
     );
     transition(s, Phase::Progressing, w, true, why, actions)
+}
+
+/// Holds `s` at a gate of `kind` unless it is `confirmed` or has no
+/// webhooks: the state to keep (the gate asked), or `None` to go on.
+fn gate(
+    s: &mut State,
+    cfg: &Rollout,
+    kind: HookKind,
+    confirmed: Option<HookKind>,
+    actions: &mut Vec<Action>,
+) -> Option<State> {
+    if confirmed == Some(kind) || !cfg.has_hook(kind) {
+        return None;
+    }
+    s.awaiting = Some(kind);
+    s.reason = format!(
+        "checks passed; waiting for the {} webhooks to answer 2xx",
+        kind.name()
+    );
+    actions.push(Action::AskGate(kind));
+    Some(s.clone())
+}
+
+/// The promotion, once a `confirm-promotion` gate (if any) allows it.
+fn gated_promote(
+    mut s: State,
+    now_ms: u64,
+    cfg: &Rollout,
+    confirmed: Option<HookKind>,
+    reason: String,
+    actions: &mut Vec<Action>,
+) -> State {
+    match gate(&mut s, cfg, HookKind::ConfirmPromotion, confirmed, actions) {
+        Some(held) => held,
+        None => promote(s, now_ms, reason, actions),
+    }
 }
 
 /// The first step at or above `weight` (the last when every step is below it).
@@ -608,6 +683,9 @@ pub fn step(s: &State, event: Event, cfg: &Rollout) -> Result<(State, Vec<Action
                 return Ok((s, actions));
             }
             actions.push(Action::Checked(results.clone()));
+            // A gate is asked again after each passing check; a late answer
+            // to an earlier one does not count.
+            s.awaiting = None;
             s.check_since_ms = now_ms;
             s.last_check = results.clone();
             let verdict = if results.is_empty() {
@@ -642,16 +720,21 @@ pub fn step(s: &State, event: Event, cfg: &Rollout) -> Result<(State, Vec<Action
                                     "the A/B test ran its {} with its checks passing",
                                     humantime::format_duration(d)
                                 );
-                                promote(s, now_ms, why, &mut actions)
+                                gated_promote(s, now_ms, cfg, None, why, &mut actions)
                             }
                             // Keeps analysing until an operator decides.
                             _ => s,
                         },
                         _ if s.passes < cfg.checks_per_step => s,
-                        Strategy::Canary => advance(s, now_ms, cfg, &mut actions),
-                        Strategy::BlueGreen => {
-                            promote(s, now_ms, "every check passed".into(), &mut actions)
-                        }
+                        Strategy::Canary => advance(s, now_ms, cfg, None, &mut actions),
+                        Strategy::BlueGreen => gated_promote(
+                            s,
+                            now_ms,
+                            cfg,
+                            None,
+                            "every check passed".into(),
+                            &mut actions,
+                        ),
                     }
                 }
             }
@@ -765,6 +848,33 @@ pub fn step(s: &State, event: Event, cfg: &Rollout) -> Result<(State, Vec<Action
                 n
             }
         },
+        Event::Gate {
+            now_ms,
+            kind,
+            open,
+            why,
+        } => {
+            if s.awaiting != Some(kind) || s.phase != Phase::Progressing {
+                // Asked before a rollback, pause or later check: moot.
+                return Ok((s, actions));
+            }
+            if !open {
+                s.reason = format!("checks passed; held by the {} webhooks: {why}", kind.name());
+                return Ok((s, actions));
+            }
+            s.awaiting = None;
+            match cfg.strategy {
+                Strategy::Canary => advance(s, now_ms, cfg, Some(kind), &mut actions),
+                Strategy::BlueGreen | Strategy::Ab => gated_promote(
+                    s,
+                    now_ms,
+                    cfg,
+                    Some(kind),
+                    format!("every check passed; the {} webhooks agreed", kind.name()),
+                    &mut actions,
+                ),
+            }
+        }
     };
     Ok((next, actions))
 }

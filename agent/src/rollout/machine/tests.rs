@@ -6,6 +6,7 @@ use super::*;
 
 fn cfg() -> Rollout {
     Rollout {
+        webhooks: Vec::new(),
         strategy: Strategy::Canary,
         steps: vec![100, 500, 1000, 2500, 5000, 10000],
         interval: Duration::from_secs(10),
@@ -445,4 +446,115 @@ fn derived_revisions_name_their_backends() {
         derived_revision(&many),
         "10.0.3.1:80,10.0.3.2:80,10.0.3.3:80 and 2 more"
     );
+}
+
+fn with_gates(kinds: &[HookKind]) -> Rollout {
+    let mut c = cfg();
+    c.steps = vec![100, 1000, 10000];
+    c.webhooks = kinds
+        .iter()
+        .map(|k| crate::config::Webhook {
+            name: k.name().into(),
+            kind: *k,
+            url: "http://gate/".into(),
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            metadata: Default::default(),
+        })
+        .collect();
+    c
+}
+
+fn gate(s: &State, now_ms: u64, kind: HookKind, open: bool, cfg: &Rollout) -> State {
+    let event = Event::Gate {
+        now_ms,
+        kind,
+        open,
+        why: "answered 403".into(),
+    };
+    step(s, event, cfg).unwrap().0
+}
+
+/// A step up waits for confirm-traffic-increase: asked after each passing
+/// check, held on a refusal, taken on a 2xx; a late answer counts for nothing.
+#[test]
+fn a_traffic_increase_waits_for_its_gate() {
+    let cfg = with_gates(&[HookKind::ConfirmTrafficIncrease]);
+    let s = fresh(&cfg);
+    let (held, actions) = step(
+        &s,
+        Event::Check {
+            now_ms: 10_000,
+            results: pass(),
+        },
+        &cfg,
+    )
+    .unwrap();
+    assert!(actions.contains(&Action::AskGate(HookKind::ConfirmTrafficIncrease)));
+    assert_eq!(
+        (held.weight, held.step),
+        (100, 0),
+        "no step up before the gate"
+    );
+    assert_eq!(held.awaiting, Some(HookKind::ConfirmTrafficIncrease));
+    let refused = gate(&held, 10_100, HookKind::ConfirmTrafficIncrease, false, &cfg);
+    assert_eq!(refused.weight, 100);
+    assert!(refused.reason.contains("403"), "{}", refused.reason);
+    // A later passing check asks again; its 2xx takes the step.
+    let again = check(&refused, 20_000, pass(), &cfg);
+    assert_eq!(again.awaiting, Some(HookKind::ConfirmTrafficIncrease));
+    let up = gate(&again, 20_100, HookKind::ConfirmTrafficIncrease, true, &cfg);
+    assert_eq!((up.weight, up.step, up.awaiting), (1000, 1, None));
+    // An answer nobody waits for (after the step, or for another gate) changes nothing.
+    assert_eq!(
+        gate(&up, 20_200, HookKind::ConfirmTrafficIncrease, true, &cfg),
+        up
+    );
+    // The last step up is the promotion: without its own gate, it goes.
+    let promoted = check(&up, 30_000, pass(), &cfg);
+    assert_eq!(promoted.phase, Phase::Promoted);
+    // A check that fails while the gate is asked voids the question.
+    let failed = check(&held, 20_000, fail(Judge::ErrorRate), &cfg);
+    assert_eq!(failed.phase, Phase::RolledBack);
+    assert_eq!(
+        gate(
+            &failed,
+            20_100,
+            HookKind::ConfirmTrafficIncrease,
+            true,
+            &cfg
+        )
+        .weight,
+        0
+    );
+}
+
+#[test]
+fn a_promotion_waits_for_confirm_promotion() {
+    let cfg = with_gates(&[HookKind::ConfirmPromotion]);
+    let s = check(&fresh(&cfg), 10_000, pass(), &cfg);
+    assert_eq!(s.weight, 1000, "steps need no gate of their own");
+    let (held, actions) = step(
+        &s,
+        Event::Check {
+            now_ms: 20_000,
+            results: pass(),
+        },
+        &cfg,
+    )
+    .unwrap();
+    assert_eq!(
+        actions.last(),
+        Some(&Action::AskGate(HookKind::ConfirmPromotion))
+    );
+    assert_eq!((held.phase, held.weight), (Phase::Progressing, 1000));
+    // The critical path still watches while it waits.
+    assert!(held.watched(20_050, &cfg));
+    let promoted = gate(&held, 20_100, HookKind::ConfirmPromotion, true, &cfg);
+    assert_eq!((promoted.phase, promoted.weight), (Phase::Promoted, 10_000));
+    // An operator's promotion needs no gate.
+    let by_hand = step(&held, Event::Promote { now_ms: 20_100 }, &cfg)
+        .unwrap()
+        .0;
+    assert_eq!(by_hand.phase, Phase::Promoted);
 }
