@@ -132,7 +132,7 @@ fn stable_is(state: &State, svc: &Service) -> bool {
 /// rollout stays under `1 − confidence`, shared over its windows (one per
 /// passing check it needs: `checks_per_step` per step below 100 %; an A/B
 /// test's over its duration, or 100) and over the judges that can fail.
-fn levels(spec: &RolloutSpec, confidence: f64) -> analysis::Levels {
+pub fn levels(spec: &RolloutSpec, confidence: f64) -> analysis::Levels {
     let r = &spec.rollout;
     let windows = match r.strategy {
         Strategy::Canary => {

@@ -11,6 +11,7 @@
 pub mod chart;
 pub mod datapath;
 pub mod footprint;
+pub mod judge;
 pub mod openloop;
 pub mod perpacket;
 pub mod report;

@@ -23,6 +23,8 @@ enum Suite {
     Footprint,
     /// A million conntrack entries, a thousand services, weight-change latency.
     Scale,
+    /// Simulated rollouts: the judge's wrong decisions and detection times beside others'.
+    Judge,
 }
 
 #[derive(Parser)]
@@ -96,6 +98,7 @@ fn main() -> ExitCode {
             Suite::Rollback => kanari_tests::bench::rollback::run(&ctx),
             Suite::Footprint => kanari_tests::bench::footprint::run(&ctx),
             Suite::Scale => kanari_tests::bench::scale::run(&ctx),
+            Suite::Judge => kanari_tests::bench::judge::run(&ctx),
         };
         match result {
             Ok(r) => {
