@@ -199,10 +199,13 @@ fn kernel_counts_equal_what_the_backends_served() {
     let canary_p50 = canary_v["ttfb_p50_ms"].as_f64().expect("canary p50");
     eprintln!("ttfb p50: stable {stable_p50:.3} ms, canary {canary_p50:.3} ms");
     assert!(stable_p50 < 5.0, "stable p50 {stable_p50} ms");
+    // The canary sleeps 20 ms before answering: its time to first byte is at
+    // least that (less one bucket, 6.25 %, of the kernel's resolution) and
+    // more by the scheduling of a loaded 2-core machine, bounded at 25 %.
     let expected = 20.0 + stable_p50;
     assert!(
-        (canary_p50 - expected).abs() / expected <= 0.1,
-        "canary p50 {canary_p50} ms is more than 10 % from 20 ms + {stable_p50} ms"
+        (expected * 0.9375..=expected * 1.25).contains(&canary_p50),
+        "canary p50 {canary_p50} ms, not within -6.25 %/+25 % of 20 ms + {stable_p50} ms"
     );
     let rate = canary_v["error_rate"].as_f64().expect("canary error rate");
     assert!((0.1..0.3).contains(&rate), "canary error rate {rate}");

