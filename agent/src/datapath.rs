@@ -109,6 +109,27 @@ pub struct Datapath {
     pins: Option<Pins>,
     /// The maps were pinned by an earlier agent and are reused.
     pub adopted: bool,
+    /// The sizes the maps have: those asked for, or an adopted map's own.
+    pub sizes: Sizes,
+}
+
+/// The resource sizes of the loaded maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    /// Connections the conntrack table holds (two entries each).
+    pub conntrack_connections: u32,
+    /// Backends with statistics.
+    pub max_backends: u32,
+}
+
+/// The size of a pinned map, if there is one.
+fn pinned_entries(path: &std::path::Path) -> Result<Option<u32>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let info = MapInfo::from_pin(path)
+        .with_context(|| format!("reading the pinned map {}", path.display()))?;
+    Ok(Some(info.max_entries()))
 }
 
 impl Datapath {
@@ -141,6 +162,10 @@ impl Datapath {
             )
             .map_max_entries(names::STATS, opts.max_backends);
         let mut adopted = false;
+        let mut sizes = Sizes {
+            conntrack_connections: opts.conntrack_connections,
+            max_backends: opts.max_backends,
+        };
         let paths: Vec<(&str, std::path::PathBuf)> = match &opts.pins {
             Some(p) => {
                 if let Some(w) = p.prepare()? {
@@ -149,6 +174,39 @@ impl Datapath {
                 adopted = p.has_maps();
                 for (name, key, value) in MAPS {
                     check_layout(&p.map(name), name, key, value)?;
+                }
+                // A pinned map keeps its size: what is adopted is what the
+                // kernel holds, whatever the configuration now asks.
+                let resize = "it takes effect when the data path is made anew: stop kanari, run \
+                              `kanari uninstall` (established connections through it end), start it";
+                for (map, field, what, per) in [
+                    (
+                        names::CONNTRACK,
+                        "conntrack.connections",
+                        "conntrack table",
+                        2,
+                    ),
+                    (names::STATS, "limits.backends", "statistics map", 1),
+                ] {
+                    let size = if map == names::CONNTRACK {
+                        &mut sizes.conntrack_connections
+                    } else {
+                        &mut sizes.max_backends
+                    };
+                    let Some(pinned) = pinned_entries(&p.map(map))?.map(|n| n / per) else {
+                        continue;
+                    };
+                    if pinned != *size {
+                        let unit = if per == 2 { "connections" } else { "backends" };
+                        warn!(
+                            field,
+                            configured = *size,
+                            pinned,
+                            "the adopted {what} holds {pinned} {unit}, not the {} configured; {resize}",
+                            *size
+                        );
+                        *size = pinned;
+                    }
                 }
                 MAPS.iter().map(|(n, _, _)| (*n, p.map(n))).collect()
             }
@@ -184,6 +242,7 @@ impl Datapath {
             links: BTreeMap::new(),
             pins: opts.pins,
             adopted,
+            sizes,
         })
     }
 

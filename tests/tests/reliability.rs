@@ -30,15 +30,21 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Sum of `kanari_requests_total` on the agent's /metrics.
-fn requests_total(topo: &Topology) -> f64 {
+/// The agent's /metrics.
+fn metrics(topo: &Topology) -> String {
     let addr: SocketAddr = "127.0.0.1:9477".parse().unwrap();
     let (_, body) = topo
         .node
         .run_in(|| runtime().block_on(http_get(addr, "/metrics")))
         .unwrap()
         .expect("/metrics");
-    body.lines()
+    body
+}
+
+/// Sum of `kanari_requests_total` on the agent's /metrics.
+fn requests_total(topo: &Topology) -> f64 {
+    metrics(topo)
+        .lines()
         .filter(|l| l.starts_with("kanari_requests_total{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum()
@@ -658,4 +664,48 @@ fn an_upgraded_data_path_keeps_every_established_connection() {
         .expect("uninstall runs");
     let _ = std::fs::remove_file(&config);
     assert!(out.status.success());
+}
+
+/// A pinned map keeps its size: an agent started with a larger
+/// `conntrack.connections` or `limits.backends` over an adopted data path
+/// says so, naming the field, and reports the sizes the kernel holds.
+#[test]
+fn an_adopted_data_path_keeps_its_map_sizes_and_says_so() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let with = |connections: u32, backends: u32| {
+        topo.config(10.0, "", "tc").replacen(
+            "conntrack:\n  connections: 65536\n",
+            &format!("conntrack:\n  connections: {connections}\nlimits:\n  backends: {backends}\n"),
+            1,
+        )
+    };
+    let first = with(65_536, 8);
+    assert!(first.contains("backends: 8"), "{first}");
+    let a = Agent::start_keeping(&topo.node, &first).expect("kanari starts");
+    assert!(a.stop().expect("stops").status.success());
+    let b = Agent::start(&topo.node, &with(131_072, 16)).expect("kanari starts again");
+    let logs = b.logs().join("\n");
+    assert!(
+        logs.contains("conntrack.connections")
+            && logs.contains("holds 65536 connections, not the 131072 configured"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("limits.backends")
+            && logs.contains("holds 8 backends, not the 16 configured"),
+        "{logs}"
+    );
+    let capacity = metrics(&topo)
+        .lines()
+        .find_map(|l| l.strip_prefix("kanari_conntrack_capacity "))
+        .map(|v| v.trim().parse::<f64>().unwrap());
+    assert_eq!(
+        capacity,
+        Some(131_072.0),
+        "two entries per pinned connection"
+    );
+    b.stop().expect("stops");
 }

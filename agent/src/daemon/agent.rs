@@ -169,6 +169,39 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         max_backends: config.max_backends,
         pins: Some(Pins::new(&config.pin_dir)),
     })?;
+    // The sizes in force are the maps': an adopted map keeps its own.
+    let config = if datapath.sizes.max_backends != config.max_backends
+        || datapath.sizes.conntrack_connections != config.conntrack_connections
+    {
+        let listed: usize = config
+            .services
+            .iter()
+            .map(|s| s.stable.len() + s.canary.len())
+            .sum();
+        if listed > datapath.sizes.max_backends as usize {
+            error!(
+                "{}",
+                ConfigError {
+                    file: path.display().to_string(),
+                    field: "limits.backends".into(),
+                    message: format!(
+                        "the services list {listed} backends but the adopted statistics map holds {}; \
+                         list fewer, or make the data path anew: `kanari uninstall` (established \
+                         connections through it end), then start",
+                        datapath.sizes.max_backends
+                    ),
+                }
+            );
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Arc::new(Config {
+            max_backends: datapath.sizes.max_backends,
+            conntrack_connections: datapath.sizes.conntrack_connections,
+            ..Arc::unwrap_or_clone(config)
+        })
+    } else {
+        config
+    };
     // An adopted data path: learn what its maps hold, so the plan writes only
     // what differs and the counters carry on.
     let applied = if datapath.adopted {
