@@ -96,7 +96,8 @@ impl Hook {
         }
     }
 
-    /// The verdict of "let the packet go on" (the programs never drop).
+    /// The verdict of "let the packet go on" (the programs drop only shed
+    /// and invalid SYNs).
     pub fn pass(self) -> u32 {
         match self {
             Hook::Xdp => XDP_PASS,

@@ -21,7 +21,8 @@
 //!
 //! What is asserted, per frame and program:
 //! - the verdict is the pass verdict (`XDP_PASS`, `TC_ACT_UNSPEC`): nothing is
-//!   ever dropped or aborted. A test run the kernel itself refuses (`EINVAL`)
+//!   ever dropped or aborted but a consistent SYN+FIN to a service on ingress,
+//!   which is dropped (`XDP_DROP`, `TC_ACT_SHOT`). A test run the kernel itself refuses (`EINVAL`)
 //!   is allowed only where golden.rs documents it (under 14 bytes; for skb
 //!   programs an IPv4 EtherType under 34 bytes, IPv6 under 54).
 //! - a frame that is not a consistent Ethernet/IPv4/TCP frame (the oracle
@@ -527,6 +528,8 @@ struct HookStats {
     malformed: u64,
     /// XDP runs of service frames with a partial checksum (left to TC).
     deferred: u64,
+    /// SYN+FIN frames to a service, dropped and counted `invalid`.
+    invalid: u64,
     /// Translated frames whose IPv4 and TCP checksums were valid before (and after).
     valid_checksums: u64,
 }
@@ -642,6 +645,26 @@ impl Fuzz {
         st.runs += 1;
         if class.malformed() {
             st.malformed += 1;
+        }
+        // A consistent SYN+FIN to a service is dropped on ingress (XDP leaves
+        // one with the offload checksum seed to TC, which drops it).
+        let invalid = match class {
+            Class::Tcp(p) if hook != Hook::TcEgress && self.service_at(p.dst).is_some() => {
+                p.flags & (TCP_SYN | TCP_FIN) == TCP_SYN | TCP_FIN
+                    && !(hook == Hook::Xdp && looks_partial(frame, &p))
+            }
+            _ => false,
+        };
+        if invalid {
+            self.stats[hook as usize].invalid += 1;
+            let dropped = if hook == Hook::Xdp { 1 } else { 2 };
+            return if verdict == dropped {
+                Ok(())
+            } else {
+                Err(format!(
+                    "verdict {verdict:#x} for SYN+FIN to a service, expected {dropped:#x} (drop)"
+                ))
+            };
         }
         if verdict != hook.pass() {
             return Err(format!(
@@ -1323,7 +1346,7 @@ impl Fuzz {
         let total = self.dp.counter_totals().expect("reading counters");
         let get = |c: Counter| total.iter().find(|(k, _)| *k == c).map_or(0, |(_, n)| *n);
         let [x, t, e] = self.stats;
-        let passed = |s: HookStats| s.runs - s.translated - s.malformed - s.deferred;
+        let passed = |s: HookStats| s.runs - s.translated - s.malformed - s.deferred - s.invalid;
         let expected = [
             (
                 "xdp_steered + xdp_steered_new",
@@ -1346,6 +1369,7 @@ impl Fuzz {
                 x.malformed + t.malformed + e.malformed,
             ),
             ("no_backend", get(Counter::NoBackend), 0),
+            ("invalid", get(Counter::Invalid), x.invalid + t.invalid),
         ];
         for (name, got, want) in expected {
             assert_eq!(got, want, "counter {name}: all counters {total:?}");

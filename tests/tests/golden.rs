@@ -1219,6 +1219,32 @@ fn a_syn_ack_times_the_connect(hook: Hook) {
     assert_eq!(s.ttfb_hist.iter().sum::<u32>(), 0);
 }
 
+/// SYN with FIN, which no TCP stack sends, is dropped and counted
+/// `invalid`: it opens no connection, takes no conntrack entry, reaches no
+/// backend and counts in no backend's statistics.
+fn a_syn_with_fin_is_dropped(hook: Hook) {
+    let mut k = Kanari::load(web(10, ""));
+    let (counters, stats) = (k.counters(), k.all_stats());
+    let frame = Tcp4::new(CLIENT, VIP, TCP_SYN | TCP_FIN)
+        .tcp_options(&SYN_OPTIONS)
+        .build();
+    let (verdict, _) = k.run(hook, &frame);
+    let dropped = match hook {
+        Hook::Xdp => 1, // XDP_DROP
+        _ => 2,         // TC_ACT_SHOT
+    };
+    assert_eq!(verdict, dropped, "{hook:?} verdict for SYN+FIN");
+    assert_eq!(
+        counter_delta(&counters, &k.counters()),
+        vec![(Counter::Invalid, 1)]
+    );
+    assert_eq!(k.all_stats(), stats, "no backend saw it");
+    assert_eq!(k.conntrack().len(), 0, "no conntrack entry");
+    // A plain SYN from the same client still opens its connection.
+    let (_, backend) = k.predict(CLIENT);
+    k.expect_translated(hook, &Tcp4::syn(CLIENT, VIP).build(), backend);
+}
+
 /// A SYN sent again before any SYN-ACK counts as unanswered once per
 /// connection attempt, however often it is sent again; it keeps the backend
 /// (even across a weight change) and the first SYN's time; once answered, a
@@ -1750,6 +1776,7 @@ through_each_ingress!(
     connection_affinity_splits_by_flow_hash,
     a_syn_ack_times_the_connect,
     a_retransmitted_syn_is_unanswered_and_keeps_its_backend,
+    a_syn_with_fin_is_dropped,
     backend_rsts_count_as_refused_or_reset,
     http_exchanges_on_keep_alive_are_counted_one_by_one,
     a_status_line_split_across_segments_is_counted_once,

@@ -451,10 +451,13 @@ pub enum Counter {
     /// A new connection's SYN dropped by the new-connection rate guard (a
     /// SYN flood must not evict established connections from conntrack).
     Shed = 13,
+    /// A service segment with flags no TCP stack sends (SYN with FIN),
+    /// dropped: it neither opens a connection nor reaches a backend.
+    Invalid = 14,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::XdpSteered,
         Counter::XdpSteeredNew,
@@ -470,6 +473,7 @@ impl Counter {
         Counter::TcPassed,
         Counter::EgressPassed,
         Counter::Shed,
+        Counter::Invalid,
     ];
 
     #[inline(always)]
@@ -497,6 +501,7 @@ impl Counter {
             Counter::TcPassed => "tc_passed",
             Counter::EgressPassed => "egress_passed",
             Counter::Shed => "shed",
+            Counter::Invalid => "invalid",
         }
     }
 }

@@ -109,6 +109,12 @@ impl Tcp4 {
         self.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
     }
 
+    /// Flags no TCP stack sends: SYN with FIN.
+    #[inline(always)]
+    pub fn is_invalid(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_FIN) == TCP_SYN | TCP_FIN
+    }
+
     #[inline(always)]
     pub fn is_rst(&self) -> bool {
         self.flags & TCP_RST != 0

@@ -229,6 +229,11 @@ fn segment_of(svc: &Service, client: u32) -> Option<Group> {
 /// The backend of a service packet: from conntrack, or chosen now.
 #[inline(always)]
 fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
+    // SYN with FIN: no stack sends it; as a new connection it would take a
+    // conntrack entry and a backend's connect statistics.
+    if p.is_invalid() {
+        return Err(Counter::Invalid);
+    }
     let key = FlowKey::new(p.saddr, p.daddr, p.sport, p.dport);
     let syn = p.is_new_connection();
     if let Some(e) = CONNTRACK.get_ptr_mut(key) {
@@ -376,13 +381,13 @@ fn count_skip(ifindex: u32, s: Skip, passed: Counter) {
 
 #[xdp]
 pub fn kanari_xdp_ingress(ctx: XdpContext) -> u32 {
-    if xdp_ingress(&ctx) == Some(Counter::Shed) {
+    if xdp_ingress(&ctx).is_some() {
         return xdp_action::XDP_DROP;
     }
     xdp_action::XDP_PASS
 }
 
-/// Steers in XDP; `Some(Shed)` when the packet must be dropped.
+/// Steers in XDP; `Some(Shed | Invalid)` when the packet must be dropped.
 #[inline(always)]
 fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
     let ifindex = ctx.ingress_ifindex() as u32;
@@ -411,7 +416,7 @@ fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
         Ok(t) => t,
         Err(c) => {
             count(ifindex, c);
-            return (c == Counter::Shed).then_some(c);
+            return matches!(c, Counter::Shed | Counter::Invalid).then_some(c);
         }
     };
     let (Ok(ip), Ok(tcp)) = (
@@ -488,7 +493,7 @@ fn tc_rewrite(
 
 #[classifier]
 pub fn kanari_tc_ingress(ctx: TcContext) -> i32 {
-    if tc_ingress(&ctx) == Some(Counter::Shed) {
+    if tc_ingress(&ctx).is_some() {
         return TC_ACT_SHOT;
     }
     TC_ACT_UNSPEC
@@ -500,7 +505,7 @@ fn ifindex_of(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Steers in TC; `Some(Shed)` when the packet must be dropped.
+/// Steers in TC; `Some(Shed | Invalid)` when the packet must be dropped.
 #[inline(always)]
 fn tc_ingress(ctx: &TcContext) -> Option<Counter> {
     let ifindex = ifindex_of(ctx);
@@ -521,7 +526,7 @@ fn tc_ingress(ctx: &TcContext) -> Option<Counter> {
         Ok(t) => t,
         Err(c) => {
             count(ifindex, c);
-            return (c == Counter::Shed).then_some(c);
+            return matches!(c, Counter::Shed | Counter::Invalid).then_some(c);
         }
     };
     let rewritten = tc_rewrite(
