@@ -122,14 +122,22 @@ pub struct Sizes {
     pub max_backends: u32,
 }
 
-/// The size of a pinned map, if there is one.
-fn pinned_entries(path: &std::path::Path) -> Result<Option<u32>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let info = MapInfo::from_pin(path)
-        .with_context(|| format!("reading the pinned map {}", path.display()))?;
-    Ok(Some(info.max_entries()))
+/// A size the configuration asks for, made the pinned map's when an
+/// adopted map has another (a pinned map cannot be resized), with a warning
+/// naming the field and the fix.
+fn adopt_size(configured: &mut u32, pinned: Option<u32>, field: &str, what: &str, unit: &str) {
+    let Some(pinned) = pinned.filter(|p| p != configured) else {
+        return;
+    };
+    warn!(
+        field,
+        configured = *configured,
+        pinned,
+        "the adopted {what} holds {pinned} {unit}, not the {configured} configured; it takes \
+         effect when the data path is made anew: stop kanari, run `kanari uninstall` \
+         (established connections through it end), start it"
+    );
+    *configured = pinned;
 }
 
 impl Datapath {
@@ -172,42 +180,28 @@ impl Datapath {
                     warn!("{w}");
                 }
                 adopted = p.has_maps();
+                let mut entries = BTreeMap::new();
                 for (name, key, value) in MAPS {
-                    check_layout(&p.map(name), name, key, value)?;
+                    if let Some(n) = check_layout(&p.map(name), name, key, value)? {
+                        entries.insert(name, n);
+                    }
                 }
                 // A pinned map keeps its size: what is adopted is what the
                 // kernel holds, whatever the configuration now asks.
-                let resize = "it takes effect when the data path is made anew: stop kanari, run \
-                              `kanari uninstall` (established connections through it end), start it";
-                for (map, field, what, per) in [
-                    (
-                        names::CONNTRACK,
-                        "conntrack.connections",
-                        "conntrack table",
-                        2,
-                    ),
-                    (names::STATS, "limits.backends", "statistics map", 1),
-                ] {
-                    let size = if map == names::CONNTRACK {
-                        &mut sizes.conntrack_connections
-                    } else {
-                        &mut sizes.max_backends
-                    };
-                    let Some(pinned) = pinned_entries(&p.map(map))?.map(|n| n / per) else {
-                        continue;
-                    };
-                    if pinned != *size {
-                        let unit = if per == 2 { "connections" } else { "backends" };
-                        warn!(
-                            field,
-                            configured = *size,
-                            pinned,
-                            "the adopted {what} holds {pinned} {unit}, not the {} configured; {resize}",
-                            *size
-                        );
-                        *size = pinned;
-                    }
-                }
+                adopt_size(
+                    &mut sizes.conntrack_connections,
+                    entries.get(names::CONNTRACK).map(|n| n / 2),
+                    "conntrack.connections",
+                    "conntrack table",
+                    "connections",
+                );
+                adopt_size(
+                    &mut sizes.max_backends,
+                    entries.get(names::STATS).copied(),
+                    "limits.backends",
+                    "statistics map",
+                    "backends",
+                );
                 MAPS.iter().map(|(n, _, _)| (*n, p.map(n))).collect()
             }
             None => Vec::new(),
@@ -907,10 +901,16 @@ where
 }
 
 /// Refuses a pinned map whose layout is not this build's (a build that
-/// changes a layout must also change the map's versioned name).
-fn check_layout(path: &std::path::Path, name: &str, key: usize, value: usize) -> Result<()> {
+/// changes a layout must also change the map's versioned name); returns
+/// the pinned map's entries, if there is one.
+fn check_layout(
+    path: &std::path::Path,
+    name: &str,
+    key: usize,
+    value: usize,
+) -> Result<Option<u32>> {
     if !path.exists() {
-        return Ok(());
+        return Ok(None);
     }
     let info = MapInfo::from_pin(path)
         .with_context(|| format!("reading the pinned map {}", path.display()))?;
@@ -923,5 +923,5 @@ fn check_layout(path: &std::path::Path, name: &str, key: usize, value: usize) ->
             info.value_size()
         );
     }
-    Ok(())
+    Ok(Some(info.max_entries()))
 }

@@ -13,5 +13,6 @@ pub mod frames;
 pub mod load;
 pub mod netns;
 pub mod prometheus;
+pub mod python;
 pub mod rng;
 pub mod topology;

@@ -14,29 +14,12 @@
 
 use std::{
     io::Write as _,
-    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
 use kanari::sequential::{difference, proportion};
+use kanari_tests::python::python_tool;
 use serde_json::json;
-
-fn python() -> PathBuf {
-    let dir = std::env::var_os("KANARI_PYTHON_TOOLS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| Path::new(&h).join(".local/share/kanari/python-tools/bin"))
-        })
-        .expect("KANARI_PYTHON_TOOLS or HOME");
-    let python = dir.join("python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run `cargo xtask test`, which installs the Python tools",
-        python.display()
-    );
-    python
-}
 
 const CHECK: &str = r#"
 import json, math, sys
@@ -119,7 +102,7 @@ fn the_always_valid_intervals_agree_with_scipy() {
         }
     }
     assert!(cases.len() >= 30, "{} cases", cases.len());
-    let mut child = Command::new(python())
+    let mut child = Command::new(python_tool("python"))
         .args(["-c", CHECK])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

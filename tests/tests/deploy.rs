@@ -41,6 +41,7 @@ use kanari_tests::{
     load::Load,
     netns::{Netns, require_root, unique_tag},
     prometheus::Prometheus,
+    python::python_tool,
     topology::{Topology, TopologyOptions, VIP, client_addr},
 };
 use serde_json::Value;
@@ -75,25 +76,6 @@ fn deploy(path: &str) -> PathBuf {
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-/// A program from the Python tools `cargo xtask test` installs.
-fn python_tool(name: &str) -> PathBuf {
-    let dir = std::env::var_os("KANARI_PYTHON_TOOLS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| Path::new(&h).join(".local/share/kanari/python-tools/bin"))
-        })
-        .expect("KANARI_PYTHON_TOOLS or HOME");
-    let tool = dir.join(name);
-    assert!(
-        tool.is_file(),
-        "{} is missing: run the tests with `cargo xtask test`, which installs it (PyPI), \
-         or set KANARI_PYTHON_TOOLS to a directory with it",
-        tool.display()
-    );
-    tool
 }
 
 /// Runs a command to completion; panics naming it if it cannot start.

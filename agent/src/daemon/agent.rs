@@ -134,21 +134,6 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         hooks,
     } = setup;
     let clock = Clock::new();
-    let recorder = match &config.record {
-        Some(r) => {
-            let header = record::Header {
-                format: record::FORMAT.into(),
-                version: record::VERSION,
-                config_path: path.display().to_string(),
-                config: std::fs::read_to_string(&path).unwrap_or_default(),
-                started_unix_ms: unix_ms(),
-            };
-            let recorder = Recorder::start(r.path.clone(), r.max_bytes, header)?;
-            info!(path = %r.path.display(), "recording the judges' telemetry");
-            Some((recorder, Differ::default()))
-        }
-        None => None,
-    };
     let store = Store::new(&config.state_dir);
     let engine = Engine::new(store);
     // The release train's rule holds at start too: the persisted rollouts
@@ -201,6 +186,22 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         })
     } else {
         config
+    };
+    // Recording starts once the configuration is taken and the data path loaded.
+    let recorder = match &config.record {
+        Some(r) => {
+            let header = record::Header {
+                format: record::FORMAT.into(),
+                version: record::VERSION,
+                config_path: path.display().to_string(),
+                config: std::fs::read_to_string(&path).unwrap_or_default(),
+                started_unix_ms: unix_ms(),
+            };
+            let recorder = Recorder::start(r.path.clone(), r.max_bytes, header)?;
+            info!(path = %r.path.display(), "recording the judges' telemetry");
+            Some((recorder, Differ::default()))
+        }
+        None => None,
     };
     // An adopted data path: learn what its maps hold, so the plan writes only
     // what differs and the counters carry on.
