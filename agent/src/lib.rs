@@ -13,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod discovery;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod hooks;

@@ -302,18 +302,50 @@ fn the_kubernetes_manifests_render_and_validate() {
         );
     }
 
-    // The agent never calls the API server: no token, no RBAC.
-    for kind in ["Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"] {
+    // The agent reads CanaryReleases, Services and EndpointSlices, and
+    // nothing else: read-only verbs, bound to its account only.
+    for kind in ["Role", "RoleBinding"] {
         assert!(!kinds.contains_key(kind), "an unneeded {kind}");
     }
     let account = one(&kinds, "ServiceAccount");
-    assert_eq!(account["automountServiceAccountToken"], false);
+    let role = one(&kinds, "ClusterRole");
+    let mut granted: Vec<(String, String, Vec<String>)> = Vec::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                let mut verbs: Vec<String> = strings(&rule["verbs"]).into_iter().collect();
+                verbs.sort();
+                granted.push((group.clone(), resource, verbs));
+            }
+        }
+    }
+    granted.sort();
+    let read = vec!["get".to_string(), "list".into(), "watch".into()];
+    assert_eq!(
+        granted,
+        vec![
+            ("".to_string(), "services".to_string(), read.clone()),
+            (
+                "discovery.k8s.io".into(),
+                "endpointslices".into(),
+                read.clone()
+            ),
+            ("kanari.dev".into(), "canaryreleases".into(), read),
+        ],
+        "least privilege"
+    );
+    let binding = one(&kinds, "ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["namespace"], "kanari");
+    let crd = one(&kinds, "CustomResourceDefinition");
+    assert_eq!(crd["metadata"]["name"], "canaryreleases.kanari.dev");
 
     let ds = one(&kinds, "DaemonSet");
     let pod = &ds["spec"]["template"];
     let spec = &pod["spec"];
     assert_eq!(spec["serviceAccountName"], account["metadata"]["name"]);
-    assert_eq!(spec["automountServiceAccountToken"], false);
+    assert_eq!(spec["automountServiceAccountToken"], true);
     assert_eq!(spec["hostNetwork"], true);
     assert!(
         spec["tolerations"]

@@ -95,13 +95,16 @@ pub struct ConfigError {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path, interface_exists: &dyn Fn(&str) -> bool) -> Result<Config, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
+    parse(&path.display().to_string(), &read(path)?, interface_exists)
+}
+
+/// A configuration file's text.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
         field: "(file)".into(),
         message: format!("cannot read it: {e}"),
-    })?;
-    parse(&file, &text, interface_exists)
+    })
 }
 
 /// Parses and validates a configuration's text; `file` names it in errors.
@@ -110,6 +113,118 @@ pub fn parse(
     text: &str,
     interface_exists: &dyn Fn(&str) -> bool,
 ) -> Result<Config, ConfigError> {
+    let raw = parse_raw(file, text)?;
+    validate::validate(raw, interface_exists).map_err(|(field, message)| ConfigError {
+        file: file.to_string(),
+        field,
+        message,
+    })
+}
+
+/// A CanaryRelease's service as a `services:` entry of the file would write
+/// it (built by [`crate::discovery`]), so one validator checks both.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Release {
+    /// NAMESPACE/NAME of the CanaryRelease.
+    pub key: String,
+    pub service: serde_json::Value,
+}
+
+/// A release left out, with the field in the CanaryRelease's terms and the fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub key: String,
+    pub field: String,
+    pub message: String,
+}
+
+/// The file's configuration with every release that fits beside it and
+/// the others; the file's own errors are the file's (and nothing is taken).
+pub fn parse_with_releases(
+    file: &str,
+    text: &str,
+    interface_exists: &dyn Fn(&str) -> bool,
+    releases: &[Release],
+) -> Result<(Config, Vec<Refused>), ConfigError> {
+    let alone = parse(file, text, interface_exists)?;
+    if releases.is_empty() {
+        return Ok((alone, Vec::new()));
+    }
+    let with = |list: &[&Release]| -> Result<Config, FieldError> {
+        let mut raw = parse_raw(file, text).map_err(|e| (e.field, e.message))?;
+        for r in list {
+            raw.services.push(raw_service(r)?);
+        }
+        validate::validate(raw, interface_exists)
+    };
+    let refuse = |r: &Release, (field, message): FieldError| Refused {
+        key: r.key.clone(),
+        field: release_field(&field),
+        message,
+    };
+    let mut refused = Vec::new();
+    let mut fit = Vec::new();
+    for r in releases {
+        match with(&[r]) {
+            Ok(_) => fit.push(r),
+            Err(e) => refused.push(refuse(r, e)),
+        }
+    }
+    if let Ok(c) = with(&fit) {
+        return Ok((c, refused));
+    }
+    // Some conflict between releases (a VIP, the backend budget): the
+    // earlier ones (by key) win, each later one is told why.
+    let mut taken: Vec<&Release> = Vec::new();
+    for r in fit {
+        taken.push(r);
+        if let Err(e) = with(&taken) {
+            taken.pop();
+            refused.push(refuse(r, e));
+        }
+    }
+    let config = with(&taken).map_err(|(field, message)| ConfigError {
+        file: file.to_string(),
+        field,
+        message,
+    })?;
+    Ok((config, refused))
+}
+
+fn raw_service(r: &Release) -> Result<raw::RawService, FieldError> {
+    let mut s: raw::RawService = serde_path_to_error::deserialize(&r.service).map_err(|e| {
+        (
+            format!("services[0].{}", e.path()),
+            e.into_inner().to_string(),
+        )
+    })?;
+    s.discovered = true;
+    Ok(s)
+}
+
+/// A field of a validated service (`services[3].canary.revision`) as the
+/// CanaryRelease spells it (`spec.revision`).
+fn release_field(field: &str) -> String {
+    let Some(f) = field
+        .strip_prefix("services[")
+        .and_then(|r| r.split_once("]."))
+        .map(|(_, f)| f)
+    else {
+        return field.to_string();
+    };
+    let head = f.split(['.', '[']).next().unwrap_or(f);
+    match head {
+        "name" => "metadata.name".into(),
+        "vip" => "spec.service".into(),
+        "canary" if f == "canary.revision" => "spec.revision".into(),
+        "stable" if f == "stable.revision" => "spec.stableRevision".into(),
+        "canary" | "stable" => format!("spec.{head}"),
+        _ => format!("spec.{f}"),
+    }
+}
+
+/// The file's text as written, or where it is wrong.
+fn parse_raw(file: &str, text: &str) -> Result<RawConfig, ConfigError> {
     let raw: RawConfig = {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
@@ -138,11 +253,7 @@ pub fn parse(
             }
         })?
     };
-    validate::validate(raw, interface_exists).map_err(|(field, message)| ConfigError {
-        file: file.to_string(),
-        field,
-        message,
-    })
+    Ok(raw)
 }
 
 type FieldError = (String, String);

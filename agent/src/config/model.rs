@@ -32,7 +32,18 @@ pub struct Config {
     pub tick: Duration,
     /// `telemetry.record`: where the judges' per-tick telemetry is written.
     pub record: Option<RecordTo>,
+    /// `kubernetes:`: services discovered from CanaryReleases as well.
+    pub kubernetes: Option<Kubernetes>,
     pub services: Vec<Service>,
+}
+
+/// `kubernetes:` (fixed at start).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kubernetes {
+    /// A kubeconfig file; `None`: the pod's service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name in reports; `None`: `$NODE_NAME`, else the host name.
+    pub node: Option<String>,
 }
 
 /// `telemetry.record` and `telemetry.record_max_mb` (see [`crate::record`]).
@@ -107,6 +118,9 @@ pub struct Service {
     pub segments: Vec<SegmentRule>,
     /// How the canary's weight is driven; `None`: `canary_weight` is fixed.
     pub rollout: Option<RolloutSpec>,
+    /// From a CanaryRelease: a canary without endpoints (pods restarting)
+    /// holds the rollout, its share going to stable, instead of ending it.
+    pub discovered: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -37,8 +37,19 @@ pub(super) struct RawConfig {
     pub(super) bpf: RawBpf,
     #[serde(default)]
     pub(super) telemetry: RawTelemetry,
+    pub(super) kubernetes: Option<RawKubernetes>,
     #[serde(default)]
     pub(super) services: Vec<RawService>,
+}
+
+/// `kubernetes:`: services from CanaryReleases, Services and EndpointSlices.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKubernetes {
+    /// A kubeconfig file; absent: the pod's service account (in-cluster).
+    pub(super) kubeconfig: Option<PathBuf>,
+    /// The node's name in reports; absent: `$NODE_NAME`, else the host name.
+    pub(super) node: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +218,10 @@ pub(super) struct RawService {
     pub(super) segments: Vec<RawSegment>,
     pub(super) rollout: Option<RawRollout>,
     pub(super) analysis: Option<RawAnalysis>,
+    /// From a CanaryRelease (never from the file): its canary may have no
+    /// endpoints for a while, which holds the rollout instead of ending it.
+    #[serde(skip)]
+    pub(super) discovered: bool,
 }
 
 #[derive(Default, Deserialize)]

@@ -187,8 +187,10 @@ pub(super) fn validate(
     let mut backends_total = 0usize;
     for (i, s) in raw.services.into_iter().enumerate() {
         let at = |f: &str| format!("services[{i}].{f}");
+        // A discovered service is named NAMESPACE.NAME of its CanaryRelease.
+        let longest = if s.discovered { 253 } else { 63 };
         if s.name.is_empty()
-            || s.name.len() > 63
+            || s.name.len() > longest
             || !s
                 .name
                 .chars()
@@ -197,7 +199,7 @@ pub(super) fn validate(
             return err(
                 at("name"),
                 format!(
-                    "`{}` is not a service name: 1 to 63 of a-z, A-Z, 0-9, `-`, `_`, `.`",
+                    "`{}` is not a service name: 1 to {longest} of a-z, A-Z, 0-9, `-`, `_`, `.`",
                     s.name
                 ),
             );
@@ -365,7 +367,8 @@ pub(super) fn validate(
             None => None,
             Some(r) => {
                 let facts = rollout::ServiceFacts {
-                    has_canary_backends: !canary.is_empty(),
+                    // A CanaryRelease's canary may have no endpoints yet.
+                    has_canary_backends: !canary.is_empty() || s.discovered,
                     canary_segments: segments.iter().filter(|r| r.group == Group::Canary).count(),
                 };
                 let (rollout, analysis) =
@@ -386,6 +389,7 @@ pub(super) fn validate(
             canary_revision: s.canary.revision,
             segments,
             rollout,
+            discovered: s.discovered,
         });
     }
     Ok(Config {
@@ -399,6 +403,30 @@ pub(super) fn validate(
         pin_dir,
         tick,
         record,
+        kubernetes: match raw.kubernetes {
+            None => None,
+            Some(k) => {
+                if let Some(path) = k.kubeconfig.as_ref().filter(|p| !p.is_absolute()) {
+                    return err(
+                        "kubernetes.kubeconfig",
+                        format!(
+                            "`{}` is not an absolute path (e.g. /etc/kanari/kubeconfig); leave it out in a pod, which uses its service account",
+                            path.display()
+                        ),
+                    );
+                }
+                if let Some(n) = k.node.as_ref().filter(|n| n.is_empty() || n.len() > 253) {
+                    return err(
+                        "kubernetes.node",
+                        format!("`{n}` is not a node name: 1 to 253 characters"),
+                    );
+                }
+                Some(super::Kubernetes {
+                    kubeconfig: k.kubeconfig,
+                    node: k.node,
+                })
+            }
+        },
         services,
     })
 }

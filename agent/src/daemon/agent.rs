@@ -29,6 +29,7 @@ use crate::{
     config::{self, Config, ConfigError},
     config::{DEFAULT_REQUEST_TIMEOUT, Service},
     datapath::{ConntrackScan, Datapath, LoadOptions, Pending},
+    discovery::releases::{Discovered, Known, service_name},
     hooks::{GateAnswer, Hooks},
     pins::Pins,
     plan::{self, Applied, Quarantine},
@@ -36,6 +37,7 @@ use crate::{
     rollout::{Action, Engine, Event, Store},
     snapshot::{RolloutView, Snapshot, TickStats},
     telemetry::{BackendKey, GroupName, Telemetry},
+    verb::Verb,
 };
 
 /// A service's request timeout: its analysis's, or the default.
@@ -66,6 +68,10 @@ const FULL_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// What the loop starts from.
 pub(super) struct Setup {
     pub path: PathBuf,
+    /// The configuration file's text, as validated into `config`.
+    pub text: String,
+    /// With `kubernetes:`, the first reading of the CanaryReleases.
+    pub discovered: Option<Vec<Discovered>>,
     pub config: Arc<Config>,
     pub detach_on_exit: bool,
     pub inputs: mpsc::Receiver<Input>,
@@ -82,6 +88,11 @@ pub(super) struct Setup {
 
 struct Agent {
     path: PathBuf,
+    /// The configuration file's text in force (discovered releases are
+    /// validated beside it).
+    file_text: String,
+    /// The CanaryReleases read (`kubernetes:`).
+    known: Known,
     clock: Clock,
     datapath: Datapath,
     /// What the maps held when last read back, or were last written to hold.
@@ -124,6 +135,8 @@ struct Agent {
 pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     let Setup {
         path,
+        text,
+        discovered,
         config,
         detach_on_exit,
         mut inputs,
@@ -138,6 +151,21 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     let engine = Engine::new(store);
     // The release train's rule holds at start too: the persisted rollouts
     // know which version serves.
+    let mut known = Known::default();
+    let mut toggled = Vec::new();
+    let config = match discovered {
+        Some(readings) => {
+            toggled = known.read(readings);
+            match super::kube::compose(&engine, &path, &text, &mut known) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    error!("{e}");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            }
+        }
+        None => config,
+    };
     if let Err((field, message)) = engine.admit(&config) {
         error!(
             "{}",
@@ -229,6 +257,8 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     quarantine.hold(first.backend_ids.difference(&owned).copied(), 0);
     let mut agent = Agent {
         path,
+        file_text: text,
+        known,
         clock,
         datapath,
         applied,
@@ -255,6 +285,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         recorder,
     };
     agent.apply(Arc::unwrap_or_clone(config))?;
+    agent.pause_as_specified(toggled);
     agent.tick();
     conntrack::spawn(
         reader,
@@ -292,6 +323,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
             }
             Input::Conntrack { started_ms, scan } => agent.walked(started_ms, scan),
             Input::Gate(answer) => agent.gate(answer),
+            Input::Discovered(readings) => agent.discovered(readings),
             Input::Stop(why) => {
                 info!("{why}: stopping");
                 break;
@@ -328,6 +360,7 @@ impl Agent {
             ("state.dir", config.state_dir != self.config.state_dir),
             ("bpf.pin_dir", config.pin_dir != self.config.pin_dir),
             ("telemetry.record", config.record != self.config.record),
+            ("kubernetes", config.kubernetes != self.config.kubernetes),
         ];
         for (field, changed) in fixed_at_start {
             if changed {
@@ -342,6 +375,7 @@ impl Agent {
             state_dir: self.config.state_dir.clone(),
             pin_dir: self.config.pin_dir.clone(),
             record: self.config.record.clone(),
+            kubernetes: self.config.kubernetes.clone(),
             ..config
         };
         self.engine.sync(&config, self.clock.now_ms());
@@ -615,10 +649,18 @@ impl Agent {
 
     /// SIGHUP: the file again, validated, held to the release train, applied.
     fn reload(&mut self) {
-        let loaded = config::load(&self.path, &interface_exists).and_then(|c| {
+        let loaded = config::read(&self.path).and_then(|text| {
+            let c = if self.config.kubernetes.is_some() {
+                let mut known = self.known.clone();
+                let c = super::kube::compose(&self.engine, &self.path, &text, &mut known)?;
+                self.known = known;
+                c
+            } else {
+                config::parse(&self.path.display().to_string(), &text, &interface_exists)?
+            };
             self.engine
                 .admit(&c)
-                .map(|()| c)
+                .map(|()| (text, c))
                 .map_err(|(field, message)| ConfigError {
                     file: self.path.display().to_string(),
                     field,
@@ -626,13 +668,51 @@ impl Agent {
                 })
         });
         match loaded {
-            Ok(c) => match self.apply(c) {
+            Ok((text, c)) => match self.take_file(text, c) {
                 Ok(()) => info!(config = %self.path.display(), "config reloaded"),
                 Err(e) => error!("config reload failed while applying: {e:#}"),
             },
             Err(e) => {
                 self.reload_failures += 1;
                 error!("config reload rejected, the running configuration stays: {e}");
+            }
+        }
+    }
+
+    /// A reloaded file's text and configuration taken in.
+    fn take_file(&mut self, text: String, config: Config) -> Result<()> {
+        self.file_text = text;
+        self.apply(config)
+    }
+
+    /// A new reading of the CanaryReleases: validated beside the file's
+    /// services, then taken in like a reload.
+    fn discovered(&mut self, readings: Vec<Discovered>) {
+        let toggled = self.known.read(readings);
+        match super::kube::compose(&self.engine, &self.path, &self.file_text, &mut self.known) {
+            Ok(c) => {
+                if let Err(e) = self.apply(c) {
+                    error!("taking in the CanaryReleases failed while applying: {e:#}");
+                }
+            }
+            Err(e) => error!("the CanaryReleases could not be taken in: {e}"),
+        }
+        self.pause_as_specified(toggled);
+    }
+
+    /// `spec.paused` set or cleared: the rollout paused or resumed, as an
+    /// operator's verb would (an edge, so `kanari pause` is not undone).
+    fn pause_as_specified(&mut self, toggled: Vec<(String, bool)>) {
+        for (key, paused) in toggled {
+            let service = service_name(&key);
+            let verb = if paused { Verb::Pause } else { Verb::Resume };
+            let now = self.clock.now_ms();
+            match self.engine.command(&self.config, &service, &verb, now) {
+                Ok(actions) => {
+                    info!(release = %key, paused, "spec.paused changed");
+                    let _ = self.act(&[(service, actions)], Check::Cheap);
+                }
+                Err(refused) => info!(release = %key, paused, "spec.paused: {}", refused.0),
             }
         }
     }

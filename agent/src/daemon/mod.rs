@@ -41,6 +41,7 @@ use crate::{
 
 mod agent;
 mod conntrack;
+mod kube;
 
 /// Exit code for a configuration that does not validate.
 pub const EXIT_CONFIG: u8 = 2;
@@ -60,6 +61,8 @@ pub enum Input {
     },
     /// A gate's webhooks answered.
     Gate(crate::hooks::GateAnswer),
+    /// A new reading of the CanaryReleases (`kubernetes:`).
+    Discovered(Vec<crate::discovery::releases::Discovered>),
     /// SIGTERM or SIGINT.
     Stop(&'static str),
 }
@@ -118,7 +121,10 @@ fn interface_name(index: u32) -> String {
 
 /// Runs the agent until SIGTERM or SIGINT; the exit code to end with.
 pub fn run(path: PathBuf, detach_on_exit: bool) -> ExitCode {
-    let config = match config::load(&path, &interface_exists) {
+    let loaded = config::read(&path).and_then(|text| {
+        config::parse(&path.display().to_string(), &text, &interface_exists).map(|c| (text, c))
+    });
+    let (text, config) = match loaded {
         Ok(c) => c,
         Err(e) => {
             error!("{e}");
@@ -135,7 +141,7 @@ pub fn run(path: PathBuf, detach_on_exit: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(path, config, detach_on_exit)) {
+    match runtime.block_on(serve(path, text, config, detach_on_exit)) {
         Ok(code) => code,
         Err(e) => {
             error!("{e:#}");
@@ -145,7 +151,12 @@ pub fn run(path: PathBuf, detach_on_exit: bool) -> ExitCode {
 }
 
 /// The runtime's side: listeners, signals and the tick timer, around the loop's thread.
-async fn serve(path: PathBuf, config: Config, detach_on_exit: bool) -> Result<ExitCode> {
+async fn serve(
+    path: PathBuf,
+    text: String,
+    config: Config,
+    detach_on_exit: bool,
+) -> Result<ExitCode> {
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -212,6 +223,38 @@ async fn serve(path: PathBuf, config: Config, detach_on_exit: bool) -> Result<Ex
         })
     };
 
+    // With `kubernetes:`, the loop starts from a complete reading of the
+    // CanaryReleases: starting without would remove their services from
+    // the pinned data path, which keeps steering meanwhile.
+    let discovered = match &config.kubernetes {
+        None => None,
+        Some(k) => {
+            let client = crate::discovery::watch::client(k).await?;
+            let (readings, mut readings_rx) = mpsc::channel(4);
+            crate::discovery::watch::spawn(client, readings);
+            info!("listing CanaryReleases, Services and EndpointSlices");
+            let mut waited = interval(Duration::from_secs(10));
+            waited.tick().await;
+            let first = loop {
+                tokio::select! {
+                    r = readings_rx.recv() => break r.context("the Kubernetes watchers ended")?,
+                    _ = waited.tick() => info!("still waiting for the Kubernetes API server to list CanaryReleases, Services and EndpointSlices; the pinned data path keeps steering"),
+                    _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(ExitCode::SUCCESS); }
+                    _ = int.recv() => { info!("SIGINT: stopping"); return Ok(ExitCode::SUCCESS); }
+                }
+            };
+            let to_loop = inputs.clone();
+            tokio::spawn(async move {
+                while let Some(r) = readings_rx.recv().await {
+                    if to_loop.send(Input::Discovered(r)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Some(first)
+        }
+    };
+
     let (done, mut done_rx) = oneshot::channel();
     let conntrack_inputs = inputs.clone();
     std::thread::Builder::new()
@@ -219,6 +262,8 @@ async fn serve(path: PathBuf, config: Config, detach_on_exit: bool) -> Result<Ex
         .spawn(move || {
             let code = agent::run(agent::Setup {
                 path,
+                text,
+                discovered,
                 config,
                 detach_on_exit,
                 inputs: inputs_rx,

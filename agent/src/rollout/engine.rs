@@ -91,7 +91,9 @@ fn sorted(v: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
 /// overlap (adding or removing a replica is scaling, not a release).
 fn classify(state: &State, svc: &Service) -> Change {
     if svc.canary.is_empty() {
-        return if state.phase == Phase::Idle {
+        // A CanaryRelease's canary without endpoints (its pods restarting)
+        // holds the rollout; the kernel sends its share to stable.
+        return if state.phase == Phase::Idle || svc.discovered {
             Change::Same
         } else {
             Change::NoCanary
