@@ -10,6 +10,7 @@ pub mod client;
 pub mod control;
 pub mod flood;
 pub mod frames;
+pub mod kubeapi;
 pub mod load;
 pub mod netns;
 pub mod prometheus;

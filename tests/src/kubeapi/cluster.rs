@@ -1,0 +1,393 @@
+//! The server's state behind one lock: the store, the registry its CRDs
+//! imply, and the write path every create, update, patch and delete takes,
+//! from HTTP and from `ApiServer`'s direct access alike, with the side
+//! effects a real control plane adds (a CRD is Established at once; deleting
+//! a namespace or a CRD deletes what it held).
+
+use super::admit::{self, FieldValidation, name_of};
+use super::meta::{generated_name, rfc3339};
+use super::patch::{PatchError, json_patch, merge_patch};
+use super::resources::{Registry, ResourceType};
+use super::status::{ApiError, Subject};
+use super::store::{Part, Store, StoreError, merge_part};
+use serde_json::{Value, json};
+use std::time::SystemTime;
+
+pub const CRDS: &str = "customresourcedefinitions.apiextensions.k8s.io";
+
+/// How a write is to be done (`?fieldValidation=`, `?dryRun=All`).
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    pub field_validation: FieldValidation,
+    pub dry_run: bool,
+}
+
+/// A write's outcome: the stored object, whether it was created (201), and
+/// the warnings for the `Warning` header.
+#[derive(Debug)]
+pub struct Written {
+    pub object: Value,
+    pub created: bool,
+    pub warnings: Vec<String>,
+}
+
+/// A PATCH body and its type.
+#[derive(Debug, Clone, Copy)]
+pub struct PatchBody<'a> {
+    pub ty: PatchType,
+    pub bytes: &'a [u8],
+}
+
+/// The PATCH body types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchType {
+    Merge,
+    Json,
+    Strategic,
+}
+
+pub struct Cluster {
+    pub store: Store,
+    pub registry: Registry,
+    seeds: u64,
+}
+
+fn subject<'a>(rt: &'a ResourceType, name: &'a str) -> Subject<'a> {
+    Subject {
+        group: &rt.group,
+        plural: &rt.plural,
+        name,
+    }
+}
+
+/// The error a store refusal is, for this resource and name.
+pub fn store_error(rt: &ResourceType, name: &str, e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound => ApiError::not_found(subject(rt, name)),
+        StoreError::AlreadyExists => ApiError::already_exists(subject(rt, name)),
+        StoreError::Conflict => ApiError::conflict(subject(rt, name)),
+        StoreError::Gone { .. } => {
+            ApiError::expired("The resourceVersion for the provided request is too old.")
+        }
+    }
+}
+
+/// An object as served at `rt`'s version (versions share storage; with no
+/// conversion webhook only apiVersion changes).
+pub fn present(rt: &ResourceType, mut obj: Value) -> Value {
+    obj["apiVersion"] = rt.api_version().into();
+    obj["kind"] = rt.kind.clone().into();
+    obj
+}
+
+impl Cluster {
+    /// A cluster as a fresh API server has it: four namespaces.
+    pub fn new() -> Cluster {
+        let mut c = Cluster {
+            store: Store::new(),
+            registry: Registry::new(&[]),
+            seeds: 0,
+        };
+        let ns = c
+            .registry
+            .find("", "v1", "namespaces")
+            .expect("namespaces are built in");
+        for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+            let opts = WriteOptions {
+                field_validation: FieldValidation::Strict,
+                dry_run: false,
+            };
+            c.create(&ns, None, body, opts)
+                .expect("a fresh cluster takes its namespaces");
+        }
+        c
+    }
+
+    pub fn get(&self, rt: &ResourceType, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+        self.store
+            .get(&rt.group_resource(), ns.unwrap_or(""), name)
+            .map(|o| present(rt, o.clone()))
+            .ok_or_else(|| ApiError::not_found(subject(rt, name)))
+    }
+
+    fn require_namespace(&self, rt: &ResourceType, ns: Option<&str>) -> Result<(), ApiError> {
+        match ns.filter(|_| rt.namespaced) {
+            Some(ns) if self.store.get("namespaces", "", ns).is_none() => {
+                Err(ApiError::not_found(Subject {
+                    group: "",
+                    plural: "namespaces",
+                    name: ns,
+                }))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `f` on the store, or on a copy of it for a dry run.
+    fn commit<T>(&mut self, dry_run: bool, f: impl FnOnce(&mut Store) -> T) -> T {
+        if dry_run {
+            f(&mut self.store.clone())
+        } else {
+            f(&mut self.store)
+        }
+    }
+
+    fn after_write(&mut self, rt: &ResourceType) {
+        if rt.group_resource() == CRDS {
+            let crds: Vec<Value> = self.store.list(CRDS, None).into_iter().cloned().collect();
+            self.registry = Registry::new(&crds.iter().collect::<Vec<_>>());
+        }
+    }
+
+    pub fn create(
+        &mut self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        body: Value,
+        opts: WriteOptions,
+    ) -> Result<Written, ApiError> {
+        let mut obj = admit::shape(rt, ns, body)?;
+        let warnings = admit::prune(rt, &mut obj, opts.field_validation)?;
+        if name_of(&obj).is_empty()
+            && let Some(prefix) = obj["metadata"]["generateName"].as_str().map(str::to_string)
+        {
+            loop {
+                self.seeds += 1;
+                let name = generated_name(&prefix, self.seeds);
+                if self
+                    .store
+                    .get(&rt.group_resource(), ns.unwrap_or(""), &name)
+                    .is_none()
+                {
+                    obj["metadata"]["name"] = name.into();
+                    break;
+                }
+            }
+        }
+        if rt.rules.status_subresource {
+            obj.as_object_mut().expect("an object").remove("status");
+        }
+        if rt.group_resource() == CRDS {
+            obj["status"] = established(&obj);
+        }
+        obj["metadata"]
+            .as_object_mut()
+            .expect("an object")
+            .remove("resourceVersion");
+        admit::validate(rt, &obj, false)?;
+        self.require_namespace(rt, ns)?;
+        let name = name_of(&obj).to_string();
+        let now = rfc3339(SystemTime::now());
+        let stored = self.commit(opts.dry_run, |s| {
+            s.create(&rt.group_resource(), obj, rt.rules, &now)
+        });
+        let object = present(rt, stored.map_err(|e| store_error(rt, &name, e))?);
+        self.after_write(rt);
+        Ok(Written {
+            object,
+            created: true,
+            warnings,
+        })
+    }
+
+    /// PUT of the object or of its status.
+    pub fn update(
+        &mut self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        body: Value,
+        part: Part,
+        opts: WriteOptions,
+    ) -> Result<Written, ApiError> {
+        let mut obj = admit::shape(rt, ns, body)?;
+        if name_of(&obj) != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                name_of(&obj)
+            )));
+        }
+        let Some(old) = self
+            .store
+            .get(&rt.group_resource(), ns.unwrap_or(""), name)
+            .cloned()
+        else {
+            if rt.create_on_update && part == Part::Main {
+                return self.create(rt, ns, obj, opts);
+            }
+            return Err(ApiError::not_found(subject(rt, name)));
+        };
+        admit::check_update_precondition(rt, &obj)?;
+        let warnings = admit::prune(rt, &mut obj, opts.field_validation)?;
+        self.replace(rt, &old, obj, part, opts, warnings)
+    }
+
+    fn replace(
+        &mut self,
+        rt: &ResourceType,
+        old: &Value,
+        obj: Value,
+        part: Part,
+        opts: WriteOptions,
+        warnings: Vec<String>,
+    ) -> Result<Written, ApiError> {
+        let name = name_of(old).to_string();
+        let candidate = merge_part(old, obj, rt.rules, part);
+        admit::validate(rt, &candidate, true)?;
+        let stored = self.commit(opts.dry_run, |s| {
+            s.update(&rt.group_resource(), candidate, rt.rules, part)
+        });
+        let object = present(rt, stored.map_err(|e| store_error(rt, &name, e))?);
+        self.after_write(rt);
+        Ok(Written {
+            object,
+            created: false,
+            warnings,
+        })
+    }
+
+    pub fn patch(
+        &mut self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        PatchBody { ty, bytes: body }: PatchBody,
+        part: Part,
+        opts: WriteOptions,
+    ) -> Result<Written, ApiError> {
+        if ty == PatchType::Strategic && rt.custom {
+            return Err(ApiError::unsupported_media_type(
+                "application/strategic-merge-patch+json",
+                &[
+                    "application/json-patch+json",
+                    "application/merge-patch+json",
+                    "application/apply-patch+yaml",
+                ],
+            ));
+        }
+        let old = self.get(rt, ns, name)?;
+        let patch: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+        let patched = match ty {
+            PatchType::Json => json_patch(&old, &patch).map_err(|e| match e {
+                PatchError::Malformed(m) => ApiError::bad_request(m),
+                PatchError::Failed(_) => ApiError::new(
+                    422,
+                    "Invalid",
+                    "the server rejected our request due to an error in our request",
+                ),
+            })?,
+            PatchType::Merge | PatchType::Strategic => {
+                if !patch.is_object() {
+                    return Err(ApiError::bad_request(
+                        "error decoding patch: a merge patch must be a JSON object",
+                    ));
+                }
+                let mut o = old.clone();
+                merge_patch(&mut o, &patch);
+                o
+            }
+        };
+        let mut obj = admit::shape(rt, ns, patched)?;
+        if name_of(&obj) != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                name_of(&obj)
+            )));
+        }
+        let warnings = admit::prune(rt, &mut obj, opts.field_validation)?;
+        self.replace(rt, &old, obj, part, opts, warnings)
+    }
+
+    /// Deletes an object, and what it held: a namespace's objects, a CRD's
+    /// custom resources (a real server does so in the background).
+    pub fn delete(
+        &mut self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        precondition: Option<&str>,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let gr = rt.group_resource();
+        let gone = self
+            .commit(dry_run, |s| {
+                s.delete(&gr, ns.unwrap_or(""), name, precondition)
+            })
+            .map_err(|e| store_error(rt, name, e))?;
+        if dry_run {
+            return Ok(present(rt, gone));
+        }
+        if gr == "namespaces" {
+            let types: Vec<_> = self
+                .registry
+                .types()
+                .iter()
+                .filter(|t| t.namespaced)
+                .map(|t| t.group_resource())
+                .collect();
+            for t in types {
+                let names: Vec<String> = self
+                    .store
+                    .list(&t, Some(name))
+                    .iter()
+                    .map(|o| name_of(o).to_string())
+                    .collect();
+                for n in names {
+                    let _ = self.store.delete(&t, name, &n, None);
+                }
+            }
+        }
+        if gr == CRDS {
+            let plural = gone["spec"]["names"]["plural"].as_str().unwrap_or("");
+            let cr = format!("{plural}.{}", gone["spec"]["group"].as_str().unwrap_or(""));
+            let keys: Vec<(String, String)> = self
+                .store
+                .list(&cr, None)
+                .iter()
+                .map(|o| {
+                    (
+                        o["metadata"]["namespace"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                        name_of(o).to_string(),
+                    )
+                })
+                .collect();
+            for (n, o) in keys {
+                let _ = self.store.delete(&cr, &n, &o, None);
+            }
+        }
+        self.after_write(rt);
+        Ok(present(rt, gone))
+    }
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster::new()
+    }
+}
+
+/// The status the apiextensions controllers give a CRD whose names are free.
+fn established(crd: &Value) -> Value {
+    let now = rfc3339(SystemTime::now());
+    let cond = |ty: &str, reason: &str, msg: &str| json!({"type": ty, "status": "True", "lastTransitionTime": now, "reason": reason, "message": msg});
+    let stored: Vec<Value> = crd["spec"]["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["storage"].as_bool() == Some(true))
+        .map(|v| v["name"].clone())
+        .collect();
+    json!({
+        "acceptedNames": crd["spec"]["names"],
+        "conditions": [
+            cond("NamesAccepted", "NoConflicts", "no conflicts found"),
+            cond("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+        ],
+        "storedVersions": stored,
+    })
+}
