@@ -16,6 +16,7 @@ pub mod datapath;
 pub mod discovery;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod fleet;
 pub mod hooks;
 pub mod metrics;
 pub mod notify;

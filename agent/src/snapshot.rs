@@ -94,6 +94,8 @@ pub struct Snapshot {
     pub ticks: TickStats,
     /// Webhook deliveries by outcome.
     pub webhooks: Arc<crate::hooks::DeliveryCounts>,
+    /// The CanaryReleases read (`kubernetes:`), by NAMESPACE/NAME.
+    pub releases: Arc<crate::fleet::kubernetes::Releases>,
     /// When the loop published it, on the agent's clock (ms) and as an instant.
     pub at_ms: u64,
     pub taken: Instant,
@@ -118,6 +120,7 @@ impl Snapshot {
             quarantined_ids: 0,
             ticks: TickStats::default(),
             webhooks: Arc::default(),
+            releases: Arc::default(),
             at_ms: 0,
             taken: Instant::now(),
         }

@@ -302,28 +302,30 @@ fn the_kubernetes_manifests_render_and_validate() {
         );
     }
 
-    // The agent reads CanaryReleases, Services and EndpointSlices, and
-    // nothing else: read-only verbs, bound to its account only.
-    for kind in ["Role", "RoleBinding"] {
-        assert!(!kinds.contains_key(kind), "an unneeded {kind}");
-    }
+    // Least privilege: the agent reads CanaryReleases, Services and
+    // EndpointSlices, writes releases' status and Events, and holds a Lease
+    // in its own namespace; nothing else, bound to its account only.
     let account = one(&kinds, "ServiceAccount");
-    let role = one(&kinds, "ClusterRole");
-    let mut granted: Vec<(String, String, Vec<String>)> = Vec::new();
-    for rule in role["rules"].as_array().expect("rules") {
-        for group in strings(&rule["apiGroups"]) {
-            for resource in strings(&rule["resources"]) {
-                let mut verbs: Vec<String> = strings(&rule["verbs"]).into_iter().collect();
-                verbs.sort();
-                granted.push((group.clone(), resource, verbs));
+    let granted = |role: &Value| {
+        let mut granted: Vec<(String, String, Vec<String>)> = Vec::new();
+        for rule in role["rules"].as_array().expect("rules") {
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    let verbs: Vec<String> = strings(&rule["verbs"]).into_iter().collect();
+                    granted.push((group.clone(), resource, verbs));
+                }
             }
         }
-    }
-    granted.sort();
-    let read = vec!["get".to_string(), "list".into(), "watch".into()];
+        granted.sort();
+        granted
+    };
+    let verbs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let read = verbs(&["get", "list", "watch"]);
+    let cluster_role = one(&kinds, "ClusterRole");
     assert_eq!(
-        granted,
+        granted(cluster_role),
         vec![
+            ("".to_string(), "events".to_string(), verbs(&["create"])),
             ("".to_string(), "services".to_string(), read.clone()),
             (
                 "discovery.k8s.io".into(),
@@ -331,13 +333,30 @@ fn the_kubernetes_manifests_render_and_validate() {
                 read.clone()
             ),
             ("kanari.dev".into(), "canaryreleases".into(), read),
+            (
+                "kanari.dev".into(),
+                "canaryreleases/status".into(),
+                verbs(&["patch"])
+            ),
         ],
         "least privilege"
     );
-    let binding = one(&kinds, "ClusterRoleBinding");
-    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
-    assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);
-    assert_eq!(binding["subjects"][0]["namespace"], "kanari");
+    let role = one(&kinds, "Role");
+    assert_eq!(role["metadata"]["namespace"], "kanari");
+    assert_eq!(
+        granted(role),
+        vec![(
+            "coordination.k8s.io".to_string(),
+            "leases".to_string(),
+            verbs(&["create", "get", "update"])
+        )]
+    );
+    for (kind, bound) in [("ClusterRoleBinding", cluster_role), ("RoleBinding", role)] {
+        let binding = one(&kinds, kind);
+        assert_eq!(binding["roleRef"]["name"], bound["metadata"]["name"]);
+        assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);
+        assert_eq!(binding["subjects"][0]["namespace"], "kanari");
+    }
     let crd = one(&kinds, "CustomResourceDefinition");
     assert_eq!(crd["metadata"]["name"], "canaryreleases.kanari.dev");
 

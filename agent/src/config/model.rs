@@ -44,7 +44,19 @@ pub struct Kubernetes {
     pub kubeconfig: Option<PathBuf>,
     /// This node's name in reports; `None`: `$NODE_NAME`, else the host name.
     pub node: Option<String>,
+    /// `kubernetes.lease.namespace`; `None`: the pod's namespace, else `kanari`.
+    pub lease_namespace: Option<String>,
+    /// `kubernetes.lease.name`.
+    pub lease_name: String,
+    /// `kubernetes.lease.duration`: how long a silent leader keeps the lease.
+    pub lease_duration: Duration,
 }
+
+/// `kubernetes.lease` by default, and its bounds.
+pub const DEFAULT_LEASE_NAME: &str = "kanari";
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+pub const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
+pub const MAX_LEASE_DURATION: Duration = Duration::from_secs(300);
 
 /// `telemetry.record` and `telemetry.record_max_mb` (see [`crate::record`]).
 #[derive(Clone, Debug, PartialEq)]

@@ -50,6 +50,17 @@ pub(super) struct RawKubernetes {
     pub(super) kubeconfig: Option<PathBuf>,
     /// The node's name in reports; absent: `$NODE_NAME`, else the host name.
     pub(super) node: Option<String>,
+    #[serde(default)]
+    pub(super) lease: RawLease,
+}
+
+/// `kubernetes.lease`: the Lease that elects the deciding agent.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLease {
+    pub(super) namespace: Option<String>,
+    pub(super) name: Option<String>,
+    pub(super) duration: Option<DurationField>,
 }
 
 #[derive(Deserialize)]

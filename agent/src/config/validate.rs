@@ -8,10 +8,11 @@ use kanari_common::maps::{
 };
 
 use super::{
-    Cidr, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_RECORD_MAX_MB, DEFAULT_STATE_DIR, FieldError,
-    Interface, MAX_CONNTRACK_CONNECTIONS, MAX_LIMIT_BACKENDS, MAX_RECORD_MAX_MB, MAX_TICK,
-    MIN_CONNTRACK_CONNECTIONS, MIN_TICK, RecordTo, RolloutSpec, SegmentRule, Service, err,
-    raw::RawConfig, rollout,
+    Cidr, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME,
+    DEFAULT_RECORD_MAX_MB, DEFAULT_STATE_DIR, FieldError, Interface, MAX_CONNTRACK_CONNECTIONS,
+    MAX_LEASE_DURATION, MAX_LIMIT_BACKENDS, MAX_RECORD_MAX_MB, MAX_TICK, MIN_CONNTRACK_CONNECTIONS,
+    MIN_LEASE_DURATION, MIN_TICK, RecordTo, RolloutSpec, SegmentRule, Service, err, raw::RawConfig,
+    rollout,
 };
 
 /// The salt of a service without one in the file: FNV-1a of its name, so a
@@ -20,6 +21,16 @@ pub fn default_salt(name: &str) -> u32 {
     name.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ b as u32).wrapping_mul(0x0100_0193)
     })
+}
+
+/// A Kubernetes DNS label (RFC 1123): a namespace's or a Lease's name.
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// A revision as written: a short printable name, e.g. an image tag.
@@ -421,9 +432,37 @@ pub(super) fn validate(
                         format!("`{n}` is not a node name: 1 to 253 characters"),
                     );
                 }
+                let lease_duration = k.lease.duration.map_or(DEFAULT_LEASE_DURATION, |d| d.0);
+                if !(MIN_LEASE_DURATION..=MAX_LEASE_DURATION).contains(&lease_duration) {
+                    return err(
+                        "kubernetes.lease.duration",
+                        format!(
+                            "{} is outside {} to {}",
+                            humantime::format_duration(lease_duration),
+                            humantime::format_duration(MIN_LEASE_DURATION),
+                            humantime::format_duration(MAX_LEASE_DURATION)
+                        ),
+                    );
+                }
+                for (field, v) in [
+                    ("kubernetes.lease.namespace", &k.lease.namespace),
+                    ("kubernetes.lease.name", &k.lease.name),
+                ] {
+                    if let Some(v) = v.as_ref().filter(|v| !dns_label(v)) {
+                        return err(
+                            field,
+                            format!(
+                                "`{v}` is not a Kubernetes name: 1 to 63 of a-z, 0-9 and `-`, starting and ending with a letter or digit"
+                            ),
+                        );
+                    }
+                }
                 Some(super::Kubernetes {
                     kubeconfig: k.kubeconfig,
                     node: k.node,
+                    lease_namespace: k.lease.namespace,
+                    lease_name: k.lease.name.unwrap_or_else(|| DEFAULT_LEASE_NAME.into()),
+                    lease_duration,
                 })
             }
         },

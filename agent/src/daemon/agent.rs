@@ -93,6 +93,8 @@ struct Agent {
     file_text: String,
     /// The CanaryReleases read (`kubernetes:`).
     known: Known,
+    /// Our term while this agent decides for the fleet (`kubernetes:`).
+    leading: Option<u32>,
     clock: Clock,
     datapath: Datapath,
     /// What the maps held when last read back, or were last written to hold.
@@ -155,7 +157,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     let mut toggled = Vec::new();
     let config = match discovered {
         Some(readings) => {
-            toggled = known.read(readings);
+            toggled = known.read(readings).toggled;
             match super::kube::compose(&engine, &path, &text, &mut known) {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
@@ -259,6 +261,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         path,
         file_text: text,
         known,
+        leading: None,
         clock,
         datapath,
         applied,
@@ -286,6 +289,8 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     };
     agent.apply(Arc::unwrap_or_clone(config))?;
     agent.pause_as_specified(toggled);
+    // Until elected, a CanaryRelease's weight is the leader's (or stays).
+    agent.leading(None);
     agent.tick();
     conntrack::spawn(
         reader,
@@ -324,6 +329,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
             Input::Conntrack { started_ms, scan } => agent.walked(started_ms, scan),
             Input::Gate(answer) => agent.gate(answer),
             Input::Discovered(readings) => agent.discovered(readings),
+            Input::Leading(term) => agent.leading(term),
             Input::Stop(why) => {
                 info!("{why}: stopping");
                 break;
@@ -688,16 +694,74 @@ impl Agent {
     /// A new reading of the CanaryReleases: validated beside the file's
     /// services, then taken in like a reload.
     fn discovered(&mut self, readings: Vec<Discovered>) {
-        let toggled = self.known.read(readings);
-        match super::kube::compose(&self.engine, &self.path, &self.file_text, &mut self.known) {
-            Ok(c) => {
-                if let Err(e) = self.apply(c) {
-                    error!("taking in the CanaryReleases failed while applying: {e:#}");
+        let read = self.known.read(readings);
+        // A reading that changed only the leader's decisions (status) is
+        // no new configuration.
+        if read.releases_changed {
+            match super::kube::compose(&self.engine, &self.path, &self.file_text, &mut self.known) {
+                Ok(c) => {
+                    if let Err(e) = self.apply(c) {
+                        error!("taking in the CanaryReleases failed while applying: {e:#}");
+                    }
                 }
+                Err(e) => error!("the CanaryReleases could not be taken in: {e}"),
             }
-            Err(e) => error!("the CanaryReleases could not be taken in: {e}"),
         }
-        self.pause_as_specified(toggled);
+        self.pause_as_specified(read.toggled);
+        // New releases are followed too (or decided, when leading).
+        self.leading(self.leading);
+    }
+
+    /// This agent leads (its term) or follows.
+    fn leading(&mut self, term: Option<u32>) {
+        let following = match term {
+            Some(_) => BTreeSet::new(),
+            None => self
+                .config
+                .services
+                .iter()
+                .filter(|s| s.discovered)
+                .map(|s| s.name.clone())
+                .collect(),
+        };
+        self.leading = term;
+        self.engine.set_following(following);
+        self.follow_decisions();
+    }
+
+    /// A follower takes the leader's decisions (only the leader raises).
+    fn follow_decisions(&mut self) {
+        let now = self.clock.now_ms();
+        let mut taken = Vec::new();
+        for (key, d) in &self.known.decisions {
+            let service = service_name(key);
+            if self.engine.follow(&service, d, now) {
+                info!(release = %key, weight = format!("{}%", d.weight as f64 / 100.0), step = d.step, term = d.term, "took the leader's decision");
+                taken.push((service, Vec::new()));
+            }
+        }
+        if !taken.is_empty() {
+            let _ = self.act(&taken, Check::Cheap);
+        }
+    }
+
+    /// The CanaryReleases as the status writer shows them.
+    fn release_views(&self) -> Arc<crate::fleet::kubernetes::Releases> {
+        let k = &self.known;
+        let keys = k.paused.keys();
+        Arc::new(
+            keys.map(|key| {
+                let view = crate::fleet::status::ReleaseView {
+                    service: service_name(key),
+                    generation: k.generation.get(key).copied().unwrap_or_default(),
+                    why: k.why.get(key).cloned(),
+                    steered: k.taken.contains_key(key),
+                    decision: k.decisions.get(key).cloned(),
+                };
+                (key.clone(), view)
+            })
+            .collect(),
+        )
     }
 
     /// `spec.paused` set or cleared: the rollout paused or resumed, as an
@@ -875,6 +939,7 @@ impl Agent {
             quarantined_ids: self.quarantine.len(),
             ticks: self.ticks.clone(),
             webhooks: Arc::new(self.hooks.counts()),
+            releases: self.release_views(),
             at_ms: now,
             taken: Instant::now(),
         };

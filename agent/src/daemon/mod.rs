@@ -63,6 +63,8 @@ pub enum Input {
     Gate(crate::hooks::GateAnswer),
     /// A new reading of the CanaryReleases (`kubernetes:`).
     Discovered(Vec<crate::discovery::releases::Discovered>),
+    /// This agent now decides for the fleet (its term), or follows.
+    Leading(Option<u32>),
     /// SIGTERM or SIGINT.
     Stop(&'static str),
 }
@@ -174,6 +176,7 @@ async fn serve(
     tokio::spawn(
         axum::serve(metrics_listener, api::metrics_router(snapshots_rx.clone())).into_future(),
     );
+    let status_snapshots = snapshots_rx.clone();
     tokio::spawn(
         axum::serve(control_listener, api::control_router(snapshots_rx, verbs)).into_future(),
     );
@@ -231,7 +234,34 @@ async fn serve(
         Some(k) => {
             let client = crate::discovery::watch::client(k).await?;
             let (readings, mut readings_rx) = mpsc::channel(4);
-            crate::discovery::watch::spawn(client, readings);
+            crate::discovery::watch::spawn(client.clone(), readings);
+            let lease = crate::fleet::kubernetes::settings(k);
+            info!(node = %lease.identity, lease = %format!("{}/{}", lease.namespace, lease.name), "electing the agent that writes the CanaryReleases' status");
+            let node = lease.identity.clone();
+            let leadership = crate::fleet::kubernetes::elect(client.clone(), lease);
+            crate::fleet::kubernetes::write_status(
+                client,
+                status_snapshots,
+                leadership.clone(),
+                node,
+            );
+            let to_loop = inputs.clone();
+            let mut leadership = leadership;
+            tokio::spawn(async move {
+                let mut term = None;
+                loop {
+                    let now = leadership.borrow_and_update().term;
+                    if now != term {
+                        term = now;
+                        if to_loop.send(Input::Leading(term)).await.is_err() {
+                            break;
+                        }
+                    }
+                    if leadership.changed().await.is_err() {
+                        break;
+                    }
+                }
+            });
             info!("listing CanaryReleases, Services and EndpointSlices");
             let mut waited = interval(Duration::from_secs(10));
             waited.tick().await;

@@ -25,7 +25,10 @@ use k8s_openapi::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::Release;
+use crate::{
+    config::Release,
+    rollout::{Decision, Phase},
+};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -53,8 +56,8 @@ pub struct ReleaseSpec {
 /// What the watchers hold, each by NAMESPACE/NAME.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
-    /// A release's spec as stored (JSON), with its generation.
-    pub releases: BTreeMap<String, (Value, i64)>,
+    /// A release's spec as stored (JSON), its generation and its status.
+    pub releases: BTreeMap<String, (Value, i64, Value)>,
     pub services: BTreeMap<String, Service>,
     pub slices: BTreeMap<String, EndpointSlice>,
 }
@@ -68,6 +71,29 @@ pub struct Discovered {
     pub paused: bool,
     /// Its service, or what is missing (a field and the fix).
     pub release: Result<Release, (String, String)>,
+    /// The deciding agent's decision, as its status says.
+    pub decision: Option<Decision>,
+}
+
+/// The decision a CanaryRelease's status holds (written by the leader,
+/// [`crate::fleet::status`]).
+pub fn decision(status: &Value) -> Option<Decision> {
+    let phase = match status.get("phase")?.as_str()? {
+        "Progressing" => Phase::Progressing,
+        "Paused" => Phase::Paused,
+        "Succeeded" => Phase::Promoted,
+        "Failed" => Phase::RolledBack,
+        _ => return None,
+    };
+    let percent = status.get("canaryWeight")?.as_f64()?;
+    Some(Decision {
+        revision: status.get("revision")?.as_str()?.to_string(),
+        phase,
+        weight: crate::config::percent_to_basis_points(percent).ok()?,
+        step: status.get("step")?.as_u64()? as usize,
+        generation: status.get("weightGeneration")?.as_u64()?,
+        term: status.get("leader")?.get("term")?.as_u64()? as u32,
+    })
 }
 
 /// The kanari service name of a release: NAMESPACE.NAME (a namespace has
@@ -81,7 +107,7 @@ pub fn discover(cluster: &Cluster) -> Vec<Discovered> {
     cluster
         .releases
         .iter()
-        .map(|(key, (spec, generation))| {
+        .map(|(key, (spec, generation, status))| {
             let parsed: Result<ReleaseSpec, _> = serde_json::from_value(spec.clone());
             let paused = parsed.as_ref().is_ok_and(|s| s.paused);
             let release = parsed
@@ -92,6 +118,7 @@ pub fn discover(cluster: &Cluster) -> Vec<Discovered> {
                 generation: *generation,
                 paused,
                 release,
+                decision: decision(status),
             }
         })
         .collect()
@@ -270,23 +297,45 @@ pub struct Known {
     /// Why a release's newest reading is not in force (field, message), as
     /// last reported.
     pub why: BTreeMap<String, (String, String)>,
-    /// `spec.paused` as last read.
+    /// `spec.paused` as last read (every release listed has one).
     pub paused: BTreeMap<String, bool>,
+    /// `metadata.generation` as last read.
+    pub generation: BTreeMap<String, i64>,
+    /// The leader's decision each status holds, as last read; a decision
+    /// of a term older than one seen (a deposed leader's late write) is
+    /// not taken.
+    pub decisions: BTreeMap<String, Decision>,
+    term: u32,
+}
+
+/// What a reading changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Read {
+    /// Releases whose `spec.paused` changed (or is set when first seen).
+    pub toggled: Vec<(String, bool)>,
+    /// The releases (specs, Services, endpoints), not only decisions.
+    pub releases_changed: bool,
 }
 
 impl Known {
     /// Takes a reading: a complete release replaces its last, an
-    /// incomplete one keeps it, a release no longer listed leaves. Returns
-    /// the releases whose `spec.paused` changed (or is set when first seen).
-    pub fn read(&mut self, readings: Vec<Discovered>) -> Vec<(String, bool)> {
+    /// incomplete one keeps it, a release no longer listed leaves.
+    pub fn read(&mut self, readings: Vec<Discovered>) -> Read {
+        let before = (self.newest.clone(), self.incomplete.clone());
         let listed: BTreeSet<String> = readings.iter().map(|d| d.key.clone()).collect();
+        self.decisions.retain(|k, _| listed.contains(k));
         self.newest.retain(|k, _| listed.contains(k));
         self.taken.retain(|k, _| listed.contains(k));
         self.incomplete.retain(|k, _| listed.contains(k));
         self.why.retain(|k, _| listed.contains(k));
         self.paused.retain(|k, _| listed.contains(k));
+        self.generation.retain(|k, _| listed.contains(k));
         let mut toggled = Vec::new();
         for d in readings {
+            if let Some(decision) = d.decision.filter(|x| x.term >= self.term) {
+                self.term = decision.term;
+                self.decisions.insert(d.key.clone(), decision);
+            }
             match d.release {
                 Ok(r) => {
                     self.incomplete.remove(&d.key);
@@ -296,12 +345,16 @@ impl Known {
                     self.incomplete.insert(d.key.clone(), e);
                 }
             }
+            self.generation.insert(d.key.clone(), d.generation);
             let before = self.paused.insert(d.key.clone(), d.paused);
             if before.unwrap_or(false) != d.paused {
                 toggled.push((d.key, d.paused));
             }
         }
-        toggled
+        Read {
+            releases_changed: (self.newest.clone(), self.incomplete.clone()) != before,
+            toggled,
+        }
     }
 }
 

@@ -82,7 +82,12 @@ pub fn spawn(client: Client, out: mpsc::Sender<Vec<Discovered>>) {
         (0, |c| &mut c.releases),
         |o| {
             let generation = o.metadata.generation.unwrap_or_default();
-            (o.data.get("spec").cloned().unwrap_or_default(), generation)
+            let status = o.data.get("status").cloned().unwrap_or_default();
+            (
+                o.data.get("spec").cloned().unwrap_or_default(),
+                generation,
+                status,
+            )
         },
         &shared,
         &changed,

@@ -8,7 +8,10 @@
 //! inputs (the window's start), counts what happened for the metrics, and
 //! says which weight each service should have ([`Engine::overrides`]).
 
-use std::{collections::BTreeMap, net::SocketAddrV4};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
 
 use kanari_common::maps::{BASIS_POINTS, Group};
 use tracing::info;
@@ -223,6 +226,8 @@ pub struct Engine {
     /// Grows whenever a state or a critical-path result changes, so a
     /// publisher knows when to copy them again.
     generation: u64,
+    /// Services another agent decides ([`follow`]).
+    following: BTreeSet<String>,
 }
 
 impl Engine {
@@ -233,6 +238,7 @@ impl Engine {
             counts: Counts::default(),
             notices: Vec::new(),
             generation: 0,
+            following: BTreeSet::new(),
         }
     }
 
@@ -575,6 +581,7 @@ impl Engine {
             let Some(spec) = &svc.rollout else { continue };
             let http = svc.protocol == Protocol::Http;
             let totals = |g| telemetry.group(&name, g).cloned().unwrap_or_default();
+            let following = self.following.contains(&name);
             let t = self.services.get_mut(&name).expect("listed");
             // After a weight change, data counts once the warm-up is over.
             let warmup_ms = spec.analysis.warmup.as_millis() as u64;
@@ -639,12 +646,21 @@ impl Engine {
                 &spec.rollout,
             )
             .expect("ticks are never refused");
-            actions.extend(a);
+            // Decided elsewhere: only a rollback by this node's critical
+            // path is taken here.
+            let lowered_here = state.phase == Phase::RolledBack
+                && t.state.phase != Phase::RolledBack
+                && matches!(state.cause, Some(RollbackCause::Critical(_)));
+            if following && !lowered_here {
+                state = t.state.clone();
+            } else {
+                actions.extend(a);
+            }
             // No window yet: still warming up (warmup < interval, so rare).
             if let Some((s0, c0)) = t
                 .window_start
                 .clone()
-                .filter(|_| state.check_due(now_ms, &spec.rollout))
+                .filter(|_| !following && state.check_due(now_ms, &spec.rollout))
             {
                 let canary = &totals(Group::Canary) - &c0;
                 let stable = &totals(Group::Stable) - &s0;
@@ -811,6 +827,9 @@ impl Engine {
             .collect()
     }
 }
+
+mod follow;
+pub use follow::Decision;
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,6 @@ pub mod engine;
 pub mod machine;
 pub mod store;
 
-pub use engine::{Counts, Engine, Notice};
+pub use engine::{Counts, Decision, Engine, Notice};
 pub use machine::{Action, Event, Phase, Refused, Retired, RollbackCause, State, step};
 pub use store::Store;

@@ -48,6 +48,7 @@ fn shop() -> Cluster {
             json!({"service": "web", "stable": "web-stable", "canary": "web-canary",
                    "revision": "web:2", "rollout": {"steps": [10, 50, 100]}}),
             3,
+            Value::Null,
         ),
     );
     let http = json!([{"name": "http", "port": 80, "targetPort": 8080}]);

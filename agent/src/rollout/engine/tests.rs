@@ -852,3 +852,121 @@ fn a_critical_path_in_dry_run_shows_the_failure_and_rolls_nothing_back() {
         "{crit:#?}"
     );
 }
+
+/// A follower at the leader's first step, with the leader's revision.
+fn follower(seed: u64) -> (Sim, Decision) {
+    let mut sim = Sim::new(ROLLOUT, seed);
+    sim.engine.set_following(["web".to_string()].into());
+    let d = Decision {
+        revision: sim.state().revision.clone(),
+        phase: Phase::Progressing,
+        weight: 100,
+        step: 0,
+        generation: 1,
+        term: 1,
+    };
+    (sim, d)
+}
+
+#[test]
+fn a_follower_never_raises_on_its_own_and_takes_the_leaders_steps() {
+    let (mut sim, d) = follower(11);
+    // Healthy for ten minutes: a leader would have promoted; a follower holds.
+    let sim2 = {
+        let mut s = sim;
+        for _ in 0..(600_000 / TICK_MS) {
+            s.tick(2000.0, HEALTHY, HEALTHY);
+        }
+        s
+    };
+    assert_eq!(sim2.weights, vec![100], "no step of its own");
+    sim = sim2;
+    // The leader's steps are taken, in order.
+    for (generation, (weight, step)) in [(500, 1), (1000, 2), (10_000, 5)].into_iter().enumerate() {
+        let d = Decision {
+            weight,
+            step,
+            generation: generation as u64 + 2,
+            phase: if weight == 10_000 {
+                Phase::Promoted
+            } else {
+                Phase::Progressing
+            },
+            ..d.clone()
+        };
+        assert!(sim.engine.follow("web", &d, sim.now_ms));
+        assert_eq!(sim.weight(), weight);
+        assert_eq!(sim.state().step, step);
+        // Told twice: nothing changes.
+        assert!(!sim.engine.follow("web", &d, sim.now_ms));
+    }
+    // Another revision's decision is not this rollout's.
+    let other = Decision {
+        revision: "other".into(),
+        weight: 0,
+        phase: Phase::RolledBack,
+        ..d
+    };
+    assert!(!sim.engine.follow("web", &other, sim.now_ms));
+    assert_eq!(sim.weight(), 10_000);
+}
+
+#[test]
+fn a_follower_lowers_on_its_own_critical_path_and_is_not_raised_again() {
+    let (mut sim, d) = follower(12);
+    assert!(sim.engine.follow(
+        "web",
+        &Decision {
+            weight: 1000,
+            step: 2,
+            generation: 2,
+            ..d.clone()
+        },
+        sim.now_ms
+    ));
+    for _ in 0..40 {
+        sim.tick(2000.0, HEALTHY, BROKEN);
+        if sim.state().phase == Phase::RolledBack {
+            break;
+        }
+    }
+    assert_eq!(sim.state().phase, Phase::RolledBack, "{:?}", sim.state());
+    assert_eq!(sim.weight(), 0);
+    assert!(matches!(
+        sim.state().cause,
+        Some(RollbackCause::Critical(_))
+    ));
+    // The leader, not yet aware, says 25 %: the follower stays at 0.
+    let raise = Decision {
+        weight: 2500,
+        step: 3,
+        generation: 3,
+        ..d.clone()
+    };
+    assert!(!sim.engine.follow("web", &raise, sim.now_ms));
+    assert_eq!(sim.weight(), 0);
+    // The leader's own rollback is taken (nothing to lower).
+    let back = Decision {
+        weight: 0,
+        phase: Phase::RolledBack,
+        generation: 4,
+        ..d
+    };
+    sim.engine.follow("web", &back, sim.now_ms);
+    assert_eq!(sim.weight(), 0);
+}
+
+#[test]
+fn a_service_not_followed_ignores_decisions() {
+    let mut sim = Sim::new(ROLLOUT, 13);
+    let d = Decision {
+        revision: sim.state().revision.clone(),
+        phase: Phase::Progressing,
+        weight: 5000,
+        step: 4,
+        generation: 9,
+        term: 2,
+    };
+    assert!(!sim.engine.follow("web", &d, sim.now_ms));
+    assert_eq!(sim.weight(), 100);
+}

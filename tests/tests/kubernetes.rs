@@ -1,0 +1,460 @@
+//! End to end: backends from Kubernetes. The agent watches CanaryReleases,
+//! Services and EndpointSlices on an API server (the tests' in-process one,
+//! `kanari_tests::kubeapi`, speaking the real wire protocol), with no
+//! service in its file; the test publishes the backend namespaces'
+//! addresses as EndpointSlices and changes them under load, as the
+//! EndpointSlice controller does when pods come and go.
+//!
+//! They need root (without it they fail; `KANARI_SKIP_PRIVILEGED=1` skips
+//! them explicitly outside CI).
+
+use std::{
+    net::{SocketAddrV4, TcpListener},
+    time::{Duration, Instant},
+};
+
+use kanari_common::maps::Group;
+use kanari_tests::{
+    agent::Agent,
+    control::{report, until},
+    kubeapi::ApiServer,
+    load::{Load, unix_ms},
+    netns::require_root,
+    python::python_tool,
+    topology::{NODE_IFACE, Topology, TopologyOptions, VIP},
+};
+use serde_json::{Value, json};
+
+const NS: &str = "shop";
+const SERVICE: &str = "shop.web";
+
+/// The CRD as `deploy/kubernetes` installs it.
+fn crd() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/canaryrelease-crd.yaml"
+    );
+    let text = std::fs::read_to_string(path).expect("the CRD");
+    serde_yaml_ng::from_str(&text).expect("YAML")
+}
+
+fn service(name: &str, cluster_ip: &str, port: u16) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"clusterIP": cluster_ip,
+                 "ports": [{"name": "http", "port": port, "targetPort": 8080, "protocol": "TCP"}]},
+    })
+}
+
+/// An endpoint's conditions as the EndpointSlice controller writes them.
+#[derive(Clone, Copy)]
+enum Pod {
+    Ready,
+    Terminating,
+}
+
+/// Service `service`'s one EndpointSlice with `endpoints`.
+fn slice(service: &str, endpoints: &[(SocketAddrV4, Pod)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(a, pod)| {
+            let (ready, terminating) = match pod {
+                Pod::Ready => (true, false),
+                Pod::Terminating => (false, true),
+            };
+            json!({"addresses": [a.ip().to_string()],
+                   "conditions": {"ready": ready, "serving": true, "terminating": terminating}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-1"), "namespace": NS,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+fn release(rollout: Value) -> Value {
+    json!({
+        "apiVersion": "kanari.dev/v1alpha1", "kind": "CanaryRelease",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"service": "web", "stable": "web-stable", "canary": "web-canary",
+                 "revision": "web:2", "rollout": rollout},
+    })
+}
+
+/// An API server on the node's loopback with the CRD, the namespace and
+/// the three Services; the agent's configuration names it and nothing else.
+fn cluster(topo: &Topology) -> (ApiServer, String) {
+    let listener = topo
+        .node
+        .run_in(|| TcpListener::bind("127.0.0.1:0"))
+        .expect("node namespace")
+        .expect("a port");
+    let api = ApiServer::serve(listener).expect("the API server");
+    api.apply_json(crd()).expect("the CRD");
+    api.apply_json(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))
+        .expect("the namespace");
+    for s in [
+        service("web", &VIP.ip().to_string(), VIP.port()),
+        service("web-stable", "10.96.0.11", 8080),
+        service("web-canary", "10.96.0.12", 8080),
+    ] {
+        api.apply_json(s).expect("a Service");
+    }
+    let config = format!(
+        "interfaces:\n  - name: {NODE_IFACE}\n    mode: tc\nconntrack:\n  connections: 65536\nbpf:\n  pin_dir: {}\nkubernetes:\n  kubeconfig: {}\n",
+        topo.pin_dir().display(),
+        api.kubeconfig().display()
+    );
+    (api, config)
+}
+
+/// Milliseconds from `since_ms` until the first request sent after it that
+/// `backend` answered, polling the load's outcomes for `secs`.
+fn first_answer_from(load: &Load, backend: SocketAddrV4, since_ms: u64, secs: u64) -> u64 {
+    until(secs, &format!("a request answered by {backend}"), || {
+        load.outcomes()
+            .iter()
+            .filter(|o| o.sent_ms >= since_ms)
+            .find(|o| o.result.as_ref().is_ok_and(|(b, _)| *b == backend))
+            .map(|o| o.sent_ms - since_ms)
+            .ok_or_else(|| "none yet".to_string())
+    })
+}
+
+#[test]
+fn endpoints_added_and_removed_under_load_reach_the_kernel_within_a_second_without_a_failed_request()
+ {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions {
+        stable: 3,
+        canary: 1,
+        ..Default::default()
+    })
+    .expect("topology");
+    let stable = topo.backends_of(Group::Stable);
+    let canary = topo.backends_of(Group::Canary);
+    let (api, config) = cluster(&topo);
+    api.apply_json(slice(
+        "web-stable",
+        &[(stable[0], Pod::Ready), (stable[1], Pod::Ready)],
+    ))
+    .expect("stable's slice");
+    api.apply_json(slice("web-canary", &[(canary[0], Pod::Ready)]))
+        .expect("canary's slice");
+    api.apply_json(release(
+        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
+    ))
+    .expect("the CanaryRelease");
+
+    let agent = Agent::start(&topo.node, &config).expect("kanari starts");
+    let s = until(10, "the release steered at 10 %", || {
+        let r = report(&agent.socket);
+        r.services
+            .into_iter()
+            .find(|s| s.name == SERVICE && s.canary_weight_percent == 10.0)
+            .ok_or_else(|| "not yet".to_string())
+    });
+    assert_eq!(s.vip, VIP.to_string());
+    assert_eq!(s.versions[0].backends, 2, "{s:?}");
+    assert_eq!(s.versions[1].backends, 1, "{s:?}");
+    assert_eq!(
+        s.rollout.as_ref().map(|r| r.revision.as_str()),
+        Some("web:2")
+    );
+
+    let load = Load::start(&topo.client, VIP, 300.0, 30, 0).expect("load");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A pod added: its endpoint takes new connections.
+    let added_ms = unix_ms();
+    api.apply_json(slice(
+        "web-stable",
+        &[
+            (stable[0], Pod::Ready),
+            (stable[1], Pod::Ready),
+            (stable[2], Pod::Ready),
+        ],
+    ))
+    .expect("a stable pod added");
+    let to_added = first_answer_from(&load, stable[2], added_ms, 5);
+
+    // A pod terminating: no new connection reaches it.
+    let removed_ms = unix_ms();
+    api.apply_json(slice(
+        "web-stable",
+        &[
+            (stable[0], Pod::Terminating),
+            (stable[1], Pod::Ready),
+            (stable[2], Pod::Ready),
+        ],
+    ))
+    .expect("a stable pod terminating");
+    std::thread::sleep(Duration::from_millis(1500));
+    let last_to_removed = load
+        .outcomes()
+        .iter()
+        .filter(|o| o.result.as_ref().is_ok_and(|(b, _)| *b == stable[0]))
+        .map(|o| o.sent_ms)
+        .max()
+        .expect("it served before");
+    let to_removed = last_to_removed.saturating_sub(removed_ms);
+
+    // The canary's pods all gone (a restart): its share goes to stable and
+    // the rollout holds at its step.
+    let gone_ms = unix_ms();
+    api.apply_json(slice("web-canary", &[]))
+        .expect("the canary without endpoints");
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = report(&agent.socket);
+    let s = r
+        .services
+        .iter()
+        .find(|s| s.name == SERVICE)
+        .expect("steered");
+    assert_eq!(s.versions[1].backends, 0, "{s:?}");
+    let phase = s.rollout.as_ref().map(|r| r.phase.clone());
+    assert_eq!(phase.as_deref(), Some("progressing"), "{s:?}");
+    let outcomes = load.stop();
+    let late_canary = outcomes
+        .iter()
+        .filter(|o| o.sent_ms > gone_ms + 1000)
+        .filter(|o| o.result.as_ref().is_ok_and(|(b, _)| *b == canary[0]))
+        .count();
+    assert_eq!(late_canary, 0, "the canary without endpoints still served");
+
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !matches!(o.result, Ok((_, 200))))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
+    eprintln!(
+        "endpoint added -> first request at it: {to_added} ms; terminating -> last new request at it: {to_removed} ms ({} requests, 0 failed)",
+        outcomes.len()
+    );
+    assert!(to_added < 1000, "the added endpoint took {to_added} ms");
+    assert!(
+        to_removed < 1000,
+        "the terminating endpoint took {to_removed} ms"
+    );
+    drop(agent);
+}
+
+#[test]
+fn a_release_that_does_not_validate_names_its_field_and_an_edit_keeps_the_last_valid_one() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let stable = topo.backends_of(Group::Stable);
+    let canary = topo.backends_of(Group::Canary);
+    let (api, config) = cluster(&topo);
+    api.apply_json(slice(
+        "web-stable",
+        &[(stable[0], Pod::Ready), (stable[1], Pod::Ready)],
+    ))
+    .expect("stable's slice");
+    api.apply_json(slice("web-canary", &[(canary[0], Pod::Ready)]))
+        .expect("canary's slice");
+    // Valid for the CRD's schema, refused by kanari's validator: steps
+    // must rise.
+    api.apply_json(release(
+        json!({"steps": [50, 10, 100], "interval": "1h", "progress_deadline": "2h"}),
+    ))
+    .expect("the CanaryRelease");
+    let agent = Agent::start(&topo.node, &config).expect("kanari starts");
+    agent
+        .wait_for("CanaryRelease refused", 1)
+        .expect("the refusal is logged");
+    let line = agent
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("CanaryRelease refused"))
+        .expect("logged");
+    assert!(line.contains("spec.rollout.steps"), "{line}");
+    assert!(line.contains("shop/web"), "{line}");
+    assert!(report(&agent.socket).services.is_empty());
+
+    // Fixed: steered.
+    api.apply_json(release(
+        json!({"steps": [20, 100], "interval": "1h", "progress_deadline": "2h"}),
+    ))
+    .expect("fixed");
+    until(10, "steered at 20 %", || {
+        report(&agent.socket)
+            .services
+            .iter()
+            .find(|s| s.name == SERVICE && s.canary_weight_percent == 20.0)
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_string())
+    });
+    // Broken again: the last valid reading stays in force.
+    let started = Instant::now();
+    api.apply_json(release(
+        json!({"steps": [90, 10], "interval": "1h", "progress_deadline": "2h"}),
+    ))
+    .expect("broken again");
+    agent
+        .wait_for("CanaryRelease refused", 2)
+        .expect("refused again");
+    let s = report(&agent.socket);
+    let s = s
+        .services
+        .iter()
+        .find(|s| s.name == SERVICE)
+        .expect("still steered");
+    assert_eq!(s.canary_weight_percent, 20.0, "{s:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The release deleted: its service leaves.
+    api.delete_json("kanari.dev/v1alpha1", "CanaryRelease", Some(NS), "web")
+        .expect("deleted");
+    until(10, "the service gone", || {
+        if report(&agent.socket).services.is_empty() {
+            Ok(())
+        } else {
+            Err("still there".to_string())
+        }
+    });
+}
+
+/// `kubectl` (the Python tools' one) run in the node's namespace, where the
+/// API server listens, with its kubeconfig; stdout, or the failure.
+fn kubectl(topo: &Topology, api: &ApiServer, args: &[&str]) -> Result<String, String> {
+    let tool = python_tool("kubectl");
+    let out = topo
+        .node
+        .command(tool.to_str().expect("a UTF-8 path"))
+        .arg("--kubeconfig")
+        .arg(api.kubeconfig())
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn release_status(api: &ApiServer) -> Value {
+    api.get_json("kanari.dev/v1alpha1", "CanaryRelease", Some(NS), "web")
+        .and_then(|r| r.get("status").cloned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_leader_writes_the_status_kubectl_shows_and_a_patch_pauses_the_release() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let stable = topo.backends_of(Group::Stable);
+    let canary = topo.backends_of(Group::Canary);
+    let (api, config) = cluster(&topo);
+    api.apply_json(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kanari"}}),
+    )
+    .expect("kanari's namespace");
+    api.apply_json(slice(
+        "web-stable",
+        &[(stable[0], Pod::Ready), (stable[1], Pod::Ready)],
+    ))
+    .expect("stable's slice");
+    api.apply_json(slice("web-canary", &[(canary[0], Pod::Ready)]))
+        .expect("canary's slice");
+    api.apply_json(release(
+        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
+    ))
+    .expect("the CanaryRelease");
+    let config =
+        format!("{config}  node: node-a\n  lease:\n    namespace: kanari\n    duration: 3s\n");
+    let _agent = Agent::start(&topo.node, &config).expect("kanari starts");
+
+    let status = until(10, "the status written", || {
+        let s = release_status(&api);
+        if s["phase"] == "Progressing" && s["canaryWeight"] == 10.0 {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    assert_eq!(status["leader"]["agent"], "node-a", "{status}");
+    assert_eq!(status["step"], 0, "{status}");
+    assert_eq!(status["observedGeneration"], 1, "{status}");
+    assert_eq!(status["conditions"][0]["type"], "Ready", "{status}");
+    assert_eq!(status["conditions"][0]["status"], "True", "{status}");
+    let lease = api
+        .get_json("coordination.k8s.io/v1", "Lease", Some("kanari"), "kanari")
+        .expect("the lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "node-a", "{lease}");
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 3, "{lease}");
+
+    // What an operator sees.
+    let table = kubectl(&topo, &api, &["get", "canaryreleases", "-n", NS]).expect("kubectl get");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "WEIGHT", "STEP", "AGE"],
+        "{table}"
+    );
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(&row[..4], ["web", "Progressing", "10", "0"], "{table}");
+
+    // Paused by kubectl: the rollout holds, the status and an Event say so.
+    kubectl(
+        &topo,
+        &api,
+        &[
+            "patch",
+            "canaryrelease",
+            "web",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"paused":true}}"#,
+        ],
+    )
+    .expect("kubectl patch");
+    let status = until(10, "paused", || {
+        let s = release_status(&api);
+        if s["phase"] == "Paused" {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    assert_eq!(status["observedGeneration"], 2, "{status}");
+    let event = until(10, "an Event", || {
+        api.list_json("v1", "Event", Some(NS))
+            .into_iter()
+            .find(|e| e["reason"] == "Paused")
+            .ok_or_else(|| "none yet".to_string())
+    });
+    assert_eq!(event["involvedObject"]["name"], "web", "{event}");
+    assert_eq!(event["involvedObject"]["kind"], "CanaryRelease", "{event}");
+    assert_eq!(event["source"]["host"], "node-a", "{event}");
+}
