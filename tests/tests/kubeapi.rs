@@ -370,3 +370,57 @@ fn kubectl_lists_endpointslices_by_label_and_deletes() {
         1
     );
 }
+
+#[test]
+fn kubectl_creates_from_protobuf_and_applies_server_side_with_conflicts() {
+    let (s, k) = with_crd();
+    assert_eq!(
+        k.ok(&["create", "namespace", "team"]).trim(),
+        "namespace/team created"
+    );
+    let ns = s.get_json("v1", "Namespace", None, "team").unwrap();
+    assert_eq!(
+        ns["metadata"]["labels"]["kubernetes.io/metadata.name"],
+        "team"
+    );
+    k.ok(&[
+        "create",
+        "configmap",
+        "cfg",
+        "-n",
+        "team",
+        "--from-literal=a=b",
+    ]);
+    assert_eq!(
+        s.get_json("v1", "ConfigMap", Some("team"), "cfg").unwrap()["data"],
+        json!({"a": "b"})
+    );
+    let applied = k.ok_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&release_yaml("web", "r1")),
+    );
+    assert_eq!(
+        applied.trim(),
+        "canaryrelease.kanari.dev/web serverside-applied"
+    );
+    k.ok(&[
+        "patch",
+        "kcr",
+        "web",
+        "-n",
+        "shop",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"revision":"r2"}}"#,
+    ]);
+    let err = k.fails_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        &release_yaml("web", "r3"),
+    );
+    assert!(err.contains("Apply failed with 1 conflict: conflict with \"kubectl-patch\" using kanari.dev/v1alpha1: .spec.revision"), "{err}");
+    k.ok_stdin(
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        Some(&release_yaml("web", "r3")),
+    );
+    assert_eq!(release(&s, "web").unwrap()["spec"]["revision"], "r3");
+}

@@ -6,6 +6,7 @@
 
 use super::admit::{self, FieldValidation, name_of};
 use super::meta::{generated_name, rfc3339};
+use super::ownership::{Writer, record_update};
 use super::patch::{PatchError, json_patch, merge_patch};
 use super::resources::{Registry, ResourceType};
 use super::status::{ApiError, Subject};
@@ -15,11 +16,13 @@ use std::time::SystemTime;
 
 pub const CRDS: &str = "customresourcedefinitions.apiextensions.k8s.io";
 
-/// How a write is to be done (`?fieldValidation=`, `?dryRun=All`).
-#[derive(Debug, Clone, Copy)]
+/// How a write is to be done (`?fieldValidation=`, `?dryRun=All`), and by
+/// which field manager (None: ownership already recorded, by an apply).
+#[derive(Debug, Clone)]
 pub struct WriteOptions {
     pub field_validation: FieldValidation,
     pub dry_run: bool,
+    pub manager: Option<String>,
 }
 
 /// A write's outcome: the stored object, whether it was created (201), and
@@ -44,6 +47,10 @@ pub enum PatchType {
     Merge,
     Json,
     Strategic,
+    /// Server-side apply (`application/apply-patch+yaml`).
+    Apply {
+        force: bool,
+    },
 }
 
 pub struct Cluster {
@@ -97,8 +104,9 @@ impl Cluster {
             let opts = WriteOptions {
                 field_validation: FieldValidation::Strict,
                 dry_run: false,
+                manager: Some("kube-apiserver".into()),
             };
-            c.create(&ns, None, body, opts)
+            c.create(&ns, None, body, &opts)
                 .expect("a fresh cluster takes its namespaces");
         }
         c
@@ -145,7 +153,7 @@ impl Cluster {
         rt: &ResourceType,
         ns: Option<&str>,
         body: Value,
-        opts: WriteOptions,
+        opts: &WriteOptions,
     ) -> Result<Written, ApiError> {
         let mut obj = admit::shape(rt, ns, body)?;
         let warnings = admit::prune(rt, &mut obj, opts.field_validation)?;
@@ -171,14 +179,33 @@ impl Cluster {
         if rt.group_resource() == CRDS {
             obj["status"] = established(&obj);
         }
+        if rt.group_resource() == "namespaces" {
+            obj["spec"] = json!({"finalizers": ["kubernetes"]});
+            obj["status"] = json!({"phase": "Active"});
+        }
         obj["metadata"]
             .as_object_mut()
             .expect("an object")
             .remove("resourceVersion");
+        name_label(rt, &mut obj);
+        let now = rfc3339(SystemTime::now());
+        if let Some(manager) = &opts.manager {
+            obj["metadata"]
+                .as_object_mut()
+                .expect("an object")
+                .remove("managedFields");
+            let w = Writer {
+                manager,
+                api_version: &rt.api_version(),
+                now: &now,
+                rules: rt.rules,
+                part: Part::Main,
+            };
+            record_update(None, &mut obj, &w);
+        }
         admit::validate(rt, &obj, false)?;
         self.require_namespace(rt, ns)?;
         let name = name_of(&obj).to_string();
-        let now = rfc3339(SystemTime::now());
         let stored = self.commit(opts.dry_run, |s| {
             s.create(&rt.group_resource(), obj, rt.rules, &now)
         });
@@ -199,7 +226,7 @@ impl Cluster {
         name: &str,
         body: Value,
         part: Part,
-        opts: WriteOptions,
+        opts: &WriteOptions,
     ) -> Result<Written, ApiError> {
         let mut obj = admit::shape(rt, ns, body)?;
         if name_of(&obj) != name {
@@ -223,17 +250,38 @@ impl Cluster {
         self.replace(rt, &old, obj, part, opts, warnings)
     }
 
-    fn replace(
+    pub(super) fn replace(
         &mut self,
         rt: &ResourceType,
         old: &Value,
         obj: Value,
         part: Part,
-        opts: WriteOptions,
+        opts: &WriteOptions,
         warnings: Vec<String>,
     ) -> Result<Written, ApiError> {
         let name = name_of(old).to_string();
-        let candidate = merge_part(old, obj, rt.rules, part);
+        let mut candidate = merge_part(old, obj, rt.rules, part);
+        name_label(rt, &mut candidate);
+        if let Some(manager) = &opts.manager {
+            match old["metadata"].get("managedFields") {
+                Some(m) => candidate["metadata"]["managedFields"] = m.clone(),
+                None => {
+                    candidate["metadata"]
+                        .as_object_mut()
+                        .expect("an object")
+                        .remove("managedFields");
+                }
+            }
+            let now = rfc3339(SystemTime::now());
+            let w = Writer {
+                manager,
+                api_version: &rt.api_version(),
+                now: &now,
+                rules: rt.rules,
+                part,
+            };
+            record_update(Some(old), &mut candidate, &w);
+        }
         admit::validate(rt, &candidate, true)?;
         let stored = self.commit(opts.dry_run, |s| {
             s.update(&rt.group_resource(), candidate, rt.rules, part)
@@ -254,7 +302,7 @@ impl Cluster {
         name: &str,
         PatchBody { ty, bytes: body }: PatchBody,
         part: Part,
-        opts: WriteOptions,
+        opts: &WriteOptions,
     ) -> Result<Written, ApiError> {
         if ty == PatchType::Strategic && rt.custom {
             return Err(ApiError::unsupported_media_type(
@@ -265,6 +313,9 @@ impl Cluster {
                     "application/apply-patch+yaml",
                 ],
             ));
+        }
+        if let PatchType::Apply { force } = ty {
+            return self.server_side_apply(rt, ns, name, body, part, force, opts);
         }
         let old = self.get(rt, ns, name)?;
         let patch: Value = serde_json::from_slice(body)
@@ -278,7 +329,7 @@ impl Cluster {
                     "the server rejected our request due to an error in our request",
                 ),
             })?,
-            PatchType::Merge | PatchType::Strategic => {
+            PatchType::Merge | PatchType::Strategic | PatchType::Apply { .. } => {
                 if !patch.is_object() {
                     return Err(ApiError::bad_request(
                         "error decoding patch: a merge patch must be a JSON object",
@@ -368,6 +419,18 @@ impl Cluster {
 impl Default for Cluster {
     fn default() -> Self {
         Cluster::new()
+    }
+}
+
+/// The label every namespace carries with its name (which selectors on
+/// namespaces rely on); the server sets it, whatever the client sent.
+fn name_label(rt: &ResourceType, obj: &mut Value) {
+    if rt.group_resource() == "namespaces" {
+        let name = obj["metadata"]["name"].clone();
+        if !obj["metadata"]["labels"].is_object() {
+            obj["metadata"]["labels"] = json!({});
+        }
+        obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = name;
     }
 }
 

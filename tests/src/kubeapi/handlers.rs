@@ -8,6 +8,7 @@ use super::admit::FieldValidation;
 use super::cluster::{PatchBody, PatchType, WriteOptions, Written};
 use super::http::{Body, Req, Shape, json, negotiate};
 use super::list::{ListQuery, list, list_object};
+use super::protobuf;
 use super::resources::ResourceType;
 use super::status::ApiError;
 use super::store::Part;
@@ -62,24 +63,48 @@ fn write_options(req: &Req) -> Result<WriteOptions, ApiError> {
     Ok(WriteOptions {
         field_validation: FieldValidation::parse(req.param("fieldValidation"))?,
         dry_run,
+        manager: Some(manager(req)),
     })
+}
+
+/// The field manager: `?fieldManager=`, else the User-Agent's product
+/// (`kubectl/v1.37.1 (linux/amd64)` is `kubectl`), as the server derives it.
+fn manager(req: &Req) -> String {
+    match req.param("fieldManager").filter(|m| !m.is_empty()) {
+        Some(m) => m.to_string(),
+        None if req.param("fieldManager").is_some() => String::new(),
+        None => req
+            .user_agent
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(128)
+            .collect(),
+    }
 }
 
 fn body_json(req: &Req) -> Result<Value, ApiError> {
     let ct = req.content_type.split(';').next().unwrap_or("").trim();
-    if !matches!(ct, "" | "application/json" | "*/*") {
-        return Err(ApiError::unsupported_media_type(
+    let refused = || {
+        ApiError::unsupported_media_type(
             ct,
             &[
                 "application/json",
                 "application/yaml",
                 "application/vnd.kubernetes.protobuf",
             ],
-        ));
+        )
+    };
+    match ct {
+        "" | "application/json" | "*/*" => serde_json::from_slice(&req.body).map_err(|e| {
+            ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+        }),
+        "application/yaml" => serde_yaml_ng::from_slice(&req.body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}"))),
+        "application/vnd.kubernetes.protobuf" => protobuf::decode(&req.body).ok_or_else(refused),
+        _ => Err(refused()),
     }
-    serde_json::from_slice(&req.body).map_err(|e| {
-        ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
-    })
 }
 
 fn written(w: Written) -> Response<Body> {
@@ -172,7 +197,7 @@ pub async fn resource(
         (None, &Method::POST) if t.sub.is_none() && (t.ns.is_some() || !rt.namespaced) => {
             let (body, opts) = (body_json(req)?, write_options(req)?);
             shared
-                .write(|c| c.create(&rt, t.ns, body, opts))
+                .write(|c| c.create(&rt, t.ns, body, &opts))
                 .map(written)
         }
         (None, &Method::DELETE) => {
@@ -212,7 +237,7 @@ pub async fn resource(
         (Some(name), &Method::PUT) => {
             let (body, opts) = (body_json(req)?, write_options(req)?);
             shared
-                .write(|c| c.update(&rt, t.ns, name, body, part, opts))
+                .write(|c| c.update(&rt, t.ns, name, body, part, &opts))
                 .map(written)
         }
         (Some(name), &Method::PATCH) => {
@@ -220,6 +245,9 @@ pub async fn resource(
                 "application/merge-patch+json" => PatchType::Merge,
                 "application/json-patch+json" => PatchType::Json,
                 "application/strategic-merge-patch+json" => PatchType::Strategic,
+                "application/apply-patch+yaml" => PatchType::Apply {
+                    force: matches!(req.param("force"), Some("true" | "1")),
+                },
                 other => {
                     let mut accepted = vec![
                         "application/json-patch+json",
@@ -243,7 +271,7 @@ pub async fn resource(
                             bytes: &req.body,
                         },
                         part,
-                        opts,
+                        &opts,
                     )
                 })
                 .map(written)

@@ -82,6 +82,7 @@ pub struct Req {
     pub query: HashMap<String, String>,
     pub accept: String,
     pub content_type: String,
+    pub user_agent: String,
     pub body: Bytes,
 }
 
@@ -151,6 +152,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         query: parse_query(parts.uri.query().unwrap_or("")),
         accept: header(hyper::header::ACCEPT),
         content_type: header(hyper::header::CONTENT_TYPE),
+        user_agent: header(hyper::header::USER_AGENT),
         body,
     };
     let segs: Vec<&str> = req.segments.iter().map(String::as_str).collect();
@@ -182,7 +184,22 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         ["apis", g, v, rest @ ..] => handlers::resource(&shared, g, v, rest, &req).await,
         _ => Err(ApiError::path_not_found()),
     };
-    result.unwrap_or_else(|e| error(&e))
+    let resp = result.unwrap_or_else(|e| error(&e));
+    if std::env::var_os("KANARI_KUBEAPI_LOG").is_some() {
+        let query = parts
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        eprintln!(
+            "kubeapi: {} {}{query} {} -> {}",
+            req.method,
+            parts.uri.path(),
+            String::from_utf8_lossy(&req.body),
+            resp.status()
+        );
+    }
+    resp
 }
 
 pub fn full(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Body> {

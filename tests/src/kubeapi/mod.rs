@@ -13,10 +13,13 @@ mod http;
 mod list;
 mod meta;
 mod openapi;
+mod ownership;
 mod patch;
+mod protobuf;
 mod resources;
 mod schema;
 mod selector;
+mod ssa;
 mod status;
 mod store;
 mod table;
@@ -192,6 +195,7 @@ impl ApiServer {
         let opts = WriteOptions {
             field_validation: FieldValidation::Strict,
             dry_run: false,
+            manager: Some("kanari-tests".into()),
         };
         self.shared.write(|c| {
             let current = c.get(&rt, ns.as_deref(), &name).ok();
@@ -206,16 +210,16 @@ impl ApiServer {
                     &name,
                     with_rv(obj.clone(), cur),
                     Part::Main,
-                    opts,
+                    &opts,
                 ),
-                None => c.create(&rt, ns.as_deref(), obj.clone(), opts),
+                None => c.create(&rt, ns.as_deref(), obj.clone(), &opts),
             }
             .map_err(to_anyhow)?
             .object;
             if rt.rules.status_subresource && obj.get("status").is_some() {
                 let body = with_rv(obj.clone(), &stored);
                 stored = c
-                    .update(&rt, ns.as_deref(), &name, body, Part::Status, opts)
+                    .update(&rt, ns.as_deref(), &name, body, Part::Status, &opts)
                     .map_err(to_anyhow)?
                     .object;
             }

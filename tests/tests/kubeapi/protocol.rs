@@ -422,3 +422,87 @@ fn a_paused_server_resets_connections_and_keeps_its_objects() {
     assert!(answers(&s));
     assert_eq!(wire::get(s.addr(), &format!("{LEASES}/a")).status, 200);
 }
+
+#[test]
+fn server_side_apply_shares_agreeing_fields_and_refuses_to_take_anothers_unforced() {
+    let s = server();
+    namespace(&s, "shop");
+    let lock = format!("{LEASES}/lock");
+    let apply = |manager: &str, holder: &str, extra: &str| {
+        // No metadata.name: the URL names it, as kube-lease-manager sends it.
+        let body = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": {"holderIdentity": holder}});
+        wire::patch(
+            s.addr(),
+            &format!("{lock}?fieldManager={manager}{extra}"),
+            "application/apply-patch+yaml",
+            &body,
+        )
+    };
+    let created = apply("mgr-a", "a", "");
+    assert_eq!(
+        (
+            created.status,
+            created.body["spec"]["holderIdentity"].as_str()
+        ),
+        (201, Some("a")),
+        "{}",
+        created.body
+    );
+    let managed = &created.body["metadata"]["managedFields"][0];
+    assert_eq!(
+        (managed["manager"].as_str(), managed["operation"].as_str()),
+        (Some("mgr-a"), Some("Apply"))
+    );
+    let taken = apply("mgr-b", "b", "");
+    assert_eq!(taken.status, 409);
+    assert_eq!(
+        taken.body["message"],
+        "Apply failed with 1 conflict: conflict with \"mgr-a\": .spec.holderIdentity"
+    );
+    assert_eq!(
+        taken.body["details"]["causes"][0]["field"],
+        ".spec.holderIdentity"
+    );
+    assert_eq!(
+        apply("mgr-b", "a", "").status,
+        200,
+        "agreeing on a value is no conflict"
+    );
+    let release = wire::patch(
+        s.addr(),
+        &format!("{lock}?fieldManager=mgr-a"),
+        "application/strategic-merge-patch+json",
+        &json!({"spec": {"holderIdentity": null}}),
+    );
+    assert_eq!(release.status, 200);
+    assert_eq!(release.body["spec"].get("holderIdentity"), None);
+    let acquired = apply("mgr-b", "b", "");
+    assert_eq!(
+        (
+            acquired.status,
+            acquired.body["spec"]["holderIdentity"].as_str()
+        ),
+        (200, Some("b")),
+        "a released field is no one's"
+    );
+    assert_eq!(apply("mgr-a", "a", "").status, 409);
+    let forced = apply("mgr-a", "a", "&force=true");
+    assert_eq!(
+        (
+            forced.status,
+            forced.body["spec"]["holderIdentity"].as_str()
+        ),
+        (200, Some("a"))
+    );
+    let anonymous = wire::patch(
+        s.addr(),
+        &lock,
+        "application/apply-patch+yaml",
+        &json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease"}),
+    );
+    assert_eq!(
+        (anonymous.status, anonymous.body["reason"].as_str()),
+        (422, Some("Invalid")),
+        "apply needs a field manager"
+    );
+}
