@@ -3,8 +3,9 @@
 //! `fieldValidation`, defaulting, and validation (422 for custom resources,
 //! 400 decode errors for built-ins, as their typed decoders give).
 
+use super::crd::crd_errors;
 use super::meta::{label_errors, name_errors, prune_metadata};
-use super::resources::{ResourceType, crd_errors};
+use super::resources::ResourceType;
 use super::status::{ApiError, FieldError, FieldErrorKind};
 use serde_json::Value;
 

@@ -1,10 +1,10 @@
 //! The server's state behind one lock: the store, the registry its CRDs
-//! imply, and the write path every create, update, patch and delete takes,
-//! from HTTP and from `ApiServer`'s direct access alike, with the side
-//! effects a real control plane adds (a CRD is Established at once; deleting
-//! a namespace or a CRD deletes what it held).
+//! imply, and the write path every create, update and patch takes, from
+//! HTTP and from `ApiServer`'s direct access alike (deletes and the control
+//! plane's side effects are in `controllers`).
 
 use super::admit::{self, FieldValidation, name_of};
+use super::controllers::{established, name_label};
 use super::meta::{generated_name, rfc3339};
 use super::ownership::{Writer, record_update};
 use super::patch::{PatchError, json_patch, merge_patch};
@@ -133,7 +133,7 @@ impl Cluster {
     }
 
     /// Runs `f` on the store, or on a copy of it for a dry run.
-    fn commit<T>(&mut self, dry_run: bool, f: impl FnOnce(&mut Store) -> T) -> T {
+    pub(super) fn commit<T>(&mut self, dry_run: bool, f: impl FnOnce(&mut Store) -> T) -> T {
         if dry_run {
             f(&mut self.store.clone())
         } else {
@@ -141,7 +141,7 @@ impl Cluster {
         }
     }
 
-    fn after_write(&mut self, rt: &ResourceType) {
+    pub(super) fn after_write(&mut self, rt: &ResourceType) {
         if rt.group_resource() == CRDS {
             let crds: Vec<Value> = self.store.list(CRDS, None).into_iter().cloned().collect();
             self.registry = Registry::new(&crds.iter().collect::<Vec<_>>());
@@ -350,107 +350,10 @@ impl Cluster {
         let warnings = admit::prune(rt, &mut obj, opts.field_validation)?;
         self.replace(rt, &old, obj, part, opts, warnings)
     }
-
-    /// Deletes an object, and what it held: a namespace's objects, a CRD's
-    /// custom resources (a real server does so in the background).
-    pub fn delete(
-        &mut self,
-        rt: &ResourceType,
-        ns: Option<&str>,
-        name: &str,
-        precondition: Option<&str>,
-        dry_run: bool,
-    ) -> Result<Value, ApiError> {
-        let gr = rt.group_resource();
-        let gone = self
-            .commit(dry_run, |s| {
-                s.delete(&gr, ns.unwrap_or(""), name, precondition)
-            })
-            .map_err(|e| store_error(rt, name, e))?;
-        if dry_run {
-            return Ok(present(rt, gone));
-        }
-        if gr == "namespaces" {
-            let types: Vec<_> = self
-                .registry
-                .types()
-                .iter()
-                .filter(|t| t.namespaced)
-                .map(|t| t.group_resource())
-                .collect();
-            for t in types {
-                let names: Vec<String> = self
-                    .store
-                    .list(&t, Some(name))
-                    .iter()
-                    .map(|o| name_of(o).to_string())
-                    .collect();
-                for n in names {
-                    let _ = self.store.delete(&t, name, &n, None);
-                }
-            }
-        }
-        if gr == CRDS {
-            let plural = gone["spec"]["names"]["plural"].as_str().unwrap_or("");
-            let cr = format!("{plural}.{}", gone["spec"]["group"].as_str().unwrap_or(""));
-            let keys: Vec<(String, String)> = self
-                .store
-                .list(&cr, None)
-                .iter()
-                .map(|o| {
-                    (
-                        o["metadata"]["namespace"]
-                            .as_str()
-                            .unwrap_or("")
-                            .to_string(),
-                        name_of(o).to_string(),
-                    )
-                })
-                .collect();
-            for (n, o) in keys {
-                let _ = self.store.delete(&cr, &n, &o, None);
-            }
-        }
-        self.after_write(rt);
-        Ok(present(rt, gone))
-    }
 }
 
 impl Default for Cluster {
     fn default() -> Self {
         Cluster::new()
     }
-}
-
-/// The label every namespace carries with its name (which selectors on
-/// namespaces rely on); the server sets it, whatever the client sent.
-fn name_label(rt: &ResourceType, obj: &mut Value) {
-    if rt.group_resource() == "namespaces" {
-        let name = obj["metadata"]["name"].clone();
-        if !obj["metadata"]["labels"].is_object() {
-            obj["metadata"]["labels"] = json!({});
-        }
-        obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = name;
-    }
-}
-
-/// The status the apiextensions controllers give a CRD whose names are free.
-fn established(crd: &Value) -> Value {
-    let now = rfc3339(SystemTime::now());
-    let cond = |ty: &str, reason: &str, msg: &str| json!({"type": ty, "status": "True", "lastTransitionTime": now, "reason": reason, "message": msg});
-    let stored: Vec<Value> = crd["spec"]["versions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|v| v["storage"].as_bool() == Some(true))
-        .map(|v| v["name"].clone())
-        .collect();
-    json!({
-        "acceptedNames": crd["spec"]["names"],
-        "conditions": [
-            cond("NamesAccepted", "NoConflicts", "no conflicts found"),
-            cond("Established", "InitialNamesAccepted", "the initial names have been accepted"),
-        ],
-        "storedVersions": stored,
-    })
 }

@@ -6,7 +6,10 @@
 //! plain HTTP, no authentication or admission webhooks.
 
 mod admit;
+mod builtin;
 mod cluster;
+mod controllers;
+mod crd;
 mod discovery;
 mod handlers;
 mod http;
