@@ -8,6 +8,7 @@ pub mod backend;
 pub mod bench;
 pub mod client;
 pub mod control;
+pub mod fleet;
 pub mod flood;
 pub mod frames;
 pub mod kubeapi;

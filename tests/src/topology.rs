@@ -77,7 +77,7 @@ pub struct Topology {
 }
 
 /// A veth pair created directly inside two namespaces (never in the host's).
-fn veth((a, a_name): (&Netns, &str), (b, b_name): (&Netns, &str)) -> Result<()> {
+pub(crate) fn veth((a, a_name): (&Netns, &str), (b, b_name): (&Netns, &str)) -> Result<()> {
     crate::netns::ip(&[
         "link",
         "add",
@@ -94,7 +94,7 @@ fn veth((a, a_name): (&Netns, &str), (b, b_name): (&Netns, &str)) -> Result<()> 
     ])
 }
 
-fn ethtool_tx(ns: &Netns, iface: &str, on: bool) -> Result<()> {
+pub(crate) fn ethtool_tx(ns: &Netns, iface: &str, on: bool) -> Result<()> {
     ns.exec(
         "ethtool",
         &["-K", iface, "tx", if on { "on" } else { "off" }],

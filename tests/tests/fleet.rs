@@ -1,0 +1,366 @@
+//! End to end: one rollout across three nodes. Three agents, each in its own
+//! node namespace with clients of its own, in front of the same backends,
+//! all watching one API server (the tests' in-process one, on the fabric
+//! namespace that joins the nodes and the backends: `kanari_tests::fleet`).
+//! One agent holds the Lease and decides; the others take its decisions
+//! from the CanaryRelease's status; any of them lowers the weight at once.
+//!
+//! They need root (without it they fail; `KANARI_SKIP_PRIVILEGED=1` skips
+//! them explicitly outside CI).
+
+use std::{
+    net::TcpListener,
+    time::{Duration, Instant},
+};
+
+use kanari_common::maps::Group;
+use kanari_tests::{
+    agent::Agent,
+    control::{report, until},
+    fleet::{API_ADDR, CLIENTS_PER_NODE, Fleet},
+    kubeapi::ApiServer,
+    load::{Load, unix_ms},
+    netns::require_root,
+    topology::{NODE_IFACE, VIP},
+};
+use serde_json::{Value, json};
+
+const NS: &str = "shop";
+const SERVICE: &str = "shop.web";
+const NODES: usize = 3;
+/// The lease's duration (kubernetes.lease.duration).
+const LEASE_S: u64 = 3;
+
+fn crd() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/canaryrelease-crd.yaml"
+    );
+    serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("the CRD")).expect("YAML")
+}
+
+/// The API server on the fabric with the CRD, the namespaces, the three
+/// Services, the stable and canary Services' slices and the release.
+fn cluster(fleet: &Fleet, rollout: Value) -> ApiServer {
+    let listener = fleet
+        .fabric
+        .run_in(|| TcpListener::bind((API_ADDR, 0)))
+        .expect("fabric namespace")
+        .expect("a port");
+    let api = ApiServer::serve(listener).expect("the API server");
+    api.apply_json(crd()).expect("the CRD");
+    for ns in [NS, "kanari"] {
+        api.apply_json(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+            .expect("a namespace");
+    }
+    for (name, ip, port) in [
+        ("web", VIP.ip().to_string(), VIP.port()),
+        ("web-stable", "10.96.0.11".into(), 8080),
+        ("web-canary", "10.96.0.12".into(), 8080),
+    ] {
+        api.apply_json(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"clusterIP": ip,
+                     "ports": [{"name": "http", "port": port, "targetPort": 8080, "protocol": "TCP"}]},
+        }))
+        .expect("a Service");
+    }
+    for group in [Group::Stable, Group::Canary] {
+        let service = format!("web-{}", group.name());
+        let endpoints: Vec<Value> = fleet
+            .backends_of(group)
+            .iter()
+            .map(|a| json!({"addresses": [a.ip().to_string()], "conditions": {"ready": true}}))
+            .collect();
+        api.apply_json(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{service}-1"), "namespace": NS,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+        .expect("a slice");
+    }
+    api.apply_json(json!({
+        "apiVersion": "kanari.dev/v1alpha1", "kind": "CanaryRelease",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"service": "web", "stable": "web-stable", "canary": "web-canary",
+                 "revision": "web:2", "rollout": rollout,
+                 // Each node sees about 25 canary requests a second: the
+                 // critical path may judge on 5.
+                 "analysis": {"critical": {"min_requests": 5}}},
+    }))
+    .expect("the CanaryRelease");
+    api
+}
+
+/// Node `k`'s agent, named node-K.
+fn agent(fleet: &Fleet, api: &ApiServer, k: usize) -> Agent {
+    let config = format!(
+        "interfaces:\n  - name: {NODE_IFACE}\n    mode: tc\nconntrack:\n  connections: 65536\nbpf:\n  pin_dir: {}\nkubernetes:\n  kubeconfig: {}\n  node: node-{k}\n  lease:\n    namespace: kanari\n    duration: {LEASE_S}s\n",
+        fleet.nodes[k].pin_dir().display(),
+        api.kubeconfig().display()
+    );
+    Agent::start(&fleet.nodes[k].node, &config).expect("kanari starts")
+}
+
+/// The kernel's canary weight (percent) on each node, `None` where the
+/// agent does not steer the release.
+fn weights(agents: &[Option<Agent>]) -> Vec<Option<f64>> {
+    agents
+        .iter()
+        .map(|a| {
+            let a = a.as_ref()?;
+            report(&a.socket)
+                .services
+                .into_iter()
+                .find(|s| s.name == SERVICE)
+                .map(|s| s.canary_weight_percent)
+        })
+        .collect()
+}
+
+fn status(api: &ApiServer) -> Value {
+    api.get_json("kanari.dev/v1alpha1", "CanaryRelease", Some(NS), "web")
+        .and_then(|r| r.get("status").cloned())
+        .unwrap_or_default()
+}
+
+fn holder(api: &ApiServer) -> Option<String> {
+    api.get_json("coordination.k8s.io/v1", "Lease", Some("kanari"), "kanari")
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+}
+
+/// Every running agent's kernel at `percent`, within `secs`.
+fn all_at(agents: &[Option<Agent>], percent: f64, secs: u64) {
+    until(secs, &format!("every node at {percent} %"), || {
+        let w = weights(agents);
+        let running = agents.iter().zip(&w).filter(|(a, _)| a.is_some());
+        if running.clone().all(|(_, w)| *w == Some(percent)) {
+            Ok(())
+        } else {
+            Err(format!("{w:?}"))
+        }
+    });
+}
+
+fn loads(fleet: &Fleet, rate: f64) -> Vec<Load> {
+    (0..NODES)
+        .map(|k| {
+            Load::start(
+                &fleet.nodes[k].client,
+                VIP,
+                rate,
+                8,
+                k as u32 * CLIENTS_PER_NODE,
+            )
+            .expect("load")
+        })
+        .collect()
+}
+
+#[test]
+fn every_node_splits_alike_at_the_leaders_weight_and_a_failing_canary_is_at_0_everywhere_within_a_second()
+ {
+    if !require_root() {
+        return;
+    }
+    let fleet = Fleet::new(NODES, 2, 1).expect("fleet");
+    let api = cluster(
+        &fleet,
+        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
+    );
+    let agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
+    all_at(&agents, 10.0, 10);
+    let leader = until(10, "a leader", || {
+        holder(&api).ok_or("none yet".to_string())
+    });
+    let s = until(10, "the status", || {
+        let s = status(&api);
+        (s["phase"] == "Progressing")
+            .then_some(s.clone())
+            .ok_or(s.to_string())
+    });
+    assert_eq!(s["leader"]["agent"], leader.as_str(), "{s}");
+
+    // Each node's clients see the split the leader decided.
+    let loads = loads(&fleet, 250.0);
+    std::thread::sleep(Duration::from_secs(8));
+    let canary = fleet.backends_of(Group::Canary)[0];
+    let broke_ms = unix_ms();
+    fleet.server(canary).behavior.set_error_rate(1.0);
+    let started = Instant::now();
+    all_at(&agents, 0.0, 5);
+    let to_zero = started.elapsed();
+    let s = until(10, "the status rolled back", || {
+        let s = status(&api);
+        (s["phase"] == "Failed")
+            .then_some(s.clone())
+            .ok_or(s.to_string())
+    });
+    assert_eq!(s["canaryWeight"], 0.0, "{s}");
+    for (k, load) in loads.into_iter().enumerate() {
+        let outcomes = load.stop();
+        let before: Vec<_> = outcomes.iter().filter(|o| o.sent_ms < broke_ms).collect();
+        let n = before.len() as f64;
+        let on_canary = before
+            .iter()
+            .filter(|o| o.result.as_ref().is_ok_and(|(b, _)| *b == canary))
+            .count() as f64;
+        let failed = before
+            .iter()
+            .filter(|o| !matches!(o.result, Ok((_, 200))))
+            .count();
+        assert_eq!(failed, 0, "node {k}: requests failed before the fault");
+        // 99.9 %: 3.29 standard deviations of a binomial share at 10 %.
+        let bound = 3.29 * (0.1 * 0.9 / n).sqrt();
+        let share = on_canary / n;
+        eprintln!(
+            "node {k}: canary share {:.2} % of {n} requests (bound ±{:.2} points)",
+            share * 100.0,
+            bound * 100.0
+        );
+        assert!((share - 0.1).abs() <= bound, "node {k}: {share} of {n}");
+    }
+    eprintln!(
+        "a failing canary: every node at weight 0 {} ms after the fault",
+        to_zero.as_millis()
+    );
+    assert!(to_zero < Duration::from_secs(1), "{to_zero:?}");
+}
+
+#[test]
+fn the_leader_killed_mid_rollout_is_replaced_within_the_lease_and_no_node_raises_meanwhile() {
+    if !require_root() {
+        return;
+    }
+    let fleet = Fleet::new(NODES, 2, 1).expect("fleet");
+    let api = cluster(
+        &fleet,
+        json!({"steps": [10, 50, 100], "interval": "1h", "progress_deadline": "2h"}),
+    );
+    let mut agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
+    all_at(&agents, 10.0, 10);
+    let leader = until(10, "a leader", || {
+        holder(&api).ok_or("none yet".to_string())
+    });
+    let term = until(10, "the leader's status", || {
+        let s = status(&api);
+        s["leader"]["term"]
+            .as_u64()
+            .filter(|_| s["leader"]["agent"] == leader.as_str())
+            .ok_or(s.to_string())
+    });
+    let k: usize = leader.trim_start_matches("node-").parse().expect("node-K");
+    // SIGKILL: its pinned data path keeps steering without it.
+    drop(agents[k].take());
+    let killed = Instant::now();
+    let mut seen = Vec::new();
+    let new = until(LEASE_S + 5, "a new leader", || {
+        seen.push(weights(&agents));
+        let s = status(&api);
+        match (holder(&api), s["leader"]["term"].as_u64()) {
+            (Some(h), Some(t)) if h != leader && t > term => Ok((h, t)),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let failover = killed.elapsed();
+    for w in seen.iter().flatten().flatten() {
+        assert!(
+            *w <= 10.0,
+            "a node raised the weight without a leader: {seen:?}"
+        );
+    }
+    let s = status(&api);
+    assert_eq!(s["phase"], "Progressing", "{s}");
+    assert_eq!(s["step"], 0, "the rollout continues at its step: {s}");
+    assert_eq!(s["canaryWeight"], 10.0, "{s}");
+    all_at(&agents, 10.0, 5);
+    eprintln!(
+        "leader {leader} killed: {} took over (term {}) after {} ms (lease {LEASE_S} s)",
+        new.0,
+        new.1,
+        failover.as_millis()
+    );
+    assert!(failover < Duration::from_secs(LEASE_S + 2), "{failover:?}");
+}
+
+#[test]
+fn with_the_api_server_away_every_node_keeps_its_split_still_rolls_back_and_reconverges() {
+    if !require_root() {
+        return;
+    }
+    let fleet = Fleet::new(NODES, 2, 1).expect("fleet");
+    let api = cluster(
+        &fleet,
+        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
+    );
+    let agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
+    all_at(&agents, 10.0, 10);
+    until(10, "the status", || {
+        let s = status(&api);
+        (s["phase"] == "Progressing")
+            .then_some(())
+            .ok_or(s.to_string())
+    });
+    let loads = loads(&fleet, 250.0);
+    api.pause();
+    let away = Instant::now();
+    // Away for longer than the lease: nobody leads, everybody steers.
+    std::thread::sleep(Duration::from_secs(2 * LEASE_S + 2));
+    assert!(
+        weights(&agents).iter().all(|w| *w == Some(10.0)),
+        "{:?}",
+        weights(&agents)
+    );
+    let canary = fleet.backends_of(Group::Canary)[0];
+    fleet.server(canary).behavior.set_error_rate(1.0);
+    let started = Instant::now();
+    all_at(&agents, 0.0, 5);
+    let to_zero = started.elapsed();
+    // 30 s away in all.
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(away.elapsed()));
+    assert!(
+        weights(&agents).iter().all(|w| *w == Some(0.0)),
+        "{:?}",
+        weights(&agents)
+    );
+    fleet.server(canary).behavior.set_error_rate(0.0);
+    let back = Instant::now();
+    api.resume();
+    let s = until(15, "the status says rolled back", || {
+        let s = status(&api);
+        (s["phase"] == "Failed")
+            .then_some(s.clone())
+            .ok_or(s.to_string())
+    });
+    let reconverged = back.elapsed();
+    assert_eq!(s["canaryWeight"], 0.0, "{s}");
+    // Nobody raises again: the release stays rolled back.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        weights(&agents).iter().all(|w| *w == Some(0.0)),
+        "{:?}",
+        weights(&agents)
+    );
+    for (k, load) in loads.into_iter().enumerate() {
+        let outcomes = load.stop();
+        let failed = outcomes
+            .iter()
+            .filter(|o| o.result.as_ref().is_err())
+            .count();
+        assert_eq!(
+            failed, 0,
+            "node {k}: connections failed while the API server was away"
+        );
+    }
+    eprintln!(
+        "API server away {} s: split kept, failing canary at 0 on every node in {} ms, status reconverged {} ms after it returned",
+        back.duration_since(away).as_secs(),
+        to_zero.as_millis(),
+        reconverged.as_millis()
+    );
+    assert!(to_zero < Duration::from_secs(1), "{to_zero:?}");
+}
