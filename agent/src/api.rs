@@ -61,6 +61,19 @@ pub fn metrics_router(snapshots: Snapshots) -> Router {
             ),
         )
         .route(
+            "/telemetry",
+            // Read-only: this node's cumulative counters of the services
+            // from CanaryReleases, for the agent that decides for the fleet.
+            get(|State(s): State<Snapshots>| async move {
+                let snapshot = s.borrow().clone();
+                Json(crate::fleet::merge::Report {
+                    node: snapshot.node.clone().unwrap_or_default(),
+                    layout: crate::fleet::merge::LAYOUT.to_vec(),
+                    backends: snapshot.served.to_vec(),
+                })
+            }),
+        )
+        .route(
             "/healthz",
             get(|State(s): State<Snapshots>| async move {
                 let snapshot = s.borrow().clone();
@@ -250,6 +263,37 @@ pub async fn control_request(
     let resp = sender.send_request(req).await.context("asking the agent")?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes().to_vec();
+    driver.abort();
+    Ok((status, body))
+}
+
+/// One HTTP/1.1 request to `url` (http://) on a connection of its own:
+/// `GET` without a body, `POST` of JSON with one. The status and the body.
+pub async fn http_once(url: &str, body: Option<Bytes>) -> Result<(u16, Bytes)> {
+    let uri: hyper::Uri = url
+        .parse()
+        .with_context(|| format!("`{url}` is not a URL"))?;
+    let host = uri.host().context("the URL has no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .with_context(|| format!("connecting to {host}:{port}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let builder = match &body {
+        None => Request::get(path),
+        Some(_) => Request::post(path).header("content-type", "application/json"),
+    };
+    let req = builder
+        .header("host", uri.authority().map_or(host, |a| a.as_str()))
+        .header("user-agent", concat!("kanari/", env!("CARGO_PKG_VERSION")))
+        .body(Full::new(body.unwrap_or_default()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
     driver.abort();
     Ok((status, body))
 }

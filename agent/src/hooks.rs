@@ -21,9 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use http_body_util::Full;
-use hyper::{Request, body::Bytes};
-use hyper_util::rt::TokioIo;
+use hyper::body::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -288,26 +286,10 @@ async fn deliver(hook: &Webhook, body: &Value) -> Result<()> {
 
 /// One POST; Ok on a 2xx answer.
 async fn post(url: &str, body: Bytes) -> Result<()> {
-    let uri: hyper::Uri = url.parse().context("the webhook's URL")?;
-    let host = uri.host().context("the URL has no host")?;
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host, port))
+    let (status, _) = crate::api::http_once(url, Some(body))
         .await
-        .with_context(|| format!("connecting to {host}:{port}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let req = Request::post(path)
-        .header("host", uri.authority().map_or(host, |a| a.as_str()))
-        .header("content-type", "application/json")
-        .header("user-agent", concat!("kanari/", env!("CARGO_PKG_VERSION")))
-        .body(Full::new(body))?;
-    let resp = sender.send_request(req).await.context("posting")?;
-    driver.abort();
-    let status = resp.status();
-    if !status.is_success() {
+        .context("posting")?;
+    if !(200..300).contains(&status) {
         bail!("answered {status}");
     }
     Ok(())

@@ -96,6 +96,11 @@ pub struct Snapshot {
     pub webhooks: Arc<crate::hooks::DeliveryCounts>,
     /// The CanaryReleases read (`kubernetes:`), by NAMESPACE/NAME.
     pub releases: Arc<crate::fleet::kubernetes::Releases>,
+    /// This node's name in the fleet (`kubernetes:`).
+    pub node: Option<String>,
+    /// This node's own cumulative counters of the discovered services'
+    /// backends, as last read (`GET /telemetry`).
+    pub served: Arc<Vec<crate::fleet::merge::Served>>,
     /// When the loop published it, on the agent's clock (ms) and as an instant.
     pub at_ms: u64,
     pub taken: Instant,
@@ -121,6 +126,8 @@ impl Snapshot {
             ticks: TickStats::default(),
             webhooks: Arc::default(),
             releases: Arc::default(),
+            node: None,
+            served: Arc::default(),
             at_ms: 0,
             taken: Instant::now(),
         }

@@ -348,7 +348,7 @@ fn the_kubernetes_manifests_render_and_validate() {
         vec![(
             "coordination.k8s.io".to_string(),
             "leases".to_string(),
-            verbs(&["create", "get", "update"])
+            verbs(&["create", "get", "list", "update"])
         )]
     );
     for (kind, bound) in [("ClusterRoleBinding", cluster_role), ("RoleBinding", role)] {

@@ -16,7 +16,7 @@ use std::{
 use kanari_common::maps::Group;
 use kanari_tests::{
     agent::Agent,
-    control::{report, until},
+    control::{get, report, until},
     fleet::{API_ADDR, CLIENTS_PER_NODE, Fleet},
     kubeapi::ApiServer,
     load::{Load, unix_ms},
@@ -99,9 +99,10 @@ fn cluster(fleet: &Fleet, rollout: Value) -> ApiServer {
 /// Node `k`'s agent, named node-K.
 fn agent(fleet: &Fleet, api: &ApiServer, k: usize) -> Agent {
     let config = format!(
-        "interfaces:\n  - name: {NODE_IFACE}\n    mode: tc\nconntrack:\n  connections: 65536\nbpf:\n  pin_dir: {}\nkubernetes:\n  kubeconfig: {}\n  node: node-{k}\n  lease:\n    namespace: kanari\n    duration: {LEASE_S}s\n",
+        "interfaces:\n  - name: {NODE_IFACE}\n    mode: tc\nconntrack:\n  connections: 65536\nbpf:\n  pin_dir: {}\nkubernetes:\n  kubeconfig: {}\n  node: node-{k}\n  advertise: {}:9477\n  lease:\n    namespace: kanari\n    duration: {LEASE_S}s\n",
         fleet.nodes[k].pin_dir().display(),
-        api.kubeconfig().display()
+        api.kubeconfig().display(),
+        fleet.nodes[k].addr,
     );
     Agent::start(&fleet.nodes[k].node, &config).expect("kanari starts")
 }
@@ -363,4 +364,94 @@ fn with_the_api_server_away_every_node_keeps_its_split_still_rolls_back_and_reco
         reconverged.as_millis()
     );
     assert!(to_zero < Duration::from_secs(1), "{to_zero:?}");
+}
+
+#[test]
+fn the_leader_judges_the_whole_fleets_traffic_and_each_step_once_every_node_holds_it() {
+    if !require_root() {
+        return;
+    }
+    let fleet = Fleet::new(NODES, 2, 1).expect("fleet");
+    let api = cluster(
+        &fleet,
+        json!({"steps": [10, 50, 100], "interval": "2s", "min_requests": 40, "progress_deadline": "60s"}),
+    );
+    let agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
+    all_at(&agents, 10.0, 10);
+    let leader = until(10, "a leader", || {
+        holder(&api).ok_or("none yet".to_string())
+    });
+    let k: usize = leader.trim_start_matches("node-").parse().expect("node-K");
+    until(10, "every node reporting, in sync", || {
+        let s = status(&api);
+        (s["nodes"] == json!({"total": 3, "inSync": 3}))
+            .then_some(())
+            .ok_or(s.to_string())
+    });
+    // Clients on the other nodes only: the leader sees none of its own.
+    let loads: Vec<Load> = (0..NODES)
+        .filter(|n| *n != k)
+        .map(|n| {
+            Load::start(
+                &fleet.nodes[n].client,
+                VIP,
+                200.0,
+                8,
+                n as u32 * CLIENTS_PER_NODE,
+            )
+            .expect("load")
+        })
+        .collect();
+    let mut steps = Vec::new();
+    let s = until(60, "the release promoted", || {
+        let s = status(&api);
+        let step = (s["canaryWeight"].as_f64(), s["nodes"]["inSync"].as_u64());
+        if steps.last() != Some(&step) {
+            steps.push(step);
+        }
+        (s["phase"] == "Succeeded")
+            .then_some(s.clone())
+            .ok_or(s.to_string())
+    });
+    assert_eq!(s["canaryWeight"], 100.0, "{s}");
+    all_at(&agents, 100.0, 5);
+    for (n, load) in loads.into_iter().enumerate() {
+        let outcomes = load.stop();
+        let failed = outcomes
+            .iter()
+            .filter(|o| !matches!(o.result, Ok((_, 200))))
+            .count();
+        assert_eq!(failed, 0, "load {n}: requests failed during the rollout");
+    }
+    // The leader's judges saw requests; its own node served none.
+    let judged: u64 = report(&agents[k].as_ref().expect("the leader runs").socket)
+        .services
+        .iter()
+        .flat_map(|s| s.versions.iter())
+        .map(|v| v.requests)
+        .sum();
+    let (code, body) = get(&fleet.nodes[k].node, "/telemetry");
+    assert_eq!(code, 200, "{body}");
+    let own: Value = serde_json::from_str(&body).expect("JSON");
+    let served: u64 = own["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["counters"][0].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(served, 0, "the leader's node had no clients: {own}");
+    assert!(judged > 0, "the leader judged the fleet's requests");
+    eprintln!(
+        "promoted by {leader} with no client of its own ({judged} requests in its window, all the other nodes'); status (weight, nodes in sync): {steps:?}"
+    );
+    // Each step was judged with every node holding it: the status never
+    // showed a new weight with all nodes in sync before they were.
+    for w in [10.0, 50.0] {
+        assert!(
+            steps
+                .iter()
+                .any(|(weight, sync)| *weight == Some(w) && *sync == Some(3)),
+            "every node held {w} % before it was judged: {steps:?}"
+        );
+    }
 }

@@ -50,6 +50,10 @@ pub struct Kubernetes {
     pub lease_name: String,
     /// `kubernetes.lease.duration`: how long a silent leader keeps the lease.
     pub lease_duration: Duration,
+    /// `kubernetes.advertise`: where the other agents pull this one's
+    /// telemetry; `None`: `metrics.listen`'s address, or `$HOST_IP` at its
+    /// port when it listens on every address.
+    pub advertise: Option<SocketAddrV4>,
 }
 
 /// `kubernetes.lease` by default, and its bounds.

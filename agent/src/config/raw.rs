@@ -52,6 +52,8 @@ pub(super) struct RawKubernetes {
     pub(super) node: Option<String>,
     #[serde(default)]
     pub(super) lease: RawLease,
+    /// Where the other agents reach this one's telemetry (IP:port).
+    pub(super) advertise: Option<Endpoint>,
 }
 
 /// `kubernetes.lease`: the Lease that elects the deciding agent.

@@ -463,6 +463,7 @@ pub(super) fn validate(
                     lease_namespace: k.lease.namespace,
                     lease_name: k.lease.name.unwrap_or_else(|| DEFAULT_LEASE_NAME.into()),
                     lease_duration,
+                    advertise: k.advertise.map(|e| e.0),
                 })
             }
         },

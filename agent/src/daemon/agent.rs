@@ -11,14 +11,14 @@ use std::{
     path::PathBuf,
     process::ExitCode,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use kanari_common::maps::Group;
+use kanari_common::maps::{BackendStats, Group};
 use std::{collections::HashSet, sync::atomic::AtomicU64};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -30,6 +30,7 @@ use crate::{
     config::{DEFAULT_REQUEST_TIMEOUT, Service},
     datapath::{ConntrackScan, Datapath, LoadOptions, Pending},
     discovery::releases::{Discovered, Known, service_name},
+    fleet::merge::{Merged, Served},
     hooks::{GateAnswer, Hooks},
     pins::Pins,
     plan::{self, Applied, Quarantine},
@@ -84,6 +85,9 @@ pub(super) struct Setup {
     pub period: watch::Sender<Duration>,
     /// The webhooks' tasks.
     pub hooks: Hooks,
+    /// The other nodes' counters, pulled by the fleet's task while this
+    /// agent decides.
+    pub merged: Arc<Mutex<Merged>>,
 }
 
 struct Agent {
@@ -95,6 +99,14 @@ struct Agent {
     known: Known,
     /// Our term while this agent decides for the fleet (`kubernetes:`).
     leading: Option<u32>,
+    /// This node's name in the fleet (`kubernetes:`).
+    node: Option<String>,
+    /// This node's own counters of the discovered services, as last read.
+    served: Arc<Vec<Served>>,
+    /// The other nodes' counters, as the deciding agent pulls them.
+    merged: Arc<Mutex<Merged>>,
+    /// The fleet's agents as they last reported.
+    peers: Arc<crate::fleet::peers::Peers>,
     clock: Clock,
     datapath: Datapath,
     /// What the maps held when last read back, or were last written to hold.
@@ -147,6 +159,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         tick_pending,
         period,
         hooks,
+        merged,
     } = setup;
     let clock = Clock::new();
     let store = Store::new(&config.state_dir);
@@ -262,6 +275,13 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         file_text: text,
         known,
         leading: None,
+        node: config
+            .kubernetes
+            .as_ref()
+            .map(|k| crate::fleet::kubernetes::settings(k).identity),
+        served: Arc::default(),
+        merged,
+        peers: Arc::default(),
         clock,
         datapath,
         applied,
@@ -330,6 +350,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
             Input::Gate(answer) => agent.gate(answer),
             Input::Discovered(readings) => agent.discovered(readings),
             Input::Leading(term) => agent.leading(term),
+            Input::Peers(peers) => agent.peers(peers),
             Input::Stop(why) => {
                 info!("{why}: stopping");
                 break;
@@ -600,6 +621,9 @@ impl Agent {
         if let Err(e) = self.read() {
             warn!("reading the kernel's counters: {e:#}");
         }
+        if !self.known.paused.is_empty() {
+            self.sync_windows();
+        }
         let now = self.clock.now_ms();
         let decided = self.engine.tick(&self.config, &self.telemetry, now);
         if let Some((recorder, differ)) = &mut self.recorder {
@@ -629,8 +653,18 @@ impl Agent {
 
     fn read(&mut self) -> Result<()> {
         let mut reads = Vec::new();
+        let mut served = Vec::new();
+        let discovered: BTreeSet<&str> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.discovered)
+            .map(|s| s.name.as_str())
+            .collect();
+        let merged = self.merged.lock().expect("not poisoned");
         for s in self.applied.services.values() {
             let name: Arc<str> = s.name.as_str().into();
+            let fleet = discovered.contains(s.name.as_str());
             for g in [Group::Stable, Group::Canary] {
                 for (addr, id) in &s.backends[g as usize] {
                     let key = BackendKey {
@@ -638,10 +672,29 @@ impl Agent {
                         group: GroupName(g),
                         addr: *addr,
                     };
-                    reads.push((*id, key, self.datapath.backend_stats(*id)?));
+                    let mut stats = self.datapath.backend_stats(*id)?;
+                    if fleet {
+                        // What this node counted, for the others; then the
+                        // others' counts, for the judges (the leader's).
+                        let mut sum = BackendStats::ZERO;
+                        for c in &stats {
+                            crate::fleet::merge::add(&mut sum, c);
+                        }
+                        served.push(Served {
+                            service: s.name.clone(),
+                            group: g.name().to_string(),
+                            addr: *addr,
+                            counters: crate::fleet::merge::flatten(&sum),
+                        });
+                        let key = (s.name.clone(), g.name().to_string(), *addr);
+                        stats.extend(merged.contributions(&key));
+                    }
+                    reads.push((*id, key, stats));
                 }
             }
         }
+        drop(merged);
+        self.served = Arc::new(served);
         self.counters = Arc::new(
             self.datapath
                 .counters()?
@@ -727,6 +780,32 @@ impl Agent {
         self.leading = term;
         self.engine.set_following(following);
         self.follow_decisions();
+    }
+
+    /// The fleet's reports: while leading, a release's analysis window
+    /// waits until every reporting node holds its weight.
+    fn peers(&mut self, peers: Arc<crate::fleet::peers::Peers>) {
+        self.peers = peers;
+        self.sync_windows();
+    }
+
+    fn sync_windows(&mut self) {
+        let now = self.clock.now_ms();
+        for (key, view) in self.release_views().iter() {
+            let in_sync = self.leading.is_none()
+                || match (&view.decision, self.engine.state(&view.service)) {
+                    (Some(d), Some(s)) => {
+                        d.weight == s.weight
+                            && self
+                                .peers
+                                .values()
+                                .all(|p| p.held.get(key) == Some(&d.generation))
+                    }
+                    // Nothing decided yet: nothing to wait for.
+                    _ => true,
+                };
+            self.engine.set_in_sync(&view.service, in_sync, now);
+        }
     }
 
     /// A follower takes the leader's decisions (only the leader raises).
@@ -940,6 +1019,8 @@ impl Agent {
             ticks: self.ticks.clone(),
             webhooks: Arc::new(self.hooks.counts()),
             releases: self.release_views(),
+            node: self.node.clone(),
+            served: self.served.clone(),
             at_ms: now,
             taken: Instant::now(),
         };

@@ -29,7 +29,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot, watch},
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     api::{self, VerbRequest},
@@ -65,6 +65,8 @@ pub enum Input {
     Discovered(Vec<crate::discovery::releases::Discovered>),
     /// This agent now decides for the fleet (its term), or follows.
     Leading(Option<u32>),
+    /// The fleet's agents as they last reported (while leading).
+    Peers(Arc<crate::fleet::peers::Peers>),
     /// SIGTERM or SIGINT.
     Stop(&'static str),
 }
@@ -177,6 +179,7 @@ async fn serve(
         axum::serve(metrics_listener, api::metrics_router(snapshots_rx.clone())).into_future(),
     );
     let status_snapshots = snapshots_rx.clone();
+    let merged = Arc::new(std::sync::Mutex::new(crate::fleet::merge::Merged::default()));
     tokio::spawn(
         axum::serve(control_listener, api::control_router(snapshots_rx, verbs)).into_future(),
     );
@@ -238,13 +241,38 @@ async fn serve(
             let lease = crate::fleet::kubernetes::settings(k);
             info!(node = %lease.identity, lease = %format!("{}/{}", lease.namespace, lease.name), "electing the agent that writes the CanaryReleases' status");
             let node = lease.identity.clone();
-            let leadership = crate::fleet::kubernetes::elect(client.clone(), lease);
+            let leadership = crate::fleet::kubernetes::elect(client.clone(), lease.clone());
+            let advertise = crate::fleet::kubernetes::advertise(k, config.metrics_listen);
+            match &advertise {
+                Some(url) => info!(url, "serving this node's telemetry to the fleet"),
+                None => warn!(
+                    "kubernetes.advertise is not set and metrics.listen is every address without $HOST_IP: the deciding agent cannot pull this node's telemetry"
+                ),
+            }
+            let peers = crate::fleet::peers::spawn(
+                client.clone(),
+                lease,
+                advertise,
+                status_snapshots.clone(),
+                leadership.clone(),
+                merged.clone(),
+            );
             crate::fleet::kubernetes::write_status(
                 client,
                 status_snapshots,
                 leadership.clone(),
+                peers.clone(),
                 node,
             );
+            let (to_loop, mut peers) = (inputs.clone(), peers);
+            tokio::spawn(async move {
+                while peers.changed().await.is_ok() {
+                    let now = peers.borrow_and_update().clone();
+                    if to_loop.send(Input::Peers(now)).await.is_err() {
+                        break;
+                    }
+                }
+            });
             let to_loop = inputs.clone();
             let mut leadership = leadership;
             tokio::spawn(async move {
@@ -302,6 +330,7 @@ async fn serve(
                 tick_pending: pending,
                 period,
                 hooks,
+                merged,
             });
             let _ = done.send(code);
         })

@@ -84,6 +84,19 @@ pub fn settings(k: &crate::config::Kubernetes) -> LeaseSettings {
     }
 }
 
+/// The URL the other agents pull this one's telemetry from.
+pub fn advertise(k: &crate::config::Kubernetes, metrics: std::net::SocketAddr) -> Option<String> {
+    let addr = match k.advertise {
+        Some(a) => std::net::SocketAddr::V4(a),
+        None if !metrics.ip().is_unspecified() => metrics,
+        None => {
+            let ip: std::net::IpAddr = std::env::var("HOST_IP").ok()?.parse().ok()?;
+            std::net::SocketAddr::new(ip, metrics.port())
+        }
+    };
+    Some(format!("http://{addr}/telemetry"))
+}
+
 fn record(l: &Lease) -> Record {
     let spec = l.spec.clone().unwrap_or_default();
     Record {
@@ -211,6 +224,7 @@ pub fn write_status(
     client: Client,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     mut leadership: watch::Receiver<Leadership>,
+    peers: watch::Receiver<Arc<super::peers::Peers>>,
     node: String,
 ) {
     tokio::spawn(async move {
@@ -246,6 +260,13 @@ pub fn write_status(
                     w.since = Timestamp::now().to_string();
                 }
                 let mut st = status::status(view, state, &by);
+                let peers = peers.borrow().clone();
+                let generation = st["weightGeneration"].as_u64();
+                let in_sync = peers
+                    .values()
+                    .filter(|p| generation.is_some() && p.held.get(key).copied() == generation)
+                    .count();
+                st["nodes"] = json!({"total": peers.len(), "inSync": in_sync});
                 st["lastTransitionTime"] = json!(w.since);
                 st["conditions"][0]["lastTransitionTime"] = json!(w.since);
                 let Some((namespace, name)) = key.split_once('/') else {

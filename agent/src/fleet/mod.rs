@@ -6,4 +6,6 @@
 
 pub mod kubernetes;
 pub mod lease;
+pub mod merge;
+pub mod peers;
 pub mod status;

@@ -228,6 +228,8 @@ pub struct Engine {
     generation: u64,
     /// Services another agent decides ([`follow`]).
     following: BTreeSet<String>,
+    /// Services whose analysis window waits for every node ([`follow`]).
+    held_windows: BTreeSet<String>,
 }
 
 impl Engine {
@@ -239,6 +241,7 @@ impl Engine {
             notices: Vec::new(),
             generation: 0,
             following: BTreeSet::new(),
+            held_windows: BTreeSet::new(),
         }
     }
 
@@ -582,11 +585,15 @@ impl Engine {
             let http = svc.protocol == Protocol::Http;
             let totals = |g| telemetry.group(&name, g).cloned().unwrap_or_default();
             let following = self.following.contains(&name);
+            let waiting = self.held_windows.contains(&name);
             let t = self.services.get_mut(&name).expect("listed");
+            if waiting {
+                t.window_start = None;
+            }
             // After a weight change, data counts once the warm-up is over.
             let warmup_ms = spec.analysis.warmup.as_millis() as u64;
             let warm = |s: &State| now_ms >= s.step_since_ms + warmup_ms;
-            if t.window_start.is_none() && warm(&t.state) {
+            if t.window_start.is_none() && warm(&t.state) && !waiting {
                 t.window_start = Some((totals(Group::Stable), totals(Group::Canary)));
             }
             let confidence = spec
@@ -660,7 +667,7 @@ impl Engine {
             if let Some((s0, c0)) = t
                 .window_start
                 .clone()
-                .filter(|_| !following && state.check_due(now_ms, &spec.rollout))
+                .filter(|_| !following && !waiting && state.check_due(now_ms, &spec.rollout))
             {
                 let canary = &totals(Group::Canary) - &c0;
                 let stable = &totals(Group::Stable) - &s0;

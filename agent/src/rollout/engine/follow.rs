@@ -39,6 +39,27 @@ fn takes(state: &State, d: &Decision) -> bool {
 }
 
 impl Engine {
+    /// Whether every node reporting holds `service`'s weight: until they
+    /// do, its analysis window stays closed (a leader judges a step on the
+    /// fleet's traffic at that step); it opens, afresh, when they do.
+    pub fn set_in_sync(&mut self, service: &str, in_sync: bool, now_ms: u64) {
+        let held = !in_sync;
+        if held == self.held_windows.contains(service) {
+            return;
+        }
+        if held {
+            self.held_windows.insert(service.to_string());
+            return;
+        }
+        self.held_windows.remove(service);
+        if let Some(t) = self.services.get_mut(service) {
+            t.window_start = None;
+            t.state.window_since_ms = now_ms;
+            t.state.check_since_ms = now_ms;
+            self.generation += 1;
+        }
+    }
+
     /// The services decided elsewhere (their check path off).
     pub fn set_following(&mut self, services: std::collections::BTreeSet<String>) {
         if self.following != services {
