@@ -42,6 +42,11 @@ fn crd() -> Value {
 /// The API server on the fabric with the CRD, the namespaces, the three
 /// Services, the stable and canary Services' slices and the release.
 fn cluster(fleet: &Fleet, rollout: Value) -> ApiServer {
+    cluster_judged(fleet, rollout, json!({}))
+}
+
+/// [`cluster`], the release's analysis with `compare_to_stable`.
+fn cluster_judged(fleet: &Fleet, rollout: Value, compare: Value) -> ApiServer {
     let listener = fleet
         .fabric
         .run_in(|| TcpListener::bind((API_ADDR, 0)))
@@ -90,7 +95,7 @@ fn cluster(fleet: &Fleet, rollout: Value) -> ApiServer {
                  "revision": "web:2", "rollout": rollout,
                  // Each node sees about 25 canary requests a second: the
                  // critical path may judge on 5.
-                 "analysis": {"critical": {"min_requests": 5}}},
+                 "analysis": {"critical": {"min_requests": 5}, "compare_to_stable": compare}},
     }))
     .expect("the CanaryRelease");
     api
@@ -372,9 +377,12 @@ fn the_leader_judges_the_whole_fleets_traffic_and_each_step_once_every_node_hold
         return;
     }
     let fleet = Fleet::new(NODES, 2, 1).expect("fleet");
-    let api = cluster(
+    // Judged as the single-node rollout test is: latency loosely (nine
+    // processes share two cores here), errors as by default.
+    let api = cluster_judged(
         &fleet,
         json!({"steps": [10, 50, 100], "interval": "2s", "min_requests": 40, "progress_deadline": "60s"}),
+        json!({"max_latency_increase": 300, "max_error_rate_increase": 5, "tail_quantile": 0.9}),
     );
     let agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
     all_at(&agents, 10.0, 10);
@@ -414,6 +422,13 @@ fn the_leader_judges_the_whole_fleets_traffic_and_each_step_once_every_node_hold
             .ok_or(s.to_string())
     });
     assert_eq!(s["canaryWeight"], 100.0, "{s}");
+    let verdicts = s["verdicts"].as_array().cloned().unwrap_or_default();
+    assert!(
+        verdicts
+            .iter()
+            .any(|v| v["judge"].is_string() && v["verdict"] == "pass"),
+        "the last check's judges are in the status: {s}"
+    );
     all_at(&agents, 100.0, 5);
     for (n, load) in loads.into_iter().enumerate() {
         let outcomes = load.stop();
@@ -423,13 +438,7 @@ fn the_leader_judges_the_whole_fleets_traffic_and_each_step_once_every_node_hold
             .count();
         assert_eq!(failed, 0, "load {n}: requests failed during the rollout");
     }
-    // The leader's judges saw requests; its own node served none.
-    let judged: u64 = report(&agents[k].as_ref().expect("the leader runs").socket)
-        .services
-        .iter()
-        .flat_map(|s| s.versions.iter())
-        .map(|v| v.requests)
-        .sum();
+    // Its own node served none: the judges read the others' counts.
     let (code, body) = get(&fleet.nodes[k].node, "/telemetry");
     assert_eq!(code, 200, "{body}");
     let own: Value = serde_json::from_str(&body).expect("JSON");
@@ -440,9 +449,8 @@ fn the_leader_judges_the_whole_fleets_traffic_and_each_step_once_every_node_hold
         .map(|b| b["counters"][0].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(served, 0, "the leader's node had no clients: {own}");
-    assert!(judged > 0, "the leader judged the fleet's requests");
     eprintln!(
-        "promoted by {leader} with no client of its own ({judged} requests in its window, all the other nodes'); status (weight, nodes in sync): {steps:?}"
+        "promoted by {leader} with no client of its own, on the other nodes' traffic; status (weight, nodes in sync): {steps:?}"
     );
     // Each step was judged with every node holding it: the status never
     // showed a new weight with all nodes in sync before they were.

@@ -16,7 +16,7 @@ use std::{
 use kanari_common::maps::Group;
 use kanari_tests::{
     agent::Agent,
-    control::{report, until},
+    control::{cli, report, until},
     kubeapi::ApiServer,
     load::{Load, unix_ms},
     netns::require_root,
@@ -457,4 +457,263 @@ fn the_leader_writes_the_status_kubectl_shows_and_a_patch_pauses_the_release() {
     assert_eq!(event["involvedObject"]["name"], "web", "{event}");
     assert_eq!(event["involvedObject"]["kind"], "CanaryRelease", "{event}");
     assert_eq!(event["source"]["host"], "node-a", "{event}");
+}
+
+/// Against a real cluster, `#[ignore]`d: the CRD and RBAC install, a
+/// CanaryRelease is admitted (and a bad one refused, naming its fields),
+/// the agent's watchers read it with the Services' real ClusterIPs and the
+/// EndpointSlices' addresses, and kubectl shows the status. Everything it
+/// creates is in a namespace of its own, deleted at the end. Run it with
+///
+/// ```sh
+/// KANARI_KUBECONFIG=~/.kube/config cargo xtask test -- -p kanari-tests --test kubernetes -- --ignored real_cluster
+/// ```
+///
+/// (kind, k3d or any cluster where you may create a CRD and a namespace).
+#[test]
+#[ignore = "needs a real cluster: KANARI_KUBECONFIG"]
+fn real_cluster_admits_the_crd_and_a_release_and_the_watchers_read_it() {
+    let kubeconfig = std::env::var("KANARI_KUBECONFIG")
+        .expect("KANARI_KUBECONFIG: the kubeconfig of the cluster to test against");
+    against(&kubeconfig, true);
+}
+
+/// The real-cluster test, run against the in-process API server on the
+/// loopback (it allocates no ClusterIP: the test gives one), so the test
+/// itself is known to work.
+#[test]
+fn the_real_cluster_test_passes_against_the_in_process_api_server() {
+    let api = ApiServer::serve(TcpListener::bind("127.0.0.1:0").expect("a port")).expect("served");
+    against(&api.kubeconfig().display().to_string(), false);
+}
+
+fn against(kubeconfig: &str, allocates_cluster_ips: bool) {
+    let ns = format!("kanari-test-{}", std::process::id());
+    let kubectl = |args: &[&str], stdin: Option<&str>| -> Result<String, String> {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(python_tool("kubectl"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    struct Cleanup<'a>(&'a dyn Fn());
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let delete = || {
+        let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"], None);
+    };
+    let _cleanup = Cleanup(&delete);
+    let crd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/canaryrelease-crd.yaml"
+    );
+    kubectl(&["apply", "-f", crd], None).expect("the CRD installs");
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=established",
+            "crd/canaryreleases.kanari.dev",
+            "--timeout=60s",
+        ],
+        None,
+    )
+    .expect("the CRD is established");
+    kubectl(&["create", "namespace", &ns], None).expect("a namespace");
+    let objects = [
+        service("web", "10.96.0.10", 80),
+        service("web-stable", "10.96.0.11", 8080),
+        service("web-canary", "10.96.0.12", 8080),
+        slice(
+            "web-stable",
+            &[("10.250.0.1:8080".parse().expect("addr"), Pod::Ready)],
+        ),
+        slice(
+            "web-canary",
+            &[("10.250.0.2:8080".parse().expect("addr"), Pod::Ready)],
+        ),
+        release(json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"})),
+    ];
+    for mut o in objects {
+        o["metadata"]["namespace"] = json!(ns);
+        if o["kind"] == "Service" && allocates_cluster_ips {
+            o["spec"]
+                .as_object_mut()
+                .expect("a spec")
+                .remove("clusterIP");
+        }
+        if o["kind"] == "EndpointSlice" {
+            o["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] =
+                json!("kanari-tests");
+        }
+        kubectl(&["apply", "-f", "-"], Some(&o.to_string())).expect("applied");
+    }
+    let mut bad = release(json!({"steps": [150]}));
+    bad["metadata"]["namespace"] = json!(ns);
+    bad["metadata"]["name"] = json!("bad");
+    bad["spec"]["affinity"] = json!("sideways");
+    let refused = kubectl(&["apply", "-f", "-"], Some(&bad.to_string())).expect_err("refused");
+    assert!(refused.contains("spec.affinity"), "{refused}");
+    assert!(refused.contains("spec.rollout.steps[0]"), "{refused}");
+
+    // The agent's own watchers, on this cluster.
+    let ip = kubectl(
+        &[
+            "get",
+            "service",
+            "web",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+        None,
+    )
+    .expect("the ClusterIP");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let found = rt.block_on(async {
+        let k = kanari::config::Kubernetes {
+            kubeconfig: Some(std::path::PathBuf::from(kubeconfig)),
+            node: Some("kanari-test".into()),
+            lease_namespace: Some(ns.clone()),
+            lease_name: "kanari".into(),
+            lease_duration: Duration::from_secs(15),
+            advertise: None,
+        };
+        let client = kanari::discovery::watch::client(&k)
+            .await
+            .expect("a client");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        kanari::discovery::watch::spawn(client, tx);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let reading = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("a reading within 30 s")
+                .expect("the watchers run");
+            if let Some(d) = reading.into_iter().find(|d| d.key == format!("{ns}/web")) {
+                break d;
+            }
+        }
+    });
+    let r = found.release.expect("complete");
+    assert_eq!(r.service["vip"], json!(format!("{ip}:80")));
+    assert_eq!(r.service["stable"]["backends"], json!(["10.250.0.1:8080"]));
+    assert_eq!(r.service["canary"]["backends"], json!(["10.250.0.2:8080"]));
+
+    // The status, as the leader writes it, and what kubectl shows.
+    kubectl(
+        &[
+            "patch",
+            "canaryrelease",
+            "web",
+            "-n",
+            &ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Progressing","canaryWeight":10,"step":0}}"#,
+        ],
+        None,
+    )
+    .expect("the status subresource");
+    let table = kubectl(&["get", "canaryreleases", "-n", &ns], None).expect("get");
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(&row[..4], ["web", "Progressing", "10", "0"], "{table}");
+}
+
+#[test]
+fn an_external_ip_of_the_service_takes_the_cluster_ip_s_weight() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let stable = topo.backends_of(Group::Stable);
+    let canary = topo.backends_of(Group::Canary);
+    let (api, config) = cluster(&topo);
+    let external: SocketAddrV4 = "10.0.0.200:80".parse().expect("an address");
+    topo.node
+        .ip(&["addr", "add", &format!("{}/32", external.ip()), "dev", "lo"])
+        .expect("the external IP on the node");
+    let mut web = service("web", &VIP.ip().to_string(), VIP.port());
+    web["spec"]["externalIPs"] = json!([external.ip().to_string()]);
+    api.apply_json(web).expect("web with an external IP");
+    api.apply_json(slice(
+        "web-stable",
+        &[(stable[0], Pod::Ready), (stable[1], Pod::Ready)],
+    ))
+    .expect("stable's slice");
+    api.apply_json(slice("web-canary", &[(canary[0], Pod::Ready)]))
+        .expect("canary's slice");
+    api.apply_json(release(
+        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
+    ))
+    .expect("the CanaryRelease");
+    let agent = Agent::start(&topo.node, &config).expect("kanari starts");
+    let at = |percent: f64| {
+        until(10, &format!("both VIPs at {percent} %"), || {
+            let r = report(&agent.socket);
+            let w: Vec<(String, String, f64)> = r
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.vip.clone(), s.canary_weight_percent))
+                .collect();
+            let both = w.len() == 2 && w.iter().all(|(_, _, p)| *p == percent);
+            if both { Ok(w) } else { Err(format!("{w:?}")) }
+        })
+    };
+    let w = at(10.0);
+    assert!(
+        w.iter()
+            .any(|(n, v, _)| n == "shop.web.vip-10-0-0-200-80" && *v == external.to_string()),
+        "{w:?}"
+    );
+    // The rollout's weight is the external IP's too.
+    let (ok, out) = cli(&agent.socket, &["set-weight", SERVICE, "40"]);
+    assert!(ok, "{out}");
+    at(40.0);
+    // Clients of the external IP are split like the ClusterIP's.
+    let load = Load::start(&topo.client, external, 300.0, 30, 0).expect("load");
+    std::thread::sleep(Duration::from_secs(4));
+    let outcomes = load.stop();
+    let n = outcomes.len() as f64;
+    let on_canary = outcomes
+        .iter()
+        .filter(|o| o.result.as_ref().is_ok_and(|(b, _)| *b == canary[0]))
+        .count() as f64;
+    assert!(outcomes.iter().all(|o| matches!(o.result, Ok((_, 200)))));
+    let bound = 3.29 * (0.4 * 0.6 / n).sqrt();
+    assert!(
+        (on_canary / n - 0.4).abs() <= bound,
+        "{on_canary} of {n} at the canary through the external IP"
+    );
 }

@@ -128,6 +128,18 @@ pub struct Release {
     /// NAMESPACE/NAME of the CanaryRelease.
     pub key: String,
     pub service: serde_json::Value,
+    /// The Service's other VIPs (external and LoadBalancer IPs): each is a
+    /// service of its own that takes this one's weight.
+    pub extra_vips: Vec<std::net::SocketAddrV4>,
+}
+
+/// The name of a release's service at another VIP.
+pub fn vip_service_name(service: &str, vip: std::net::SocketAddrV4) -> String {
+    format!(
+        "{service}.vip-{}-{}",
+        vip.ip().to_string().replace('.', "-"),
+        vip.port()
+    )
 }
 
 /// A release left out, with the field in the CanaryRelease's terms and the fix.
@@ -153,7 +165,7 @@ pub fn parse_with_releases(
     let with = |list: &[&Release]| -> Result<Config, FieldError> {
         let mut raw = parse_raw(file, text).map_err(|e| (e.field, e.message))?;
         for r in list {
-            raw.services.push(raw_service(r)?);
+            raw.services.extend(raw_services(r)?);
         }
         validate::validate(raw, interface_exists)
     };
@@ -191,15 +203,35 @@ pub fn parse_with_releases(
     Ok((config, refused))
 }
 
-fn raw_service(r: &Release) -> Result<raw::RawService, FieldError> {
-    let mut s: raw::RawService = serde_path_to_error::deserialize(&r.service).map_err(|e| {
-        (
-            format!("services[0].{}", e.path()),
-            e.into_inner().to_string(),
-        )
-    })?;
-    s.discovered = true;
-    Ok(s)
+/// A release's services: the one at its ClusterIP (with the rollout), then
+/// one at each other VIP that follows it.
+fn raw_services(r: &Release) -> Result<Vec<raw::RawService>, FieldError> {
+    let parse = |v: &serde_json::Value| -> Result<raw::RawService, FieldError> {
+        let mut s: raw::RawService = serde_path_to_error::deserialize(v).map_err(|e| {
+            (
+                format!("services[0].{}", e.path()),
+                e.into_inner().to_string(),
+            )
+        })?;
+        s.discovered = true;
+        Ok(s)
+    };
+    let primary = parse(&r.service)?;
+    let mut out = Vec::new();
+    for vip in &r.extra_vips {
+        let mut v = r.service.clone();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("rollout");
+            o.remove("analysis");
+        }
+        v["name"] = serde_json::json!(vip_service_name(&primary.name, *vip));
+        v["vip"] = serde_json::json!(vip.to_string());
+        let mut s = parse(&v)?;
+        s.follows = Some(primary.name.clone());
+        out.push(s);
+    }
+    out.insert(0, primary);
+    Ok(out)
 }
 
 /// A field of a validated service (`services[3].canary.revision`) as the

@@ -137,6 +137,10 @@ pub struct Service {
     /// From a CanaryRelease: a canary without endpoints (pods restarting)
     /// holds the rollout, its share going to stable, instead of ending it.
     pub discovered: bool,
+    /// Another VIP of a CanaryRelease's Service (an external or
+    /// LoadBalancer IP): it takes the weight of `follows`'s rollout, and its
+    /// traffic is judged as `follows`'s.
+    pub follows: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -235,6 +235,9 @@ pub(super) struct RawService {
     /// endpoints for a while, which holds the rollout instead of ending it.
     #[serde(skip)]
     pub(super) discovered: bool,
+    /// Another VIP of the CanaryRelease's Service (never from the file).
+    #[serde(skip)]
+    pub(super) follows: Option<String>,
 }
 
 #[derive(Default, Deserialize)]

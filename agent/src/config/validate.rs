@@ -401,6 +401,7 @@ pub(super) fn validate(
             segments,
             rollout,
             discovered: s.discovered,
+            follows: s.follows,
         });
     }
     Ok(Config {

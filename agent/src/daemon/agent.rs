@@ -107,6 +107,9 @@ struct Agent {
     merged: Arc<Mutex<Merged>>,
     /// The fleet's agents as they last reported.
     peers: Arc<crate::fleet::peers::Peers>,
+    /// What the judges read with a fleet (`kubernetes:`): this node's
+    /// counters and, while leading, the other nodes'.
+    fleet_telemetry: Option<Telemetry>,
     clock: Clock,
     datapath: Datapath,
     /// What the maps held when last read back, or were last written to hold.
@@ -253,13 +256,21 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     } else {
         Applied::default()
     };
-    let mut telemetry = Telemetry::new(crate::status::WINDOW_SECONDS);
-    telemetry.adopt(
+    let adopted_ids = || {
         applied
             .services
             .values()
-            .flat_map(|s| s.backends.iter().flatten().map(|(_, id)| *id)),
-    );
+            .flat_map(|s| s.backends.iter().flatten().map(|(_, id)| *id))
+    };
+    let mut telemetry = Telemetry::new(crate::status::WINDOW_SECONDS);
+    telemetry.adopt(adopted_ids());
+    // With a fleet, the judges read another telemetry: this node's counters
+    // and the others' (the leader's). Metrics and status stay this node's.
+    let fleet_telemetry = config.kubernetes.as_ref().map(|_| {
+        let mut t = Telemetry::new(crate::status::WINDOW_SECONDS);
+        t.adopt(adopted_ids());
+        t
+    });
     let reader = datapath.conntrack_reader()?;
     let walked = Instant::now();
     // Nothing is pending yet for this agent: the first walk counts sizes and ids.
@@ -282,6 +293,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         served: Arc::default(),
         merged,
         peers: Arc::default(),
+        fleet_telemetry,
         clock,
         datapath,
         applied,
@@ -425,6 +437,9 @@ impl Agent {
             .max()
             .unwrap_or_default();
         self.telemetry.keep_recent(longest_window.as_nanos() as u64);
+        if let Some(t) = &mut self.fleet_telemetry {
+            t.keep_recent(longest_window.as_nanos() as u64);
+        }
         self.datapath
             .set_guard(self.config.new_connections_per_second)?;
         // A map write that fails is retried every tick (and reported): the
@@ -433,7 +448,7 @@ impl Agent {
         for (name, how) in self.datapath.attach_all(&self.config.interfaces)? {
             info!(interface = %name, mode = how.name(), "attached");
         }
-        let overrides = self.engine.overrides();
+        let overrides = self.overrides();
         for s in &self.config.services {
             let weight = overrides.get(&s.name).map_or(s.canary_weight, |o| o.weight);
             info!(
@@ -455,6 +470,9 @@ impl Agent {
             .collect();
         self.telemetry
             .retain_services(|s| names.iter().any(|n| n == s));
+        if let Some(t) = &mut self.fleet_telemetry {
+            t.retain_services(|s| names.iter().any(|n| n == s));
+        }
         if self.config.tick != *self.period.borrow() {
             let _ = self.period.send(self.config.tick);
         }
@@ -529,7 +547,7 @@ impl Agent {
     /// difference; nothing to plan when neither the configuration nor the
     /// rollouts' overrides changed since the maps last took them.
     fn write_wanted(&mut self) -> Result<()> {
-        let overrides = self.engine.overrides();
+        let overrides = self.overrides();
         let wanted = (self.config_generation, overrides);
         if self.written_for.as_ref() == Some(&wanted) {
             return Ok(());
@@ -560,6 +578,20 @@ impl Agent {
                             group: GroupName(g),
                             addr: *addr,
                         };
+                        if let Some(t) = &mut self.fleet_telemetry {
+                            let judged_as = self
+                                .config
+                                .services
+                                .iter()
+                                .find(|c| c.name == s.name)
+                                .and_then(|c| c.follows.clone())
+                                .unwrap_or_else(|| s.name.clone());
+                            let key = BackendKey {
+                                service: judged_as.as_str().into(),
+                                ..key.clone()
+                            };
+                            t.expect(*id, key, &baseline);
+                        }
                         self.telemetry.expect(*id, key, &baseline);
                     }
                 }
@@ -625,7 +657,8 @@ impl Agent {
             self.sync_windows();
         }
         let now = self.clock.now_ms();
-        let decided = self.engine.tick(&self.config, &self.telemetry, now);
+        let judged = self.fleet_telemetry.as_ref().unwrap_or(&self.telemetry);
+        let decided = self.engine.tick(&self.config, judged, now);
         if let Some((recorder, differ)) = &mut self.recorder {
             let services: Vec<(String, u32)> = self
                 .config
@@ -653,7 +686,15 @@ impl Agent {
 
     fn read(&mut self) -> Result<()> {
         let mut reads = Vec::new();
-        let mut served = Vec::new();
+        // With a fleet, what the judges read: a release's other VIPs count
+        // as its ClusterIP's service, and the other nodes' counts join it.
+        let mut judged = Vec::new();
+        let follows: BTreeMap<&str, &str> = self
+            .config
+            .services
+            .iter()
+            .filter_map(|s| Some((s.name.as_str(), s.follows.as_deref()?)))
+            .collect();
         let discovered: BTreeSet<&str> = self
             .config
             .services
@@ -661,9 +702,13 @@ impl Agent {
             .filter(|s| s.discovered)
             .map(|s| s.name.as_str())
             .collect();
+        // This node's own counts per backend (not per VIP), for the others.
+        let mut sums: BTreeMap<(String, Group, std::net::SocketAddrV4), BackendStats> =
+            BTreeMap::new();
         let merged = self.merged.lock().expect("not poisoned");
         for s in self.applied.services.values() {
             let name: Arc<str> = s.name.as_str().into();
+            let judged_as = follows.get(s.name.as_str()).copied().unwrap_or(&s.name);
             let fleet = discovered.contains(s.name.as_str());
             for g in [Group::Stable, Group::Canary] {
                 for (addr, id) in &s.backends[g as usize] {
@@ -672,29 +717,42 @@ impl Agent {
                         group: GroupName(g),
                         addr: *addr,
                     };
-                    let mut stats = self.datapath.backend_stats(*id)?;
-                    if fleet {
-                        // What this node counted, for the others; then the
-                        // others' counts, for the judges (the leader's).
-                        let mut sum = BackendStats::ZERO;
-                        for c in &stats {
-                            crate::fleet::merge::add(&mut sum, c);
+                    let stats = self.datapath.backend_stats(*id)?;
+                    if self.fleet_telemetry.is_some() {
+                        let mut all = stats.clone();
+                        if fleet {
+                            let sum = sums
+                                .entry((judged_as.to_string(), g, *addr))
+                                .or_insert(BackendStats::ZERO);
+                            for c in &stats {
+                                crate::fleet::merge::add(sum, c);
+                            }
+                            if judged_as == s.name {
+                                let k = (judged_as.to_string(), g.name().to_string(), *addr);
+                                all.extend(merged.contributions(&k));
+                            }
                         }
-                        served.push(Served {
-                            service: s.name.clone(),
-                            group: g.name().to_string(),
-                            addr: *addr,
-                            counters: crate::fleet::merge::flatten(&sum),
-                        });
-                        let key = (s.name.clone(), g.name().to_string(), *addr);
-                        stats.extend(merged.contributions(&key));
+                        let key = BackendKey {
+                            service: judged_as.into(),
+                            ..key.clone()
+                        };
+                        judged.push((*id, key, all));
                     }
                     reads.push((*id, key, stats));
                 }
             }
         }
         drop(merged);
-        self.served = Arc::new(served);
+        self.served = Arc::new(
+            sums.into_iter()
+                .map(|((service, g, addr), sum)| Served {
+                    service,
+                    group: g.name().to_string(),
+                    addr,
+                    counters: crate::fleet::merge::flatten(&sum),
+                })
+                .collect(),
+        );
         self.counters = Arc::new(
             self.datapath
                 .counters()?
@@ -702,7 +760,11 @@ impl Agent {
                 .map(|(ifindex, c, n)| (interface_name(ifindex), c, n))
                 .collect(),
         );
-        self.telemetry.update(self.clock.now_ns(), reads);
+        let now = self.clock.now_ns();
+        self.telemetry.update(now, reads);
+        if let Some(t) = &mut self.fleet_telemetry {
+            t.update(now, judged);
+        }
         Ok(())
     }
 
@@ -822,6 +884,18 @@ impl Agent {
         if !taken.is_empty() {
             let _ = self.act(&taken, Check::Cheap);
         }
+    }
+
+    /// What the rollouts want of each service; a release's other VIPs take
+    /// its ClusterIP's.
+    fn overrides(&self) -> BTreeMap<String, plan::Override> {
+        let mut o = self.engine.overrides();
+        for s in &self.config.services {
+            if let Some(p) = s.follows.as_ref().and_then(|p| o.get(p).copied()) {
+                o.insert(s.name.clone(), p);
+            }
+        }
+        o
     }
 
     /// The CanaryReleases as the status writer shows them.
@@ -962,6 +1036,9 @@ impl Agent {
         for (id, (requests, connects)) in counted {
             debug!(backend_id = id, requests, connects, "timed out");
             self.telemetry.add_timeouts(id, requests, connects);
+            if let Some(t) = &mut self.fleet_telemetry {
+                t.add_timeouts(id, requests, connects);
+            }
         }
     }
 
@@ -1004,7 +1081,7 @@ impl Agent {
             .collect();
         let snapshot = Snapshot {
             config: self.config.clone(),
-            overrides: self.engine.overrides(),
+            overrides: self.overrides(),
             kernel_weights,
             telemetry: self.telemetry.view().clone(),
             counters: self.counters.clone(),

@@ -3,7 +3,9 @@
 //! (pure: the validator of the file checks it next).
 //!
 //! - The VIP is the apex Service's ClusterIP and the port the release names
-//!   (`spec.port`, by name or number), or its one TCP port.
+//!   (`spec.port`, by name or number), or its one TCP port; its external and
+//!   LoadBalancer IPs (IPv4) at that port are VIPs too, each steered with the
+//!   ClusterIP's weight.
 //! - A group's backends are the ready endpoints of its Service's
 //!   EndpointSlices (IPv4), at the slice port named like the apex port (or
 //!   the slice's only port); without a ready one, the serving endpoints
@@ -216,9 +218,30 @@ fn release(cluster: &Cluster, key: &str, spec: &ReleaseSpec) -> Result<Release, 
     if let Some(r) = &spec.stable_revision {
         service["stable"]["revision"] = json!(r);
     }
+    // The Service's external and LoadBalancer IPs (IPv4) at the same port.
+    let mut extra: Vec<SocketAddrV4> = apex_spec
+        .external_ips
+        .unwrap_or_default()
+        .iter()
+        .chain(
+            apex.status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_ref()),
+        )
+        .filter_map(|ip| ip.parse::<Ipv4Addr>().ok())
+        .filter(|ip| *ip != *vip.ip())
+        .map(|ip| SocketAddrV4::new(ip, vip.port()))
+        .collect();
+    extra.sort();
+    extra.dedup();
     Ok(Release {
         key: key.to_string(),
         service,
+        extra_vips: extra,
     })
 }
 

@@ -81,6 +81,18 @@ pub fn status(release: &ReleaseView, state: Option<&State>, by: &Writer) -> Valu
         status["iterations"] = json!(s.passes);
         status["failedChecks"] = json!(s.failures);
         status["message"] = json!(s.reason);
+        status["verdicts"] = s
+            .last_check
+            .iter()
+            .map(|j| {
+                let why = match &j.verdict {
+                    crate::analysis::Verdict::Pass => String::new(),
+                    crate::analysis::Verdict::Fail(w)
+                    | crate::analysis::Verdict::Inconclusive(w) => w.clone(),
+                };
+                json!({"judge": j.judge.name(), "verdict": j.verdict.name(), "why": why})
+            })
+            .collect();
     } else {
         status["canaryWeight"] = json!(0.0);
     }
