@@ -238,7 +238,8 @@ fn every_node_splits_alike_at_the_leaders_weight_and_a_failing_canary_is_at_0_ev
 }
 
 #[test]
-fn the_leader_killed_mid_rollout_is_replaced_within_the_lease_and_no_node_raises_meanwhile() {
+fn the_leader_killed_is_replaced_within_the_lease_no_node_raising_and_a_stopped_one_hands_over_at_once()
+ {
     if !require_root() {
         return;
     }
@@ -291,6 +292,36 @@ fn the_leader_killed_mid_rollout_is_replaced_within_the_lease_and_no_node_raises
         failover.as_millis()
     );
     assert!(failover < Duration::from_secs(LEASE_S + 2), "{failover:?}");
+
+    // The new leader stopped as a DaemonSet rollout stops it (SIGTERM): it
+    // releases the lease, and the last node takes it at once.
+    let k: usize = new.0.trim_start_matches("node-").parse().expect("node-K");
+    let stopping = Instant::now();
+    let logs = agents[k]
+        .take()
+        .expect("running")
+        .stop()
+        .expect("stops")
+        .logs;
+    assert!(
+        logs.iter().any(|l| l.contains("released the lease")),
+        "{}",
+        logs.join("\n")
+    );
+    let third = until(LEASE_S + 5, "the last node leading", || {
+        match holder(&api) {
+            Some(h) if h != leader && h != new.0 => Ok(h),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let handover = stopping.elapsed();
+    all_at(&agents, 10.0, 5);
+    eprintln!(
+        "{} stopped (SIGTERM): {third} leads {} ms later",
+        new.0,
+        handover.as_millis()
+    );
+    assert!(handover < Duration::from_secs(LEASE_S), "{handover:?}");
 }
 
 #[test]

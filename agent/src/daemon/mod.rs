@@ -232,6 +232,9 @@ async fn serve(
     // With `kubernetes:`, the loop starts from a complete reading of the
     // CanaryReleases: starting without would remove their services from
     // the pinned data path, which keeps steering meanwhile.
+    // Told when the loop has stopped: the elector releases a lease it holds.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut release_lease = None;
     let discovered = match &config.kubernetes {
         None => None,
         Some(k) => {
@@ -241,7 +244,9 @@ async fn serve(
             let lease = crate::fleet::kubernetes::settings(k);
             info!(node = %lease.identity, lease = %format!("{}/{}", lease.namespace, lease.name), "electing the agent that writes the CanaryReleases' status");
             let node = lease.identity.clone();
-            let leadership = crate::fleet::kubernetes::elect(client.clone(), lease.clone());
+            let (leadership, elector) =
+                crate::fleet::kubernetes::elect(client.clone(), lease.clone(), stop_rx.clone());
+            release_lease = Some(elector);
             let advertise = crate::fleet::kubernetes::advertise(k, config.metrics_listen);
             match &advertise {
                 Some(url) => info!(url, "serving this node's telemetry to the fleet"),
@@ -345,6 +350,11 @@ async fn serve(
         }
     };
     ticker.abort();
+    // The loop decides no more: hand the lease on at once.
+    if let Some(elector) = release_lease {
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), elector).await;
+    }
     code
 }
 

@@ -108,13 +108,20 @@ fn record(l: &Lease) -> Record {
 }
 
 /// Runs the election; its view is published on the returned channel.
-pub fn elect(client: Client, s: LeaseSettings) -> watch::Receiver<Leadership> {
+/// When `stop` turns true (the agent stops) a lease this agent holds is
+/// released, so another takes it at once instead of a duration later; the
+/// returned task ends then.
+pub fn elect(
+    client: Client,
+    s: LeaseSettings,
+    mut stop: watch::Receiver<bool>,
+) -> (watch::Receiver<Leadership>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(Leadership::default());
     let api: Api<Lease> = Api::namespaced(client, &s.namespace);
     let origin = Instant::now();
     let now_ms = move || origin.elapsed().as_millis() as u64;
     let retry = (s.duration / 5).max(Duration::from_millis(200));
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut elector = Elector::new(s.identity.clone(), s.duration.as_millis() as u64);
         let mut failing = false;
         loop {
@@ -150,10 +157,37 @@ pub fn elect(client: Client, s: LeaseSettings) -> watch::Receiver<Leadership> {
                     break;
                 }
             }
-            tokio::time::sleep(retry).await;
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = stop.changed() => {
+                    if elector.leading(now_ms()).is_some() {
+                        match release(&api, &s).await {
+                            Ok(()) => info!(lease = %s.name, "released the lease: another agent decides now"),
+                            Err(e) => warn!(lease = %s.name, "releasing the lease failed (another agent takes it when it lapses): {e}"),
+                        }
+                    }
+                    break;
+                }
+            }
         }
     });
-    rx
+    (rx, task)
+}
+
+/// Clears the holder of a lease this agent holds (client-go's release).
+async fn release(api: &Api<Lease>, s: &LeaseSettings) -> Result<(), kube::Error> {
+    let Some(mut l) = api.get_opt(&s.name).await? else {
+        return Ok(());
+    };
+    let spec = l.spec.get_or_insert_default();
+    if spec.holder_identity.as_deref() != Some(s.identity.as_str()) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    api.replace(&s.name, &PostParams::default(), &l)
+        .await
+        .map(|_| ())
 }
 
 /// One round: read the lease, then take, renew or follow. The holder.
