@@ -494,3 +494,90 @@ fn the_leader_judges_the_whole_fleets_traffic_and_each_step_once_every_node_hold
         );
     }
 }
+
+#[test]
+fn pods_added_and_removed_under_load_reach_every_nodes_kernel_within_a_second() {
+    if !require_root() {
+        return;
+    }
+    let fleet = Fleet::new(NODES, 3, 1).expect("fleet");
+    let stable = fleet.backends_of(Group::Stable);
+    let api = cluster(
+        &fleet,
+        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
+    );
+    let slice = |endpoints: Vec<Value>| {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-stable-1", "namespace": NS,
+                         "labels": {"kubernetes.io/service-name": "web-stable"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        })
+    };
+    let ready = |a: &std::net::SocketAddrV4| json!({"addresses": [a.ip().to_string()], "conditions": {"ready": true}});
+    let terminating = |a: &std::net::SocketAddrV4| {
+        json!({"addresses": [a.ip().to_string()],
+               "conditions": {"ready": false, "serving": true, "terminating": true}})
+    };
+    api.apply_json(slice(vec![ready(&stable[0]), ready(&stable[1])]))
+        .expect("two stable pods");
+    let agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
+    all_at(&agents, 10.0, 10);
+    let loads = loads(&fleet, 200.0);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let added_ms = unix_ms();
+    api.apply_json(slice(vec![
+        ready(&stable[0]),
+        ready(&stable[1]),
+        ready(&stable[2]),
+    ]))
+    .expect("a third pod");
+    let first_at_new = |load: &Load| {
+        until(5, "a request at the new pod", || {
+            load.outcomes()
+                .iter()
+                .filter(|o| o.sent_ms >= added_ms)
+                .find(|o| o.result.as_ref().is_ok_and(|(b, _)| *b == stable[2]))
+                .map(|o| o.sent_ms - added_ms)
+                .ok_or_else(|| "none yet".to_string())
+        })
+    };
+    let added: Vec<u64> = loads.iter().map(first_at_new).collect();
+
+    let removed_ms = unix_ms();
+    api.apply_json(slice(vec![
+        terminating(&stable[0]),
+        ready(&stable[1]),
+        ready(&stable[2]),
+    ]))
+    .expect("a pod terminating");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut removed = Vec::new();
+    for (k, load) in loads.into_iter().enumerate() {
+        let outcomes = load.stop();
+        let failed = outcomes
+            .iter()
+            .filter(|o| !matches!(o.result, Ok((_, 200))))
+            .count();
+        assert_eq!(
+            failed, 0,
+            "node {k}: requests failed while pods came and went"
+        );
+        let last = outcomes
+            .iter()
+            .filter(|o| o.result.as_ref().is_ok_and(|(b, _)| *b == stable[0]))
+            .map(|o| o.sent_ms)
+            .max()
+            .expect("it served before");
+        removed.push(last.saturating_sub(removed_ms));
+    }
+    eprintln!(
+        "a pod added: first request at it on each node after {added:?} ms; a pod terminating: last new request at it {removed:?} ms after"
+    );
+    for ms in added.iter().chain(&removed) {
+        assert!(*ms < 1000, "added {added:?}, removed {removed:?}");
+    }
+}
