@@ -178,7 +178,9 @@ fn main() -> ExitCode {
     let verb = |service: String, verb: Verb| block_on(send(socket.clone(), service, verb));
     match cli.command {
         Command::Replay { file, config } => replay(&file, config.as_deref()),
-        Command::CheckConfig { file } => match config::load(&file, &daemon::interface_exists) {
+        Command::CheckConfig { file } => match config::load(&file, &daemon::interface_exists)
+            .and_then(|c| daemon::check_interfaces(&file.display().to_string(), &c).map(|()| c))
+        {
             Ok(c) => {
                 println!(
                     "{}: valid ({} interface(s), {} service(s))",

@@ -422,3 +422,68 @@ fn sighup_with_broken_files_keeps_the_running_configuration() {
     let stopped = agent.stop().expect("kanari stops");
     assert!(stopped.status.success(), "{}", stopped.logs.join("\n"));
 }
+
+/// The programs parse Ethernet frames: an interface of another link type
+/// (here the loopback, and a raw IP tunnel) is refused by check-config and
+/// by run, naming the field, before anything is attached.
+#[test]
+fn a_non_ethernet_interface_is_refused_naming_it() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions {
+        stable: 1,
+        canary: 0,
+        ..Default::default()
+    })
+    .expect("topology");
+    topo.node
+        .ip(&[
+            "link",
+            "add",
+            "ipip0",
+            "type",
+            "ipip",
+            "local",
+            "192.168.0.1",
+            "remote",
+            "192.168.0.2",
+        ])
+        .ok();
+    let kanari = kanari_bin();
+    let kanari = kanari.to_str().expect("a UTF-8 path");
+    let dir = std::env::temp_dir().join(format!("kanari-corpus-lo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let mut cases = vec![("lo", "is the loopback")];
+    if topo.node.exec("ip", &["link", "show", "ipip0"]).is_ok() {
+        cases.push(("ipip0", "not Ethernet"));
+    }
+    eprintln!("refused link types: {cases:?}");
+    for (iface, said) in cases {
+        let path = dir.join(format!("{iface}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "interfaces:\n  - name: {iface}\nservices:\n  - name: web\n    vip: {VIP}\n    stable:\n      backends: [10.2.1.1:8080]\n"
+            ),
+        )
+        .expect("written");
+        for args in [vec!["check-config"], vec!["run", "--config"]] {
+            let out = output_within(
+                topo.node.command(kanari).args(&args).arg(&path),
+                Duration::from_secs(30),
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {iface}: {stderr}");
+            assert!(
+                stderr.contains(": interfaces[0].name: ") && stderr.contains(said),
+                "{args:?} {iface}: {stderr}"
+            );
+        }
+    }
+    assert!(
+        topo.attached_programs().expect("queried").is_empty(),
+        "nothing attached"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

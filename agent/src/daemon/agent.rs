@@ -779,6 +779,7 @@ impl Agent {
             } else {
                 config::parse(&self.path.display().to_string(), &text, &interface_exists)?
             };
+            super::check_interfaces(&self.path.display().to_string(), &c)?;
             self.engine
                 .admit(&c)
                 .map(|()| (text, c))

@@ -109,6 +109,56 @@ pub fn interface_exists(name: &str) -> bool {
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
+/// The link type of an interface (`ARPHRD_*`), from `SIOCGIFHWADDR`.
+fn link_type(name: &str) -> Option<u16> {
+    if name.len() >= libc::IF_NAMESIZE {
+        return None;
+    }
+    // SAFETY: a datagram socket, closed below; the ioctl reads the name we
+    // copied into a zeroed ifreq and writes only into it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        let ok = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) == 0;
+        libc::close(fd);
+        ok.then_some(ifr.ifr_ifru.ifru_hwaddr.sa_family)
+    }
+}
+
+/// Every configured interface is an Ethernet device: the programs parse
+/// Ethernet frames, and on another link type (a tunnel, `lo`, a raw IP
+/// device) they would accept traffic and never translate it.
+pub fn check_interfaces(file: &str, config: &Config) -> Result<(), config::ConfigError> {
+    for (i, it) in config.interfaces.iter().enumerate() {
+        let kind = link_type(&it.name);
+        if kind != Some(libc::ARPHRD_ETHER) {
+            let what = match kind {
+                Some(libc::ARPHRD_LOOPBACK) => "the loopback".to_string(),
+                Some(libc::ARPHRD_NONE) => {
+                    "a raw IP device (no link header: tun, wireguard)".into()
+                }
+                Some(t) => format!("of link type {t}, not Ethernet (1)"),
+                None => "of unknown link type".into(),
+            };
+            return Err(config::ConfigError {
+                file: file.to_string(),
+                field: format!("interfaces[{i}].name"),
+                message: format!(
+                    "`{}` is {what}; kanari reads Ethernet frames: name the Ethernet interface where client traffic enters (`ip -d link` shows link/ether)",
+                    it.name
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The name of an interface index in the agent's network namespace.
 fn interface_name(index: u32) -> String {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
@@ -125,8 +175,11 @@ fn interface_name(index: u32) -> String {
 
 /// Runs the agent until SIGTERM or SIGINT; the exit code to end with.
 pub fn run(path: PathBuf, detach_on_exit: bool) -> ExitCode {
+    let file = path.display().to_string();
     let loaded = config::read(&path).and_then(|text| {
-        config::parse(&path.display().to_string(), &text, &interface_exists).map(|c| (text, c))
+        let c = config::parse(&file, &text, &interface_exists)?;
+        check_interfaces(&file, &c)?;
+        Ok((text, c))
     });
     let (text, config) = match loaded {
         Ok(c) => c,
