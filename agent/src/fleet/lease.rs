@@ -42,6 +42,9 @@ pub struct Elector {
     seen: Option<(Record, u64)>,
     /// Until when (our clock) our last successful write keeps us leader.
     leading_until_ms: Option<(u64, u32)>,
+    /// The highest term seen: a lease deleted and made anew continues it,
+    /// so followers that ignore older terms still take the new leader's.
+    max_term: u32,
 }
 
 impl Elector {
@@ -51,6 +54,7 @@ impl Elector {
             duration_ms,
             seen: None,
             leading_until_ms: None,
+            max_term: 0,
         }
     }
 
@@ -62,8 +66,11 @@ impl Elector {
     pub fn next(&mut self, lease: Option<&Record>, now_ms: u64) -> Step {
         let Some(lease) = lease else {
             self.seen = None;
-            return Step::Take { term: 1 };
+            return Step::Take {
+                term: self.max_term + 1,
+            };
         };
+        self.max_term = self.max_term.max(lease.transitions);
         let since = match &self.seen {
             Some((r, at)) if r.holder == lease.holder && r.renew == lease.renew => *at,
             _ => now_ms,
@@ -126,6 +133,10 @@ mod tests {
     fn an_absent_or_released_lease_is_taken_with_a_new_term() {
         let mut e = Elector::new("a", 10_000);
         assert_eq!(e.next(None, 0), Step::Take { term: 1 });
+        // A lease deleted after term 7: the next term is 8, not 1.
+        let mut seen = Elector::new("b", 10_000);
+        seen.next(Some(&held("c", "t", 7)), 0);
+        assert_eq!(seen.next(None, 1), Step::Take { term: 8 });
         let released = Record {
             holder: None,
             renew: None,
