@@ -125,3 +125,119 @@ pub(super) fn compose(
     known.why = why;
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddrV4;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        discovery::releases::Discovered,
+        rollout::{Engine, Store},
+    };
+
+    /// The loopback exists in every namespace the tests run in.
+    const FILE: &str = "interfaces: [{name: lo}]\n";
+
+    fn reading(key: &str, vip: &str, steps: serde_json::Value) -> Discovered {
+        Discovered {
+            key: key.into(),
+            generation: 1,
+            paused: false,
+            release: Ok(Release {
+                key: key.into(),
+                service: json!({
+                    "name": service_name(key),
+                    "vip": vip,
+                    "stable": {"backends": ["10.1.0.1:8080"]},
+                    "canary": {"backends": ["10.2.0.1:8080"], "revision": "v2"},
+                    "rollout": {"steps": steps},
+                }),
+                extra_vips: Vec::new(),
+            }),
+            decision: None,
+        }
+    }
+
+    fn names(c: &Config) -> Vec<(String, SocketAddrV4)> {
+        c.services.iter().map(|s| (s.name.clone(), s.vip)).collect()
+    }
+
+    #[test]
+    fn a_refused_edit_keeps_the_last_valid_reading_and_one_never_valid_is_left_out() {
+        let engine = Engine::new(Store::none());
+        let path = Path::new("k.yaml");
+        let mut known = Known::default();
+        known.read(vec![
+            reading("shop/web", "10.96.0.10:80", json!([10, 100])),
+            reading("shop/api", "10.96.0.11:80", json!([50, 10])),
+        ]);
+        let c = compose(&engine, path, FILE, &mut known).expect("the file is valid");
+        assert_eq!(
+            names(&c),
+            [("shop.web".to_string(), "10.96.0.10:80".parse().unwrap())]
+        );
+        assert_eq!(known.why["shop/api"].0, "spec.rollout.steps[1]");
+        assert!(!known.why.contains_key("shop/web"));
+
+        // web edited badly: its last valid reading stays in force.
+        known.read(vec![
+            reading("shop/web", "10.96.0.10:80", json!([90, 10])),
+            reading("shop/api", "10.96.0.11:80", json!([50, 10])),
+        ]);
+        let c = compose(&engine, path, FILE, &mut known).expect("valid");
+        assert_eq!(names(&c).len(), 1);
+        let steps = &c.services[0]
+            .rollout
+            .as_ref()
+            .expect("a rollout")
+            .rollout
+            .steps;
+        assert_eq!(steps, &[1000, 10_000], "the last valid steps");
+        assert_eq!(known.why["shop/web"].0, "spec.rollout.steps[1]");
+
+        // api fixed; web deleted: only api.
+        known.read(vec![reading("shop/api", "10.96.0.11:80", json!([50, 100]))]);
+        let c = compose(&engine, path, FILE, &mut known).expect("valid");
+        assert_eq!(
+            names(&c),
+            [("shop.api".to_string(), "10.96.0.11:80".parse().unwrap())]
+        );
+        assert!(known.why.is_empty(), "{:?}", known.why);
+    }
+
+    #[test]
+    fn of_two_releases_on_one_vip_the_first_by_key_is_steered_and_the_file_s_vips_win() {
+        let engine = Engine::new(Store::none());
+        let path = Path::new("k.yaml");
+        let mut known = Known::default();
+        known.read(vec![
+            reading("a/web", "10.96.0.10:80", json!([10, 100])),
+            reading("b/web", "10.96.0.10:80", json!([10, 100])),
+        ]);
+        let c = compose(&engine, path, FILE, &mut known).expect("valid");
+        assert_eq!(
+            names(&c),
+            [("a.web".to_string(), "10.96.0.10:80".parse().unwrap())]
+        );
+        assert_eq!(known.why["b/web"].0, "spec.service");
+
+        // A file service on that VIP: the file's stays, the release is refused.
+        let file = format!(
+            "{FILE}services:\n  - name: static\n    vip: 10.96.0.10:80\n    stable: {{backends: [10.3.0.1:80]}}\n"
+        );
+        let mut known = Known::default();
+        known.read(vec![reading("a/web", "10.96.0.10:80", json!([10, 100]))]);
+        let c = compose(&engine, path, &file, &mut known).expect("valid");
+        assert_eq!(
+            names(&c),
+            [("static".to_string(), "10.96.0.10:80".parse().unwrap())]
+        );
+        assert_eq!(known.why["a/web"].0, "spec.service");
+        // A broken file is the file's error, whatever the releases.
+        let err = compose(&engine, path, "interfaces: []\n", &mut known).expect_err("broken");
+        assert_eq!(err.field, "interfaces");
+    }
+}
