@@ -404,6 +404,23 @@ pub(super) fn validate(
             follows: s.follows,
         });
     }
+    // A backend that is another service's VIP would be translated twice
+    // (once to it, once again to one of its backends) and its replies once.
+    for (i, s) in services.iter().enumerate() {
+        for (group, list) in [("stable", &s.stable), ("canary", &s.canary)] {
+            for (k, b) in list.iter().enumerate() {
+                if let Some(&j) = vips.get(b) {
+                    return err(
+                        format!("services[{i}].{group}.backends[{k}]"),
+                        format!(
+                            "{b} is the VIP of services[{j}] ({}); a backend cannot be another service's VIP: list that service's backends here instead",
+                            services[j].name
+                        ),
+                    );
+                }
+            }
+        }
+    }
     Ok(Config {
         interfaces,
         conntrack_connections: connections,
