@@ -519,6 +519,8 @@ impl Datapath {
                     backends,
                     generation,
                     segments,
+                    // Not configured: draining until none of its entries is left.
+                    draining: !config.services.iter().any(|s| s.vip == vip),
                 },
             );
         }
@@ -797,6 +799,8 @@ pub struct ConntrackScan {
     pub entries: u64,
     /// The backend ids the entries carry.
     pub backend_ids: std::collections::BTreeSet<u32>,
+    /// The service ids the entries carry.
+    pub service_ids: std::collections::BTreeSet<u32>,
     /// When the walk began, on the kernel's monotonic clock (the one the
     /// entries' times are on).
     pub at_ns: u64,
@@ -843,6 +847,7 @@ impl ConntrackReader {
             out.entries += keys.len() as u64;
             for (k, v) in keys.iter().zip(values) {
                 out.backend_ids.insert(v.backend_id);
+                out.service_ids.insert(v.service_id);
                 if v.kind != kanari_common::maps::CT_FORWARD {
                     continue;
                 }

@@ -13,7 +13,11 @@
 //!   them up, and removed after it;
 //! - a backend id freed by one backend is not given to another while
 //!   conntrack entries may still carry it ([`Quarantine`]): the drained
-//!   backend's packets would be counted as the new one's.
+//!   backend's packets would be counted as the new one's;
+//! - a service removed from the configuration drains: its map value stays,
+//!   with no backend for a new connection (its established ones follow
+//!   their conntrack entries), until the agent finds none of its entries
+//!   left; then it is deleted.
 //!
 //! What the rollouts want of a service (its weight, its canary segments on
 //! or off) comes beside the configuration as [`Override`]s.
@@ -69,6 +73,9 @@ pub struct AppliedService {
     /// The generation of each group's live slot.
     pub generation: [u32; 2],
     pub segments: BTreeMap<Cidr, Group>,
+    /// Removed from the configuration: no backend for new connections,
+    /// deleted once no conntrack entry carries its id.
+    pub draining: bool,
 }
 
 /// What the maps hold, as last written by [`plan`].
@@ -204,6 +211,7 @@ pub fn plan(
     config: &Config,
     overrides: &BTreeMap<String, Override>,
     quarantined: &[u32],
+    drained: &BTreeSet<u32>,
 ) -> Result<Plan, String> {
     let mut ops = Vec::new();
     let mut next = Applied::default();
@@ -212,10 +220,11 @@ pub fn plan(
 
     // Ids of services and backends that stay keep their ids; the rest are free.
     let wanted_vips: BTreeSet<_> = config.services.iter().map(|s| s.vip).collect();
+    // A draining service keeps its id until deleted.
     let mut used_service_ids: BTreeSet<u32> = applied
         .services
         .iter()
-        .filter(|(vip, _)| wanted_vips.contains(vip))
+        .filter(|(vip, s)| wanted_vips.contains(vip) || !drained.contains(&s.value.id))
         .map(|(_, s)| s.value.id)
         .collect();
     let old_backend_ids = applied.backend_ids();
@@ -363,6 +372,7 @@ pub fn plan(
                 backends,
                 generation,
                 segments,
+                draining: false,
             },
         );
     }
@@ -371,11 +381,53 @@ pub fn plan(
         if wanted_vips.contains(vip) {
             continue;
         }
-        ops.push(MapOp::DeleteService { key: old.key });
         for cidr in old.segments.keys() {
             let (key, prefix_len) = segment_key(old.value.id, *cidr);
             ops.push(MapOp::DeleteSegment { key, prefix_len });
         }
+        if drained.contains(&old.value.id) {
+            ops.push(MapOp::DeleteService { key: old.key });
+            continue;
+        }
+        // Draining: empty sets (new connections find no backend and pass),
+        // no segments, weight 0; its connections keep their entries.
+        let mut generation = old.generation;
+        let mut slots = old.value.backend_sets;
+        for g in [Group::Stable, Group::Canary] {
+            if !old.backends[g as usize].is_empty() {
+                generation[g as usize] ^= 1;
+                slots[g as usize] = backend_set_slot(old.value.id, g, generation[g as usize]);
+                ops.push(MapOp::WriteBackendSet {
+                    slot: slots[g as usize],
+                    set: Box::new(BackendSet::EMPTY),
+                });
+            }
+        }
+        let value = Service {
+            canary_weight: 0,
+            flags: old.value.flags & !SERVICE_F_SEGMENTS,
+            backend_sets: slots,
+            ..old.value
+        };
+        if value != old.value {
+            ops.push(MapOp::WriteService {
+                key: old.key,
+                value,
+            });
+        }
+        next.services.insert(
+            *vip,
+            AppliedService {
+                // As read back from the maps: no configuration names it.
+                name: vip.to_string(),
+                key: old.key,
+                value,
+                backends: [Vec::new(), Vec::new()],
+                generation,
+                segments: BTreeMap::new(),
+                draining: true,
+            },
+        );
     }
     Ok(Plan {
         ops,
@@ -404,7 +456,7 @@ mod tests {
 
     /// A plan without overrides or quarantined ids.
     fn p(applied: &Applied, c: &Config) -> (Vec<MapOp>, Applied) {
-        let plan = plan(applied, c, &BTreeMap::new(), &[]).unwrap();
+        let plan = plan(applied, c, &BTreeMap::new(), &[], &BTreeSet::new()).unwrap();
         (plan.ops, plan.next)
     }
 
@@ -522,33 +574,58 @@ mod tests {
         assert!(ops.is_empty(), "{ops:#?}");
         assert_eq!(reordered, applied);
 
-        let (ops, only_api) = p(&applied, &cfg(API));
-        assert_eq!(
-            ops,
-            vec![MapOp::DeleteService {
-                key: applied
-                    .services
-                    .values()
-                    .find(|s| s.name == "web")
-                    .unwrap()
-                    .key
-            }]
+        // Removed: web drains first (no backend for new connections, its
+        // established ones follow conntrack), keeping its id and key.
+        let web_key = applied
+            .services
+            .values()
+            .find(|s| s.name == "web")
+            .unwrap()
+            .key;
+        let (ops, draining) = p(&applied, &cfg(API));
+        assert!(
+            !ops.iter().any(|o| matches!(o, MapOp::DeleteService { .. })),
+            "{ops:#?}"
         );
-        assert_eq!(only_api.services.values().next().unwrap().value.id, api_id);
+        let MapOp::WriteService { key, value } = ops.last().unwrap() else {
+            panic!("{ops:#?}")
+        };
+        assert_eq!((*key, value.id, value.canary_weight), (web_key, web_id, 0));
+        for (g, slot) in value.backend_sets.iter().enumerate() {
+            assert!(
+                ops.iter().any(|o| matches!(o, MapOp::WriteBackendSet { slot: s, set } if s == slot && set.len == 0)),
+                "group {g}: an empty set: {ops:#?}"
+            );
+        }
+        let web = draining
+            .services
+            .values()
+            .find(|s| s.name == "10.0.0.100:80")
+            .unwrap();
+        assert!(web.draining && web.backends.iter().all(Vec::is_empty));
+        // Drained plans nothing more; a new service does not take its id.
+        let (ops, still) = p(&draining, &cfg(API));
+        assert!(ops.is_empty(), "{ops:#?}");
         let other = WEB
             .replace("10.0.0.100:80", "10.0.0.102:80")
             .replace("name: web", "name: other");
-        let (_, again) = p(&only_api, &cfg(&format!("{API}{other}")));
-        assert_eq!(
-            again
-                .services
+        let (_, with_other) = p(&still, &cfg(&format!("{API}{other}")));
+        let id_of = |a: &Applied, name: &str| {
+            a.services
                 .values()
-                .find(|s| s.name == "other")
+                .find(|s| s.name == name)
                 .unwrap()
                 .value
-                .id,
-            web_id
-        );
+                .id
+        };
+        assert_ne!(id_of(&with_other, "other"), web_id);
+        // Once no conntrack entry carries it: deleted, and its id is free.
+        let drained = BTreeSet::from([web_id]);
+        let pl = plan(&still, &cfg(API), &BTreeMap::new(), &[], &drained).unwrap();
+        assert_eq!(pl.ops, vec![MapOp::DeleteService { key: web_key }]);
+        assert_eq!(id_of(&pl.next, "api"), api_id);
+        let (_, again) = p(&pl.next, &cfg(&format!("{API}{other}")));
+        assert_eq!(id_of(&again, "other"), web_id);
     }
 
     #[test]
@@ -608,7 +685,7 @@ mod tests {
                 canary_segments: false,
             },
         )]);
-        let pl = plan(&Applied::default(), &c, &off, &[]).unwrap();
+        let pl = plan(&Applied::default(), &c, &off, &[], &BTreeSet::new()).unwrap();
         let s = pl.next.services.values().next().unwrap();
         assert_eq!(
             s.value.canary_weight, 0,
@@ -635,7 +712,14 @@ mod tests {
         assert_eq!(q.held(), vec![canary_id]);
         // The next reload adds a canary replica: the held id is not given out.
         let more = replaced.replace("[10.0.3.2:80]", "[10.0.3.2:80, 10.0.3.3:80]");
-        let pl = plan(&next, &cfg(&more), &BTreeMap::new(), &q.held()).unwrap();
+        let pl = plan(
+            &next,
+            &cfg(&more),
+            &BTreeMap::new(),
+            &q.held(),
+            &BTreeSet::new(),
+        )
+        .unwrap();
         let added = pl.next.services.values().next().unwrap().backends[1][1].1;
         assert_ne!(added, canary_id, "a fresh id while the old one drains");
         assert!(pl.reclaimed.is_empty());
@@ -644,7 +728,7 @@ mod tests {
             max_backends: 4,
             ..cfg(&more)
         };
-        let pl = plan(&next, &tight, &BTreeMap::new(), &q.held()).unwrap();
+        let pl = plan(&next, &tight, &BTreeMap::new(), &q.held(), &BTreeSet::new()).unwrap();
         assert_eq!(pl.reclaimed, vec![canary_id]);
         // A walk that began before the id was freed proves nothing; a later one
         // that does not find it releases it.

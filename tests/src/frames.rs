@@ -50,8 +50,14 @@ impl Loaded {
             pins: None,
         })
         .context("loading the eBPF object into the kernel (as root: CAP_BPF, CAP_NET_ADMIN)")?;
-        let p =
-            plan(&Applied::default(), &config, &BTreeMap::new(), &[]).map_err(|e| anyhow!(e))?;
+        let p = plan(
+            &Applied::default(),
+            &config,
+            &BTreeMap::new(),
+            &[],
+            &Default::default(),
+        )
+        .map_err(|e| anyhow!(e))?;
         dp.apply(&p.ops).context("writing the maps")?;
         let applied = p.next;
         Ok(Self {
@@ -63,7 +69,14 @@ impl Loaded {
 
     /// Switches to `config` the way the agent does: a plan from what the maps hold.
     pub fn reconfigure(&mut self, config: Config) -> Result<()> {
-        let p = plan(&self.applied, &config, &BTreeMap::new(), &[]).map_err(|e| anyhow!(e))?;
+        let p = plan(
+            &self.applied,
+            &config,
+            &BTreeMap::new(),
+            &[],
+            &Default::default(),
+        )
+        .map_err(|e| anyhow!(e))?;
         self.dp.apply(&p.ops).context("writing the maps")?;
         self.applied = p.next;
         self.config = config;

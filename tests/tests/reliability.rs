@@ -709,3 +709,56 @@ fn an_adopted_data_path_keeps_its_map_sizes_and_says_so() {
     );
     b.stop().expect("stops");
 }
+
+/// Removing a service drains it: its established connections keep their
+/// backends (their conntrack entries), new ones are no longer steered, and
+/// the service comes back on the same entry when it is added again.
+#[test]
+fn a_removed_service_drains_its_established_connections() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let with = topo.config(0.0, "", "tc");
+    let without = with[..with.find("services:").expect("services")].to_string();
+    let agent = Agent::start(&topo.node, &with).expect("kanari starts");
+    let client = kanari_tests::topology::client_addr(7);
+    let stable = topo.backends_of(Group::Stable);
+    topo.client
+        .run_in(|| {
+            runtime().block_on(async {
+                let mut kept = kanari_tests::client::Conn::open(client, VIP)
+                    .await
+                    .expect("a connection");
+                let before = kept.get().await.expect("answered");
+                assert!(stable.contains(&before.backend), "{before:?}");
+                agent.reload(&without).expect("the service removed");
+                for _ in 0..20 {
+                    let r = kept
+                        .get()
+                        .await
+                        .expect("the established connection still answered");
+                    assert_eq!(r.backend, before.backend, "same backend");
+                }
+                // A new connection is no longer steered (the node itself
+                // answers the VIP: refused).
+                let fresh =
+                    kanari_tests::client::get_once(kanari_tests::topology::client_addr(8), VIP)
+                        .await;
+                assert!(
+                    fresh.is_err(),
+                    "a new connection to a removed service: {fresh:?}"
+                );
+                agent.reload(&with).expect("the service back");
+                let again =
+                    kanari_tests::client::get_once(kanari_tests::topology::client_addr(9), VIP)
+                        .await
+                        .expect("steered again");
+                assert!(stable.contains(&again.backend), "{again:?}");
+                let r = kept.get().await.expect("the kept connection, still");
+                assert_eq!(r.backend, before.backend);
+            })
+        })
+        .expect("client thread");
+    agent.stop().expect("kanari stops");
+}

@@ -110,6 +110,10 @@ struct Agent {
     /// What the judges read with a fleet (`kubernetes:`): this node's
     /// counters and, while leading, the other nodes'.
     fleet_telemetry: Option<Telemetry>,
+    /// Removed services draining, by service id: since when (agent clock).
+    draining_since: BTreeMap<u32, u64>,
+    /// Removed services with no conntrack entry left: the next plan deletes them.
+    drained: BTreeSet<u32>,
     clock: Clock,
     datapath: Datapath,
     /// What the maps held when last read back, or were last written to hold.
@@ -294,6 +298,8 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         merged,
         peers: Arc::default(),
         fleet_telemetry,
+        draining_since: BTreeMap::new(),
+        drained: BTreeSet::new(),
         clock,
         datapath,
         applied,
@@ -557,6 +563,7 @@ impl Agent {
             &self.config,
             &wanted.1,
             &self.quarantine.held(),
+            &self.drained,
         )
         .map_err(|e| anyhow!("planning the map writes: {e}"))?;
         if !plan.reclaimed.is_empty() {
@@ -994,8 +1001,38 @@ impl Agent {
                 if !released.is_empty() {
                     debug!(ids = ?released, "backend ids drained: free to be given out again");
                 }
+                self.services_drained(started_ms, &scan);
             }
             Err(e) => warn!("walking the conntrack table: {e}"),
+        }
+    }
+
+    /// Removed services whose connections are all gone (a walk begun after
+    /// they began draining found none of their entries) are deleted.
+    fn services_drained(&mut self, started_ms: u64, scan: &ConntrackScan) {
+        let now = self.clock.now_ms();
+        let draining: Vec<(u32, String)> = self
+            .applied
+            .services
+            .values()
+            .filter(|s| s.draining)
+            .map(|s| (s.value.id, s.name.clone()))
+            .collect();
+        self.draining_since
+            .retain(|id, _| draining.iter().any(|(d, _)| d == id));
+        self.drained
+            .retain(|id| draining.iter().any(|(d, _)| d == id));
+        let mut newly = false;
+        for (id, vip) in draining {
+            let since = *self.draining_since.entry(id).or_insert(now);
+            if started_ms >= since && !scan.service_ids.contains(&id) && self.drained.insert(id) {
+                info!(vip = %vip, "a removed service's connections have all ended: deleting it");
+                newly = true;
+            }
+        }
+        if newly {
+            self.written_for = None;
+            let _ = self.reconcile(Check::None);
         }
     }
 
