@@ -884,9 +884,9 @@ impl Agent {
         let mut taken = Vec::new();
         for (key, d) in &self.known.decisions {
             let service = service_name(key);
-            if self.engine.follow(&service, d, now) {
+            if let Some(actions) = self.engine.follow(&service, d, now) {
                 info!(release = %key, weight = format!("{}%", d.weight as f64 / 100.0), step = d.step, term = d.term, "took the leader's decision");
-                taken.push((service, Vec::new()));
+                taken.push((service, actions));
             }
         }
         if !taken.is_empty() {

@@ -10,7 +10,8 @@
 //! - A decision for another revision than the follower's (it has not yet
 //!   read the new release, or the leader has not) is not taken.
 
-use super::{Engine, Phase, State};
+use super::{Action, Engine, Phase, State};
+use crate::config::OnRollback;
 
 /// What the deciding agent wrote for one service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,17 +73,23 @@ impl Engine {
         self.following.contains(service)
     }
 
-    /// Takes the leader's decision for `service` at `now_ms` if it applies;
-    /// whether the state changed.
-    pub fn follow(&mut self, service: &str, d: &Decision, now_ms: u64) -> bool {
+    /// Takes the leader's decision for `service` at `now_ms` if it applies:
+    /// the actions it takes here (`None`: not taken). A rollback decided
+    /// with `on_rollback: cut` cuts this node's canary connections too.
+    pub fn follow(&mut self, service: &str, d: &Decision, now_ms: u64) -> Option<Vec<Action>> {
         if !self.following.contains(service) {
-            return false;
+            return None;
         }
-        let Some(t) = self.services.get_mut(service) else {
-            return false;
-        };
+        let t = self.services.get_mut(service)?;
         if !takes(&t.state, d) {
-            return false;
+            return None;
+        }
+        let mut actions = Vec::new();
+        if d.phase == Phase::RolledBack
+            && t.state.phase != Phase::RolledBack
+            && t.cfg.on_rollback == OnRollback::Cut
+        {
+            actions.push(Action::CutCanary);
         }
         let mut next = t.state.clone();
         if next.weight != d.weight || next.step != d.step {
@@ -105,6 +112,6 @@ impl Engine {
         t.state = next;
         self.generation += 1;
         self.persist(service, raised);
-        true
+        Some(actions)
     }
 }

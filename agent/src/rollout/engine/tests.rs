@@ -894,11 +894,11 @@ fn a_follower_never_raises_on_its_own_and_takes_the_leaders_steps() {
             },
             ..d.clone()
         };
-        assert!(sim.engine.follow("web", &d, sim.now_ms));
+        assert!(sim.engine.follow("web", &d, sim.now_ms).is_some());
         assert_eq!(sim.weight(), weight);
         assert_eq!(sim.state().step, step);
         // Told twice: nothing changes.
-        assert!(!sim.engine.follow("web", &d, sim.now_ms));
+        assert!(sim.engine.follow("web", &d, sim.now_ms).is_none());
     }
     // Another revision's decision is not this rollout's.
     let other = Decision {
@@ -907,23 +907,27 @@ fn a_follower_never_raises_on_its_own_and_takes_the_leaders_steps() {
         phase: Phase::RolledBack,
         ..d
     };
-    assert!(!sim.engine.follow("web", &other, sim.now_ms));
+    assert!(sim.engine.follow("web", &other, sim.now_ms).is_none());
     assert_eq!(sim.weight(), 10_000);
 }
 
 #[test]
 fn a_follower_lowers_on_its_own_critical_path_and_is_not_raised_again() {
     let (mut sim, d) = follower(12);
-    assert!(sim.engine.follow(
-        "web",
-        &Decision {
-            weight: 1000,
-            step: 2,
-            generation: 2,
-            ..d.clone()
-        },
-        sim.now_ms
-    ));
+    assert!(
+        sim.engine
+            .follow(
+                "web",
+                &Decision {
+                    weight: 1000,
+                    step: 2,
+                    generation: 2,
+                    ..d.clone()
+                },
+                sim.now_ms
+            )
+            .is_some()
+    );
     for _ in 0..40 {
         sim.tick(2000.0, HEALTHY, BROKEN);
         if sim.state().phase == Phase::RolledBack {
@@ -943,7 +947,7 @@ fn a_follower_lowers_on_its_own_critical_path_and_is_not_raised_again() {
         generation: 3,
         ..d.clone()
     };
-    assert!(!sim.engine.follow("web", &raise, sim.now_ms));
+    assert!(sim.engine.follow("web", &raise, sim.now_ms).is_none());
     assert_eq!(sim.weight(), 0);
     // The leader's own rollback is taken (nothing to lower).
     let back = Decision {
@@ -967,6 +971,32 @@ fn a_service_not_followed_ignores_decisions() {
         generation: 9,
         term: 2,
     };
-    assert!(!sim.engine.follow("web", &d, sim.now_ms));
+    assert!(sim.engine.follow("web", &d, sim.now_ms).is_none());
     assert_eq!(sim.weight(), 100);
+}
+
+#[test]
+fn a_followed_rollback_cuts_the_canary_when_the_rollout_says_cut_and_drains_otherwise() {
+    for (on_rollback, cut) in [("cut", true), ("drain", false)] {
+        let rollout = format!("{{steps: [10, 100], interval: 10s, on_rollback: {on_rollback}}}");
+        let mut sim = Sim::new(&rollout, 14);
+        sim.engine.set_following(["web".to_string()].into());
+        let back = Decision {
+            revision: sim.state().revision.clone(),
+            phase: Phase::RolledBack,
+            weight: 0,
+            step: 0,
+            generation: 2,
+            term: 1,
+        };
+        let actions = sim.engine.follow("web", &back, sim.now_ms).expect("taken");
+        assert_eq!(
+            actions.contains(&Action::CutCanary),
+            cut,
+            "{on_rollback}: {actions:?}"
+        );
+        assert_eq!(sim.weight(), 0);
+        // Told again: nothing more to do.
+        assert!(sim.engine.follow("web", &back, sim.now_ms).is_none());
+    }
 }
