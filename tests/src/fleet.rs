@@ -16,13 +16,13 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use kanari_common::maps::Group;
 
 use crate::{
-    backend::{BackendHandle, Behavior},
+    backend::BackendHandle,
     netns::{BpfFs, Netns, unique_tag},
-    topology::{BACKEND_PORT, Backend, NODE_IFACE, VIP, ethtool_tx, veth},
+    topology::{Backend, NODE_IFACE, VIP, backend, ethtool_tx, veth},
 };
 
 /// Client addresses per node: `client_addr(node × CLIENTS_PER_NODE + i)`
@@ -110,26 +110,8 @@ impl Fleet {
         let groups = std::iter::repeat_n(Group::Stable, stable)
             .chain(std::iter::repeat_n(Group::Canary, canary));
         for (j, group) in groups.enumerate() {
-            let j = j + 1;
-            let ns = Netns::new(&tag, &format!("b{j}"))?;
-            let link = format!("b{j}");
-            veth((&fleet.fabric, &link), (&ns, "eth0"))?;
-            ns.ip(&["addr", "add", &format!("10.2.{j}.1/24"), "dev", "eth0"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
-            ns.ip(&["route", "add", "default", "via", &format!("10.2.{j}.254")])?;
-            let f = &fleet.fabric;
-            f.ip(&["addr", "add", &format!("10.2.{j}.254/24"), "dev", &link])?;
-            f.ip(&["link", "set", &link, "up"])?;
-            ethtool_tx(f, &link, false)?;
-            let addr = SocketAddrV4::new(Ipv4Addr::new(10, 2, j as u8, 1), BACKEND_PORT);
-            let server = BackendHandle::start(&ns, addr, Behavior::healthy(group.name()))
-                .with_context(|| format!("starting backend {addr}"))?;
-            fleet.backends.push(Backend {
-                group,
-                addr,
-                server: Some(server),
-                ns,
-            });
+            let b = backend(&tag, j + 1, group, &fleet.fabric)?;
+            fleet.backends.push(b);
         }
         Ok(fleet)
     }

@@ -102,6 +102,30 @@ pub(crate) fn ethtool_tx(ns: &Netns, iface: &str, on: bool) -> Result<()> {
     .map(|_| ())
 }
 
+/// Backend `j` (1-based) of `group` in a namespace of its own, at
+/// 10.2.J.1:8080 behind `router` (10.2.J.254 on its link `bJ`), running a
+/// healthy test backend.
+pub(crate) fn backend(tag: &str, j: usize, group: Group, router: &Netns) -> Result<Backend> {
+    let ns = Netns::new(tag, &format!("b{j}"))?;
+    let link = format!("b{j}");
+    veth((router, &link), (&ns, "eth0"))?;
+    ns.ip(&["addr", "add", &format!("10.2.{j}.1/24"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "add", "default", "via", &format!("10.2.{j}.254")])?;
+    router.ip(&["addr", "add", &format!("10.2.{j}.254/24"), "dev", &link])?;
+    router.ip(&["link", "set", &link, "up"])?;
+    ethtool_tx(router, &link, false)?;
+    let addr = SocketAddrV4::new(Ipv4Addr::new(10, 2, j as u8, 1), BACKEND_PORT);
+    let server = BackendHandle::start(&ns, addr, Behavior::healthy(group.name()))
+        .with_context(|| format!("starting backend {addr}"))?;
+    Ok(Backend {
+        group,
+        addr,
+        server: Some(server),
+        ns,
+    })
+}
+
 impl Topology {
     /// Builds the namespaces and links and starts a healthy test backend in
     /// each backend namespace.
@@ -136,26 +160,8 @@ impl Topology {
         let groups = std::iter::repeat_n(Group::Stable, opts.stable)
             .chain(std::iter::repeat_n(Group::Canary, opts.canary));
         for (j, group) in groups.enumerate() {
-            let j = j + 1;
-            let ns = Netns::new(&tag, &format!("b{j}"))?;
-            let node_if = format!("b{j}");
-            veth((&topo.node, &node_if), (&ns, "eth0"))?;
-            ns.ip(&["addr", "add", &format!("10.2.{j}.1/24"), "dev", "eth0"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
-            ns.ip(&["route", "add", "default", "via", &format!("10.2.{j}.254")])?;
-            topo.node
-                .ip(&["addr", "add", &format!("10.2.{j}.254/24"), "dev", &node_if])?;
-            topo.node.ip(&["link", "set", &node_if, "up"])?;
-            ethtool_tx(&topo.node, &node_if, false)?;
-            let addr = SocketAddrV4::new(Ipv4Addr::new(10, 2, j as u8, 1), BACKEND_PORT);
-            let server = BackendHandle::start(&ns, addr, Behavior::healthy(group.name()))
-                .with_context(|| format!("starting backend {addr}"))?;
-            topo.backends.push(Backend {
-                group,
-                addr,
-                server: Some(server),
-                ns,
-            });
+            let b = backend(&tag, j + 1, group, &topo.node)?;
+            topo.backends.push(b);
         }
         Ok(topo)
     }

@@ -18,7 +18,7 @@ use kanari_tests::{
     agent::Agent,
     control::{get, report, until},
     fleet::{API_ADDR, CLIENTS_PER_NODE, Fleet},
-    kubeapi::ApiServer,
+    kubeapi::{ApiServer, canary_release_crd},
     load::{Load, unix_ms},
     netns::require_root,
     topology::{NODE_IFACE, VIP},
@@ -30,14 +30,6 @@ const SERVICE: &str = "shop.web";
 const NODES: usize = 3;
 /// The lease's duration (kubernetes.lease.duration).
 const LEASE_S: u64 = 3;
-
-fn crd() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/kubernetes/canaryrelease-crd.yaml"
-    );
-    serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("the CRD")).expect("YAML")
-}
 
 /// The API server on the fabric with the CRD, the namespaces, the three
 /// Services, the stable and canary Services' slices and the release.
@@ -53,7 +45,7 @@ fn cluster_judged(fleet: &Fleet, rollout: Value, compare: Value) -> ApiServer {
         .expect("fabric namespace")
         .expect("a port");
     let api = ApiServer::serve(listener).expect("the API server");
-    api.apply_json(crd()).expect("the CRD");
+    api.apply_json(canary_release_crd()).expect("the CRD");
     for ns in [NS, "kanari"] {
         api.apply_json(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
             .expect("a namespace");

@@ -15,10 +15,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-const CRD: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../deploy/kubernetes/canaryrelease-crd.yaml"
-);
+const CRD: &str = kanari_tests::kubeapi::CANARY_RELEASE_CRD;
 const CR: &str = "kanari.dev/v1alpha1";
 const CRS: &str = "/apis/kanari.dev/v1alpha1/namespaces/shop/canaryreleases";
 

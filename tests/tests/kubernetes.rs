@@ -17,7 +17,7 @@ use kanari_common::maps::Group;
 use kanari_tests::{
     agent::Agent,
     control::{cli, report, until},
-    kubeapi::ApiServer,
+    kubeapi::{ApiServer, canary_release_crd},
     load::{Load, unix_ms},
     netns::require_root,
     python::python_tool,
@@ -27,16 +27,6 @@ use serde_json::{Value, json};
 
 const NS: &str = "shop";
 const SERVICE: &str = "shop.web";
-
-/// The CRD as `deploy/kubernetes` installs it.
-fn crd() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/kubernetes/canaryrelease-crd.yaml"
-    );
-    let text = std::fs::read_to_string(path).expect("the CRD");
-    serde_yaml_ng::from_str(&text).expect("YAML")
-}
 
 fn service(name: &str, cluster_ip: &str, port: u16) -> Value {
     json!({
@@ -77,6 +67,22 @@ fn slice(service: &str, endpoints: &[(SocketAddrV4, Pod)]) -> Value {
     })
 }
 
+/// Two ready stable pods, one ready canary pod, and the release with `rollout`.
+fn pods_and_release(api: &ApiServer, topo: &Topology, rollout: Value) {
+    let (stable, canary) = (
+        topo.backends_of(Group::Stable),
+        topo.backends_of(Group::Canary),
+    );
+    api.apply_json(slice(
+        "web-stable",
+        &[(stable[0], Pod::Ready), (stable[1], Pod::Ready)],
+    ))
+    .expect("stable's slice");
+    api.apply_json(slice("web-canary", &[(canary[0], Pod::Ready)]))
+        .expect("canary's slice");
+    api.apply_json(release(rollout)).expect("the CanaryRelease");
+}
+
 fn release(rollout: Value) -> Value {
     json!({
         "apiVersion": "kanari.dev/v1alpha1", "kind": "CanaryRelease",
@@ -95,7 +101,7 @@ fn cluster(topo: &Topology) -> (ApiServer, String) {
         .expect("node namespace")
         .expect("a port");
     let api = ApiServer::serve(listener).expect("the API server");
-    api.apply_json(crd()).expect("the CRD");
+    api.apply_json(canary_release_crd()).expect("the CRD");
     api.apply_json(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))
         .expect("the namespace");
     for s in [
@@ -141,17 +147,11 @@ fn endpoints_added_and_removed_under_load_reach_the_kernel_within_a_second_witho
     let stable = topo.backends_of(Group::Stable);
     let canary = topo.backends_of(Group::Canary);
     let (api, config) = cluster(&topo);
-    api.apply_json(slice(
-        "web-stable",
-        &[(stable[0], Pod::Ready), (stable[1], Pod::Ready)],
-    ))
-    .expect("stable's slice");
-    api.apply_json(slice("web-canary", &[(canary[0], Pod::Ready)]))
-        .expect("canary's slice");
-    api.apply_json(release(
+    pods_and_release(
+        &api,
+        &topo,
         json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
-    ))
-    .expect("the CanaryRelease");
+    );
 
     let agent = Agent::start(&topo.node, &config).expect("kanari starts");
     let s = until(10, "the release steered at 10 %", || {
@@ -258,22 +258,14 @@ fn a_release_that_does_not_validate_names_its_field_and_an_edit_keeps_the_last_v
         return;
     }
     let topo = Topology::new(&TopologyOptions::default()).expect("topology");
-    let stable = topo.backends_of(Group::Stable);
-    let canary = topo.backends_of(Group::Canary);
     let (api, config) = cluster(&topo);
-    api.apply_json(slice(
-        "web-stable",
-        &[(stable[0], Pod::Ready), (stable[1], Pod::Ready)],
-    ))
-    .expect("stable's slice");
-    api.apply_json(slice("web-canary", &[(canary[0], Pod::Ready)]))
-        .expect("canary's slice");
     // Valid for the CRD's schema, refused by kanari's validator: steps
     // must rise.
-    api.apply_json(release(
+    pods_and_release(
+        &api,
+        &topo,
         json!({"steps": [50, 10, 100], "interval": "1h", "progress_deadline": "2h"}),
-    ))
-    .expect("the CanaryRelease");
+    );
     let agent = Agent::start(&topo.node, &config).expect("kanari starts");
     agent
         .wait_for("CanaryRelease refused", 1)
@@ -361,24 +353,16 @@ fn the_leader_writes_the_status_kubectl_shows_and_a_patch_pauses_the_release() {
         return;
     }
     let topo = Topology::new(&TopologyOptions::default()).expect("topology");
-    let stable = topo.backends_of(Group::Stable);
-    let canary = topo.backends_of(Group::Canary);
     let (api, config) = cluster(&topo);
     api.apply_json(
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kanari"}}),
     )
     .expect("kanari's namespace");
-    api.apply_json(slice(
-        "web-stable",
-        &[(stable[0], Pod::Ready), (stable[1], Pod::Ready)],
-    ))
-    .expect("stable's slice");
-    api.apply_json(slice("web-canary", &[(canary[0], Pod::Ready)]))
-        .expect("canary's slice");
-    api.apply_json(release(
+    pods_and_release(
+        &api,
+        &topo,
         json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
-    ))
-    .expect("the CanaryRelease");
+    );
     let config =
         format!("{config}  node: node-a\n  lease:\n    namespace: kanari\n    duration: 3s\n");
     let _agent = Agent::start(&topo.node, &config).expect("kanari starts");
@@ -525,10 +509,7 @@ fn against(kubeconfig: &str, allocates_cluster_ips: bool) {
         let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"], None);
     };
     let _cleanup = Cleanup(&delete);
-    let crd = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/kubernetes/canaryrelease-crd.yaml"
-    );
+    let crd = kanari_tests::kubeapi::CANARY_RELEASE_CRD;
     kubectl(&["apply", "-f", crd], None).expect("the CRD installs");
     kubectl(
         &[
@@ -657,7 +638,6 @@ fn an_external_ip_of_the_service_takes_the_cluster_ip_s_weight() {
         return;
     }
     let topo = Topology::new(&TopologyOptions::default()).expect("topology");
-    let stable = topo.backends_of(Group::Stable);
     let canary = topo.backends_of(Group::Canary);
     let (api, config) = cluster(&topo);
     let external: SocketAddrV4 = "10.0.0.200:80".parse().expect("an address");
@@ -667,17 +647,11 @@ fn an_external_ip_of_the_service_takes_the_cluster_ip_s_weight() {
     let mut web = service("web", &VIP.ip().to_string(), VIP.port());
     web["spec"]["externalIPs"] = json!([external.ip().to_string()]);
     api.apply_json(web).expect("web with an external IP");
-    api.apply_json(slice(
-        "web-stable",
-        &[(stable[0], Pod::Ready), (stable[1], Pod::Ready)],
-    ))
-    .expect("stable's slice");
-    api.apply_json(slice("web-canary", &[(canary[0], Pod::Ready)]))
-        .expect("canary's slice");
-    api.apply_json(release(
+    pods_and_release(
+        &api,
+        &topo,
         json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
-    ))
-    .expect("the CanaryRelease");
+    );
     let agent = Agent::start(&topo.node, &config).expect("kanari starts");
     let at = |percent: f64| {
         until(10, &format!("both VIPs at {percent} %"), || {

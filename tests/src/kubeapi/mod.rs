@@ -85,6 +85,18 @@ impl Shared {
     }
 }
 
+/// Where `deploy/kubernetes` keeps the CanaryRelease CRD.
+pub const CANARY_RELEASE_CRD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/kubernetes/canaryrelease-crd.yaml"
+);
+
+/// The CanaryRelease CRD as `deploy/kubernetes` installs it, as an object.
+pub fn canary_release_crd() -> Value {
+    let text = std::fs::read_to_string(CANARY_RELEASE_CRD).expect("the CanaryRelease CRD");
+    serde_yaml_ng::from_str(&text).expect("the CRD is YAML")
+}
+
 /// The server: a thread running its own runtime. Drop stops it.
 pub struct ApiServer {
     shared: Arc<Shared>,
