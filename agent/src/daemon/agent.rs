@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use kanari_common::maps::{BackendStats, Group};
+use kanari_common::maps::Group;
 use std::{collections::HashSet, sync::atomic::AtomicU64};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -591,10 +591,10 @@ impl Agent {
                                 .services
                                 .iter()
                                 .find(|c| c.name == s.name)
-                                .and_then(|c| c.follows.clone())
-                                .unwrap_or_else(|| s.name.clone());
+                                .and_then(|c| c.follows.as_deref())
+                                .unwrap_or(&s.name);
                             let key = BackendKey {
-                                service: judged_as.as_str().into(),
+                                service: judged_as.into(),
                                 ..key.clone()
                             };
                             t.expect(*id, key, &baseline);
@@ -696,22 +696,19 @@ impl Agent {
         // With a fleet, what the judges read: a release's other VIPs count
         // as its ClusterIP's service, and the other nodes' counts join it.
         let mut judged = Vec::new();
-        let follows: BTreeMap<&str, &str> = self
-            .config
-            .services
-            .iter()
-            .filter_map(|s| Some((s.name.as_str(), s.follows.as_deref()?)))
-            .collect();
-        let discovered: BTreeSet<&str> = self
-            .config
-            .services
-            .iter()
-            .filter(|s| s.discovered)
-            .map(|s| s.name.as_str())
-            .collect();
+        // (Without a fleet none of it is needed: the tick stays as it was.)
+        let mut follows: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut discovered: BTreeSet<&str> = BTreeSet::new();
+        if self.fleet_telemetry.is_some() {
+            for s in self.config.services.iter().filter(|s| s.discovered) {
+                discovered.insert(&s.name);
+                if let Some(p) = &s.follows {
+                    follows.insert(&s.name, p);
+                }
+            }
+        }
         // This node's own counts per backend (not per VIP), for the others.
-        let mut sums: BTreeMap<(String, Group, std::net::SocketAddrV4), BackendStats> =
-            BTreeMap::new();
+        let mut sums: BTreeMap<(String, Group, std::net::SocketAddrV4), Vec<u64>> = BTreeMap::new();
         let merged = self.merged.lock().expect("not poisoned");
         for s in self.applied.services.values() {
             let name: Arc<str> = s.name.as_str().into();
@@ -728,11 +725,9 @@ impl Agent {
                     if self.fleet_telemetry.is_some() {
                         let mut all = stats.clone();
                         if fleet {
-                            let sum = sums
-                                .entry((judged_as.to_string(), g, *addr))
-                                .or_insert(BackendStats::ZERO);
+                            let sum = sums.entry((judged_as.to_string(), g, *addr)).or_default();
                             for c in &stats {
-                                crate::fleet::merge::add(sum, c);
+                                crate::fleet::merge::accumulate(sum, c);
                             }
                             if judged_as == s.name {
                                 let k = (judged_as.to_string(), g.name().to_string(), *addr);
@@ -756,7 +751,7 @@ impl Agent {
                     service,
                     group: g.name().to_string(),
                     addr,
-                    counters: crate::fleet::merge::flatten(&sum),
+                    counters: sum,
                 })
                 .collect(),
         );
@@ -861,9 +856,10 @@ impl Agent {
 
     fn sync_windows(&mut self) {
         let now = self.clock.now_ms();
-        for (key, view) in self.release_views().iter() {
+        for key in self.known.paused.keys() {
+            let service = service_name(key);
             let in_sync = self.leading.is_none()
-                || match (&view.decision, self.engine.state(&view.service)) {
+                || match (self.known.decisions.get(key), self.engine.state(&service)) {
                     (Some(d), Some(s)) => {
                         d.weight == s.weight
                             && self
@@ -874,7 +870,7 @@ impl Agent {
                     // Nothing decided yet: nothing to wait for.
                     _ => true,
                 };
-            self.engine.set_in_sync(&view.service, in_sync, now);
+            self.engine.set_in_sync(&service, in_sync, now);
         }
     }
 

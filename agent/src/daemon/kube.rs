@@ -16,6 +16,21 @@ use crate::{
     rollout::Engine,
 };
 
+/// A refused reading of `key` falls back to the one taken last, or leaves
+/// the candidates; whether the candidates changed.
+fn fall_back(candidates: &mut Vec<Release>, key: &str, known: &Known) -> bool {
+    let Some(i) = candidates.iter().position(|c| c.key == key) else {
+        return false;
+    };
+    match known.taken.get(key) {
+        Some(old) if *old != candidates[i] => candidates[i] = old.clone(),
+        _ => {
+            candidates.remove(i);
+        }
+    }
+    true
+}
+
 /// The file's text with the releases `known` holds; updates what `known`
 /// has taken and why the others are not in force.
 pub(super) fn compose(
@@ -38,22 +53,9 @@ pub(super) fn compose(
     let config = loop {
         let (config, refused) =
             config::parse_with_releases(&file, text, &interface_exists, &candidates)?;
-        // A refused newest reading falls back to the one taken last.
         let mut again = false;
         for r in refused {
-            let fallback = known.taken.get(&r.key).cloned();
-            let at = candidates.iter().position(|c| c.key == r.key);
-            match (fallback, at) {
-                (Some(old), Some(i)) if candidates[i] != old => {
-                    candidates[i] = old;
-                    again = true;
-                }
-                (_, Some(i)) => {
-                    candidates.remove(i);
-                    again = true;
-                }
-                _ => {}
-            }
+            again |= fall_back(&mut candidates, &r.key, known);
             refusals.push((r.key, r.field, r.message));
         }
         if again {
@@ -78,19 +80,14 @@ pub(super) fn compose(
                         });
                     }
                     Some(s) => {
-                        let Some(i) = candidates
-                            .iter()
-                            .position(|c| service_name(&c.key) == s.name)
+                        // A release's other VIPs follow its ClusterIP's service.
+                        let name = s.follows.as_deref().unwrap_or(&s.name);
+                        let Some(c) = candidates.iter().find(|c| service_name(&c.key) == name)
                         else {
                             unreachable!("a discovered service comes from a candidate")
                         };
-                        let key = candidates[i].key.clone();
-                        match known.taken.get(&key) {
-                            Some(old) if *old != candidates[i] => candidates[i] = old.clone(),
-                            _ => {
-                                candidates.remove(i);
-                            }
-                        }
+                        let key = c.key.clone();
+                        fall_back(&mut candidates, &key, known);
                         refusals.push((key, "spec.stable".into(), message));
                     }
                 }

@@ -45,22 +45,21 @@ const COUNTERS: usize = 11 + CLASSES;
 /// Which backend a contribution is for.
 pub type Key = (String, String, SocketAddrV4);
 
-/// Adds `b`'s counters to `a`'s (buckets wrap, as the kernel's).
-pub fn add(a: &mut BackendStats, b: &BackendStats) {
-    let (x, y) = (flatten(a), flatten(b));
-    let sum: Vec<u64> = x
-        .iter()
-        .zip(&y)
-        .enumerate()
-        .map(|(i, (p, q))| {
-            if i < COUNTERS {
-                p.wrapping_add(*q)
-            } else {
-                (*p as u32).wrapping_add(*q as u32) as u64
-            }
-        })
-        .collect();
-    *a = unflatten(&sum).expect("the same layout");
+/// Adds `s`'s counters to the flat list `sum` (empty: none yet); buckets
+/// wrap, as the kernel's.
+pub fn accumulate(sum: &mut Vec<u64>, s: &BackendStats) {
+    let v = flatten(s);
+    if sum.is_empty() {
+        *sum = v;
+        return;
+    }
+    for (i, (p, q)) in sum.iter_mut().zip(&v).enumerate() {
+        *p = if i < COUNTERS {
+            p.wrapping_add(*q)
+        } else {
+            (*p as u32).wrapping_add(*q as u32) as u64
+        };
+    }
 }
 
 /// The statistics as a flat list.
@@ -267,6 +266,22 @@ mod tests {
         m.take(&report("a", &stats(5, 5)));
         assert_eq!(m.peers().collect::<Vec<_>>(), ["b", "c", "a"]);
         assert_eq!(m.contributions(&key()).len(), 3);
+    }
+
+    #[test]
+    fn accumulating_cpus_sums_counters_and_wraps_buckets() {
+        let mut a = stats(3, 7);
+        a.ttfb_hist[7] = u32::MAX;
+        let b = stats(4, 7);
+        let mut sum = Vec::new();
+        accumulate(&mut sum, &a);
+        accumulate(&mut sum, &b);
+        let s = unflatten(&sum).expect("the layout");
+        assert_eq!((s.connections, s.requests[2]), (7, 7));
+        assert_eq!(
+            s.ttfb_hist[7], 3,
+            "u32::MAX + 4 wraps to 3, as the kernel's"
+        );
     }
 
     #[test]
