@@ -1,13 +1,15 @@
 //! kanari's end-to-end harness: network namespaces with Drop guards, the HTTP
 //! test backend, a client that can be thousands of clients, the agent as a
-//! child process, and the network that joins them. Used by the tests in
-//! `tests/tests/`, the demo (`kanari-demo`) and the benchmarks.
+//! child process, the network that joins them, and a real etcd cluster
+//! beside a fleet. Used by the tests in `tests/tests/`, the demo
+//! (`kanari-demo`) and the benchmarks.
 
 pub mod agent;
 pub mod backend;
 pub mod bench;
 pub mod client;
 pub mod control;
+pub mod etcd;
 pub mod fleet;
 pub mod flood;
 pub mod frames;
