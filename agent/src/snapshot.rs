@@ -94,16 +94,30 @@ pub struct Snapshot {
     pub ticks: TickStats,
     /// Webhook deliveries by outcome.
     pub webhooks: Arc<crate::hooks::DeliveryCounts>,
-    /// The CanaryReleases read (`kubernetes:`), by NAMESPACE/NAME.
-    pub releases: Arc<crate::fleet::kubernetes::Releases>,
-    /// This node's name in the fleet (`kubernetes:`).
+    /// The fleet's keys: the CanaryReleases read (`kubernetes:`), by
+    /// NAMESPACE/NAME, or the services decided together (`fleet:`).
+    pub releases: Arc<crate::fleet::status::Releases>,
+    /// This node's name in the fleet.
     pub node: Option<String>,
+    /// The fleet as this agent last heard of it.
+    pub fleet: FleetView,
     /// This node's own cumulative counters of the discovered services'
     /// backends, as last read (`GET /telemetry`).
     pub served: Arc<Vec<crate::fleet::merge::Served>>,
     /// When the loop published it, on the agent's clock (ms) and as an instant.
     pub at_ms: u64,
     pub taken: Instant,
+}
+
+/// Who leads the fleet and who reports in it.
+#[derive(Clone, Debug, Default)]
+pub struct FleetView {
+    /// The leader when last read.
+    pub leader: Option<String>,
+    /// Our term while this agent leads.
+    pub term: Option<u32>,
+    /// The agents reporting, this one among them.
+    pub peers: Arc<crate::fleet::Peers>,
 }
 
 impl Snapshot {
@@ -127,6 +141,7 @@ impl Snapshot {
             webhooks: Arc::default(),
             releases: Arc::default(),
             node: None,
+            fleet: FleetView::default(),
             served: Arc::default(),
             at_ms: 0,
             taken: Instant::now(),

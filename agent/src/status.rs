@@ -2,7 +2,7 @@
 //! last [`WINDOW_SECONDS`]. Built from a [`Snapshot`] by the agent (pure), sent
 //! as JSON over the control socket, printed by the CLI.
 
-use std::fmt::Write as _;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use kanari_common::maps::{BASIS_POINTS, Group};
 use serde::{Deserialize, Serialize};
@@ -24,6 +24,30 @@ pub struct StatusReport {
     /// Why the kernel does not hold what the agent wants, while it does not.
     #[serde(default)]
     pub kernel_error: Option<String>,
+    /// With a fleet (`kubernetes:` or `fleet:`): who leads, who reports.
+    #[serde(default)]
+    pub fleet: Option<FleetStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// This host's name in the fleet.
+    pub node: String,
+    /// The leader when last read.
+    pub leader: Option<String>,
+    /// This agent's term while it leads.
+    pub term: Option<u32>,
+    /// The hosts reporting, and the canary weight each one's kernel holds.
+    pub hosts: Vec<FleetHost>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetHost {
+    pub node: String,
+    /// By service.
+    pub canary_weight_percent: BTreeMap<String, f64>,
+    /// Services whose newest decision this host holds.
+    pub in_sync: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +62,17 @@ pub struct ServiceStatus {
     pub versions: Vec<VersionStatus>,
     /// The rollout driving the weight, if the service has one.
     pub rollout: Option<RolloutStatus>,
+    /// With a fleet: the leader's decision and the hosts that hold it.
+    #[serde(default)]
+    pub fleet: Option<ServiceFleet>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceFleet {
+    /// The weight generation last decided (none yet: no decision read).
+    pub generation: Option<u64>,
+    pub hosts_in_sync: usize,
+    pub hosts: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -94,6 +129,16 @@ pub struct VersionStatus {
 
 /// The report for every configured service, as of the snapshot.
 pub fn report(view: &Snapshot) -> StatusReport {
+    // The fleet's keys by service (a CanaryRelease's, or etcd's).
+    let keys: BTreeMap<&str, (&str, Option<u64>)> = view
+        .releases
+        .iter()
+        .map(|(k, v)| {
+            let generation = v.decision.as_ref().map(|d| d.generation);
+            (v.service.as_str(), (k.as_str(), generation))
+        })
+        .collect();
+    let peers = &view.fleet.peers;
     let services = view
         .config
         .services
@@ -143,6 +188,16 @@ pub fn report(view: &Snapshot) -> StatusReport {
                         weight_written_unix_ms: st.weight_written_unix_ms,
                     }
                 }),
+            fleet: keys
+                .get(s.name.as_str())
+                .map(|(key, generation)| ServiceFleet {
+                    generation: *generation,
+                    hosts_in_sync: peers
+                        .values()
+                        .filter(|p| generation.is_some() && p.held.get(*key) == generation.as_ref())
+                        .count(),
+                    hosts: peers.len(),
+                }),
             name: s.name.clone(),
             vip: s.vip.to_string(),
             canary_weight_percent: view.weight(s) as f64 * 100.0 / BASIS_POINTS as f64,
@@ -178,6 +233,40 @@ pub fn report(view: &Snapshot) -> StatusReport {
         services,
         conntrack_entries: view.conntrack_entries,
         kernel_error: view.disagreement.as_ref().map(|(_, e)| e.clone()),
+        fleet: view.node.as_ref().map(|node| FleetStatus {
+            node: node.clone(),
+            leader: view.fleet.leader.clone(),
+            term: view.fleet.term,
+            hosts: peers
+                .values()
+                .map(|p| {
+                    let service = |k: &String| {
+                        view.releases
+                            .get(k)
+                            .map_or_else(|| k.clone(), |v| v.service.clone())
+                    };
+                    FleetHost {
+                        node: p.node.clone(),
+                        canary_weight_percent: p
+                            .weights
+                            .iter()
+                            .map(|(k, w)| (service(k), *w as f64 * 100.0 / BASIS_POINTS as f64))
+                            .collect(),
+                        in_sync: p
+                            .held
+                            .iter()
+                            .filter(|(k, g)| {
+                                view.releases
+                                    .get(*k)
+                                    .and_then(|v| v.decision.as_ref())
+                                    .is_some_and(|d| d.generation == **g)
+                            })
+                            .map(|(k, _)| service(k))
+                            .collect(),
+                    }
+                })
+                .collect(),
+        }),
     }
 }
 
@@ -282,6 +371,34 @@ fn ms(v: Option<f64>) -> String {
 /// The report as a terminal table.
 pub fn render(r: &StatusReport) -> String {
     let mut out = String::new();
+    if let Some(f) = &r.fleet {
+        let leader = match (&f.leader, f.term) {
+            (_, Some(t)) => format!("this host (term {t})"),
+            (Some(l), None) => l.clone(),
+            (None, None) => "none known (every host keeps its weights)".into(),
+        };
+        let _ = writeln!(
+            out,
+            "fleet: host {}, leader {leader}, {} hosts reporting",
+            f.node,
+            f.hosts.len()
+        );
+        for h in &f.hosts {
+            let weights: Vec<String> = h
+                .canary_weight_percent
+                .iter()
+                .map(|(s, w)| {
+                    let held = if h.in_sync.contains(s) {
+                        ""
+                    } else {
+                        " (not in sync)"
+                    };
+                    format!("{s} {w}%{held}")
+                })
+                .collect();
+            let _ = writeln!(out, "  host {}: {}", h.node, weights.join(", "));
+        }
+    }
     if r.services.is_empty() {
         out.push_str("no services configured\n");
     }
@@ -324,6 +441,20 @@ pub fn render(r: &StatusReport) -> String {
                 ro.failure_limit
             );
             let _ = writeln!(out, "  steps: {}", steps_bar(ro));
+            if let Some(f) = &s.fleet {
+                match f.generation {
+                    Some(g) => {
+                        let _ = writeln!(
+                            out,
+                            "  fleet: decision {g} held by {}/{} hosts",
+                            f.hosts_in_sync, f.hosts
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(out, "  fleet: no decision read yet");
+                    }
+                }
+            }
             let _ = writeln!(out, "  why: {}", ro.reason);
             for j in ro.last_check.iter().chain(ro.critical.iter()) {
                 let _ = writeln!(out, "    {}", judged(j));
@@ -409,5 +540,56 @@ mod tests {
         let back: StatusReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back.services[0].versions[1].requests, 100);
         assert_eq!(back.services[0].versions[1].error_rate, Some(0.2));
+    }
+
+    #[test]
+    fn the_fleet_shows_its_leader_and_each_hosts_weight_and_sync() {
+        let mut v = canary_snapshot("10", BackendStats::ZERO, 10);
+        let d = crate::rollout::Decision {
+            revision: "r".into(),
+            phase: crate::rollout::Phase::Progressing,
+            weight: 1000,
+            step: 0,
+            generation: 4,
+            term: 7,
+        };
+        let view = crate::fleet::status::ReleaseView {
+            service: "web".into(),
+            generation: 0,
+            why: None,
+            steered: true,
+            decision: Some(d),
+        };
+        v.releases = std::sync::Arc::new([("web".to_string(), view)].into());
+        v.node = Some("lb-1".into());
+        let peer = |node: &str, g: u64, w: u32| crate::fleet::Peer {
+            node: node.into(),
+            telemetry: None,
+            held: [("web".to_string(), g)].into(),
+            weights: [("web".to_string(), w)].into(),
+        };
+        v.fleet = crate::snapshot::FleetView {
+            leader: Some("lb-2".into()),
+            term: None,
+            peers: std::sync::Arc::new(
+                [
+                    ("lb-1".into(), peer("lb-1", 4, 1000)),
+                    ("lb-2".into(), peer("lb-2", 3, 500)),
+                ]
+                .into(),
+            ),
+        };
+        let r = report(&v);
+        let f = r.fleet.as_ref().expect("a fleet");
+        assert_eq!(f.leader.as_deref(), Some("lb-2"));
+        assert_eq!(f.hosts[1].canary_weight_percent["web"], 5.0);
+        assert_eq!(f.hosts[0].in_sync, ["web"]);
+        assert!(f.hosts[1].in_sync.is_empty());
+        let text = render(&r);
+        assert!(
+            text.contains("fleet: host lb-1, leader lb-2, 2 hosts reporting"),
+            "{text}"
+        );
+        assert!(text.contains("host lb-2: web 5% (not in sync)"), "{text}");
     }
 }

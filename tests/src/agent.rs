@@ -124,7 +124,10 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&config_path)
             .args(detach_on_exit.then_some("--detach-on-exit"))
-            .env("KANARI_LOG", "info")
+            .env(
+                "KANARI_LOG",
+                std::env::var("KANARI_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

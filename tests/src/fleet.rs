@@ -133,3 +133,95 @@ impl Fleet {
             .expect("a running backend at that address")
     }
 }
+
+impl Fleet {
+    /// Open-loop load at `rate` requests a second from every node's clients
+    /// to the VIP (node K's from its own address range).
+    pub fn loads(&self, rate: f64) -> Vec<crate::load::Load> {
+        (0..self.nodes.len())
+            .map(|k| {
+                crate::load::Load::start(
+                    &self.nodes[k].client,
+                    VIP,
+                    rate,
+                    8,
+                    k as u32 * CLIENTS_PER_NODE,
+                )
+                .expect("load")
+            })
+            .collect()
+    }
+}
+
+/// The kernel's canary weight (percent) of `service` on each node, `None`
+/// where no agent runs or it does not steer the service.
+pub fn weights(agents: &[Option<crate::agent::Agent>], service: &str) -> Vec<Option<f64>> {
+    agents
+        .iter()
+        .map(|a| {
+            let a = a.as_ref()?;
+            crate::control::report(&a.socket)
+                .services
+                .into_iter()
+                .find(|s| s.name == service)
+                .map(|s| s.canary_weight_percent)
+        })
+        .collect()
+}
+
+/// Every running agent's kernel at `percent` for `service`, within `secs`.
+pub fn all_at(agents: &[Option<crate::agent::Agent>], service: &str, percent: f64, secs: u64) {
+    crate::control::until(secs, &format!("every node at {percent} %"), || {
+        let w = weights(agents, service);
+        let running = agents.iter().zip(&w).filter(|(a, _)| a.is_some());
+        if running.clone().all(|(_, w)| *w == Some(percent)) {
+            Ok(())
+        } else {
+            Err(format!("{w:?}"))
+        }
+    });
+}
+
+/// Stops the loads and checks each node's requests sent before `until_ms`:
+/// none failed, and `canary` served a share of them within the 99.9 %
+/// bound of `share` (3.29 standard deviations of a binomial share).
+pub fn check_split(loads: Vec<crate::load::Load>, until_ms: u64, canary: SocketAddrV4, share: f64) {
+    for (k, load) in loads.into_iter().enumerate() {
+        let outcomes = load.stop();
+        let before: Vec<_> = outcomes.iter().filter(|o| o.sent_ms < until_ms).collect();
+        let n = before.len() as f64;
+        let on_canary = before
+            .iter()
+            .filter(|o| o.result.as_ref().is_ok_and(|(b, _)| *b == canary))
+            .count() as f64;
+        let failed = before
+            .iter()
+            .filter(|o| !matches!(o.result, Ok((_, 200))))
+            .count();
+        assert_eq!(failed, 0, "node {k}: requests failed before the fault");
+        let bound = 3.29 * (share * (1.0 - share) / n).sqrt();
+        let seen = on_canary / n;
+        eprintln!(
+            "node {k}: canary share {:.2} % of {n} requests (bound ±{:.2} points)",
+            seen * 100.0,
+            bound * 100.0
+        );
+        assert!((seen - share).abs() <= bound, "node {k}: {seen} of {n}");
+    }
+}
+
+/// Stops the loads; fails if a connection failed or, with `ok_only`, if
+/// a request was answered other than 200.
+pub fn check_no_failures(loads: Vec<crate::load::Load>, ok_only: bool, when: &str) {
+    for (k, load) in loads.into_iter().enumerate() {
+        let outcomes = load.stop();
+        let failed = outcomes
+            .iter()
+            .filter(|o| match &o.result {
+                Ok((_, code)) => ok_only && *code != 200,
+                Err(_) => true,
+            })
+            .count();
+        assert_eq!(failed, 0, "node {k}: requests failed {when}");
+    }
+}

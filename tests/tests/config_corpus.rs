@@ -160,7 +160,7 @@ fn the_corpus_is_complete_and_well_formed() {
     );
     let valid = files("valid");
     assert!(
-        (2..=4).contains(&valid.len()),
+        (2..=5).contains(&valid.len()),
         "{} valid configurations: {valid:?}",
         valid.len()
     );

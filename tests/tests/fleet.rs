@@ -16,8 +16,8 @@ use std::{
 use kanari_common::maps::Group;
 use kanari_tests::{
     agent::Agent,
-    control::{get, report, until},
-    fleet::{API_ADDR, CLIENTS_PER_NODE, Fleet},
+    control::{get, until},
+    fleet::{API_ADDR, CLIENTS_PER_NODE, Fleet, all_at, check_no_failures, check_split, weights},
     kubeapi::{ApiServer, canary_release_crd},
     load::{Load, unix_ms},
     netns::require_root,
@@ -104,22 +104,6 @@ fn agent(fleet: &Fleet, api: &ApiServer, k: usize) -> Agent {
     Agent::start(&fleet.nodes[k].node, &config).expect("kanari starts")
 }
 
-/// The kernel's canary weight (percent) on each node, `None` where the
-/// agent does not steer the release.
-fn weights(agents: &[Option<Agent>]) -> Vec<Option<f64>> {
-    agents
-        .iter()
-        .map(|a| {
-            let a = a.as_ref()?;
-            report(&a.socket)
-                .services
-                .into_iter()
-                .find(|s| s.name == SERVICE)
-                .map(|s| s.canary_weight_percent)
-        })
-        .collect()
-}
-
 fn status(api: &ApiServer) -> Value {
     api.get_json("kanari.dev/v1alpha1", "CanaryRelease", Some(NS), "web")
         .and_then(|r| r.get("status").cloned())
@@ -129,34 +113,6 @@ fn status(api: &ApiServer) -> Value {
 fn holder(api: &ApiServer) -> Option<String> {
     api.get_json("coordination.k8s.io/v1", "Lease", Some("kanari"), "kanari")
         .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
-}
-
-/// Every running agent's kernel at `percent`, within `secs`.
-fn all_at(agents: &[Option<Agent>], percent: f64, secs: u64) {
-    until(secs, &format!("every node at {percent} %"), || {
-        let w = weights(agents);
-        let running = agents.iter().zip(&w).filter(|(a, _)| a.is_some());
-        if running.clone().all(|(_, w)| *w == Some(percent)) {
-            Ok(())
-        } else {
-            Err(format!("{w:?}"))
-        }
-    });
-}
-
-fn loads(fleet: &Fleet, rate: f64) -> Vec<Load> {
-    (0..NODES)
-        .map(|k| {
-            Load::start(
-                &fleet.nodes[k].client,
-                VIP,
-                rate,
-                8,
-                k as u32 * CLIENTS_PER_NODE,
-            )
-            .expect("load")
-        })
-        .collect()
 }
 
 #[test]
@@ -171,7 +127,7 @@ fn every_node_splits_alike_at_the_leaders_weight_and_a_failing_canary_is_at_0_ev
         json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
     );
     let agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
-    all_at(&agents, 10.0, 10);
+    all_at(&agents, SERVICE, 10.0, 10);
     let leader = until(10, "a leader", || {
         holder(&api).ok_or("none yet".to_string())
     });
@@ -184,13 +140,13 @@ fn every_node_splits_alike_at_the_leaders_weight_and_a_failing_canary_is_at_0_ev
     assert_eq!(s["leader"]["agent"], leader.as_str(), "{s}");
 
     // Each node's clients see the split the leader decided.
-    let loads = loads(&fleet, 250.0);
+    let loads = fleet.loads(250.0);
     std::thread::sleep(Duration::from_secs(8));
     let canary = fleet.backends_of(Group::Canary)[0];
     let broke_ms = unix_ms();
     fleet.server(canary).behavior.set_error_rate(1.0);
     let started = Instant::now();
-    all_at(&agents, 0.0, 5);
+    all_at(&agents, SERVICE, 0.0, 5);
     let to_zero = started.elapsed();
     let s = until(10, "the status rolled back", || {
         let s = status(&api);
@@ -199,29 +155,7 @@ fn every_node_splits_alike_at_the_leaders_weight_and_a_failing_canary_is_at_0_ev
             .ok_or(s.to_string())
     });
     assert_eq!(s["canaryWeight"], 0.0, "{s}");
-    for (k, load) in loads.into_iter().enumerate() {
-        let outcomes = load.stop();
-        let before: Vec<_> = outcomes.iter().filter(|o| o.sent_ms < broke_ms).collect();
-        let n = before.len() as f64;
-        let on_canary = before
-            .iter()
-            .filter(|o| o.result.as_ref().is_ok_and(|(b, _)| *b == canary))
-            .count() as f64;
-        let failed = before
-            .iter()
-            .filter(|o| !matches!(o.result, Ok((_, 200))))
-            .count();
-        assert_eq!(failed, 0, "node {k}: requests failed before the fault");
-        // 99.9 %: 3.29 standard deviations of a binomial share at 10 %.
-        let bound = 3.29 * (0.1 * 0.9 / n).sqrt();
-        let share = on_canary / n;
-        eprintln!(
-            "node {k}: canary share {:.2} % of {n} requests (bound ±{:.2} points)",
-            share * 100.0,
-            bound * 100.0
-        );
-        assert!((share - 0.1).abs() <= bound, "node {k}: {share} of {n}");
-    }
+    check_split(loads, broke_ms, canary, 0.1);
     eprintln!(
         "a failing canary: every node at weight 0 {} ms after the fault",
         to_zero.as_millis()
@@ -241,7 +175,7 @@ fn the_leader_killed_is_replaced_within_the_lease_no_node_raising_and_a_stopped_
         json!({"steps": [10, 50, 100], "interval": "1h", "progress_deadline": "2h"}),
     );
     let mut agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
-    all_at(&agents, 10.0, 10);
+    all_at(&agents, SERVICE, 10.0, 10);
     let leader = until(10, "a leader", || {
         holder(&api).ok_or("none yet".to_string())
     });
@@ -258,7 +192,7 @@ fn the_leader_killed_is_replaced_within_the_lease_no_node_raising_and_a_stopped_
     let killed = Instant::now();
     let mut seen = Vec::new();
     let new = until(LEASE_S + 5, "a new leader", || {
-        seen.push(weights(&agents));
+        seen.push(weights(&agents, SERVICE));
         let s = status(&api);
         match (holder(&api), s["leader"]["term"].as_u64()) {
             (Some(h), Some(t)) if h != leader && t > term => Ok((h, t)),
@@ -276,7 +210,7 @@ fn the_leader_killed_is_replaced_within_the_lease_no_node_raising_and_a_stopped_
     assert_eq!(s["phase"], "Progressing", "{s}");
     assert_eq!(s["step"], 0, "the rollout continues at its step: {s}");
     assert_eq!(s["canaryWeight"], 10.0, "{s}");
-    all_at(&agents, 10.0, 5);
+    all_at(&agents, SERVICE, 10.0, 5);
     eprintln!(
         "leader {leader} killed: {} took over (term {}) after {} ms (lease {LEASE_S} s)",
         new.0,
@@ -307,7 +241,7 @@ fn the_leader_killed_is_replaced_within_the_lease_no_node_raising_and_a_stopped_
         }
     });
     let handover = stopping.elapsed();
-    all_at(&agents, 10.0, 5);
+    all_at(&agents, SERVICE, 10.0, 5);
     eprintln!(
         "{} stopped (SIGTERM): {third} leads {} ms later",
         new.0,
@@ -327,34 +261,34 @@ fn with_the_api_server_away_every_node_keeps_its_split_still_rolls_back_and_reco
         json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
     );
     let agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
-    all_at(&agents, 10.0, 10);
+    all_at(&agents, SERVICE, 10.0, 10);
     until(10, "the status", || {
         let s = status(&api);
         (s["phase"] == "Progressing")
             .then_some(())
             .ok_or(s.to_string())
     });
-    let loads = loads(&fleet, 250.0);
+    let loads = fleet.loads(250.0);
     api.pause();
     let away = Instant::now();
     // Away for longer than the lease: nobody leads, everybody steers.
     std::thread::sleep(Duration::from_secs(2 * LEASE_S + 2));
     assert!(
-        weights(&agents).iter().all(|w| *w == Some(10.0)),
+        weights(&agents, SERVICE).iter().all(|w| *w == Some(10.0)),
         "{:?}",
-        weights(&agents)
+        weights(&agents, SERVICE)
     );
     let canary = fleet.backends_of(Group::Canary)[0];
     fleet.server(canary).behavior.set_error_rate(1.0);
     let started = Instant::now();
-    all_at(&agents, 0.0, 5);
+    all_at(&agents, SERVICE, 0.0, 5);
     let to_zero = started.elapsed();
     // 30 s away in all.
     std::thread::sleep(Duration::from_secs(30).saturating_sub(away.elapsed()));
     assert!(
-        weights(&agents).iter().all(|w| *w == Some(0.0)),
+        weights(&agents, SERVICE).iter().all(|w| *w == Some(0.0)),
         "{:?}",
-        weights(&agents)
+        weights(&agents, SERVICE)
     );
     fleet.server(canary).behavior.set_error_rate(0.0);
     let back = Instant::now();
@@ -370,21 +304,11 @@ fn with_the_api_server_away_every_node_keeps_its_split_still_rolls_back_and_reco
     // Nobody raises again: the release stays rolled back.
     std::thread::sleep(Duration::from_secs(1));
     assert!(
-        weights(&agents).iter().all(|w| *w == Some(0.0)),
+        weights(&agents, SERVICE).iter().all(|w| *w == Some(0.0)),
         "{:?}",
-        weights(&agents)
+        weights(&agents, SERVICE)
     );
-    for (k, load) in loads.into_iter().enumerate() {
-        let outcomes = load.stop();
-        let failed = outcomes
-            .iter()
-            .filter(|o| o.result.as_ref().is_err())
-            .count();
-        assert_eq!(
-            failed, 0,
-            "node {k}: connections failed while the API server was away"
-        );
-    }
+    check_no_failures(loads, false, "while the API server was away");
     eprintln!(
         "API server away {} s: split kept, failing canary at 0 on every node in {} ms, status reconverged {} ms after it returned",
         back.duration_since(away).as_secs(),
@@ -408,7 +332,7 @@ fn the_leader_judges_the_whole_fleets_traffic_and_each_step_once_every_node_hold
         json!({"max_latency_increase": 300, "max_error_rate_increase": 5, "tail_quantile": 0.9}),
     );
     let agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
-    all_at(&agents, 10.0, 10);
+    all_at(&agents, SERVICE, 10.0, 10);
     let leader = until(10, "a leader", || {
         holder(&api).ok_or("none yet".to_string())
     });
@@ -452,15 +376,8 @@ fn the_leader_judges_the_whole_fleets_traffic_and_each_step_once_every_node_hold
             .any(|v| v["judge"].is_string() && v["verdict"] == "pass"),
         "the last check's judges are in the status: {s}"
     );
-    all_at(&agents, 100.0, 5);
-    for (n, load) in loads.into_iter().enumerate() {
-        let outcomes = load.stop();
-        let failed = outcomes
-            .iter()
-            .filter(|o| !matches!(o.result, Ok((_, 200))))
-            .count();
-        assert_eq!(failed, 0, "load {n}: requests failed during the rollout");
-    }
+    all_at(&agents, SERVICE, 100.0, 5);
+    check_no_failures(loads, true, "during the rollout");
     // Its own node served none: the judges read the others' counts.
     let (code, body) = get(&fleet.nodes[k].node, "/telemetry");
     assert_eq!(code, 200, "{body}");
@@ -516,8 +433,8 @@ fn pods_added_and_removed_under_load_reach_every_nodes_kernel_within_a_second() 
     api.apply_json(slice(vec![ready(&stable[0]), ready(&stable[1])]))
         .expect("two stable pods");
     let agents: Vec<Option<Agent>> = (0..NODES).map(|k| Some(agent(&fleet, &api, k))).collect();
-    all_at(&agents, 10.0, 10);
-    let loads = loads(&fleet, 200.0);
+    all_at(&agents, SERVICE, 10.0, 10);
+    let loads = fleet.loads(200.0);
     std::thread::sleep(Duration::from_millis(500));
 
     let added_ms = unix_ms();

@@ -19,6 +19,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use clap::{Parser, Subcommand};
 
+/// Debian packages every build needs: the etcd client (agent/src/fleet/etcd)
+/// compiles etcd's .proto files with `protoc`.
+const BUILD_PACKAGES: &[&str] = &["protobuf-compiler"];
+
 /// Debian packages the end-to-end tests (and the demo) use. `prometheus` brings
 /// the server the observer and deploy tests scrape with, and `promtool`;
 /// `systemd` brings `systemd-analyze` (the unit in deploy/systemd), `strace`
@@ -32,6 +36,10 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
     "strace",
     "util-linux",
+    // The bare-metal fleet tests run a real etcd cluster (etcd 3.4, v3 API);
+    // etcd-client brings etcdctl, which they check it with.
+    "etcd-server",
+    "etcd-client",
 ];
 
 /// PyPI packages that check the files in deploy/ (tests/tests/deploy.rs), pinned,
@@ -405,7 +413,8 @@ fn bootstrap(lint_tools: bool, packages: &[&str]) -> Result<()> {
         component(None, "rustfmt")?;
     }
     bpf_linker()?;
-    debian_packages(packages)
+    let all: Vec<&str> = BUILD_PACKAGES.iter().chain(packages).copied().collect();
+    debian_packages(&all)
 }
 
 /// One bootstrap step: `check` says what is wrong (`None`: nothing), `install` fixes it.

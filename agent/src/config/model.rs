@@ -34,8 +34,43 @@ pub struct Config {
     pub record: Option<RecordTo>,
     /// `kubernetes:`: services discovered from CanaryReleases as well.
     pub kubernetes: Option<Kubernetes>,
+    /// `fleet:`: the rollouts decided once for many hosts, through etcd.
+    pub fleet: Option<Fleet>,
     pub services: Vec<Service>,
 }
+
+/// `fleet:` (fixed at start): hosts that run one rollout per service
+/// together, coordinated through etcd (see [`crate::fleet::etcd`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fleet {
+    /// Its keys live under `/kanari/NAME/`.
+    pub name: String,
+    /// This host's name; `None`: the host name.
+    pub node: Option<String>,
+    /// Where the other agents pull this one's telemetry; `None`:
+    /// `metrics.listen` when it names an address.
+    pub advertise: Option<SocketAddrV4>,
+    /// Client URLs (`http://` or, with `tls`, `https://`).
+    pub endpoints: Vec<String>,
+    pub tls: Option<EtcdTls>,
+    /// The lease TTL: a silent leader's term ends (and a silent host leaves
+    /// the fleet) this long after its last keep-alive.
+    pub ttl: Duration,
+}
+
+/// `fleet.etcd.tls` (PEM files).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    /// A client certificate and its key, when etcd asks for one.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// `fleet.etcd.ttl` by default, and its bounds (etcd's minimum TTL is 5 s
+/// by default; a shorter one is raised by the server).
+pub const DEFAULT_ETCD_TTL: Duration = Duration::from_secs(10);
+pub const MIN_ETCD_TTL: Duration = Duration::from_secs(2);
+pub const MAX_ETCD_TTL: Duration = Duration::from_secs(300);
 
 /// `kubernetes:` (fixed at start).
 #[derive(Clone, Debug, PartialEq, Eq)]

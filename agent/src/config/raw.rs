@@ -38,8 +38,42 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) telemetry: RawTelemetry,
     pub(super) kubernetes: Option<RawKubernetes>,
+    pub(super) fleet: Option<RawFleet>,
     #[serde(default)]
     pub(super) services: Vec<RawService>,
+}
+
+/// `fleet:`: hosts outside Kubernetes that decide each rollout once,
+/// coordinated through etcd.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    /// The fleet's name: its keys live under `/kanari/NAME/`.
+    pub(super) name: String,
+    /// This host's name in the fleet; absent: the host name.
+    pub(super) node: Option<String>,
+    /// Where the other agents reach this one's telemetry (IP:port).
+    pub(super) advertise: Option<Endpoint>,
+    pub(super) etcd: RawEtcd,
+}
+
+/// `fleet.etcd`: the cluster, and how to reach it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEtcd {
+    pub(super) endpoints: Vec<String>,
+    pub(super) tls: Option<RawEtcdTls>,
+    /// The lease a leader and each host's report are bound to.
+    pub(super) ttl: Option<DurationField>,
+}
+
+/// `fleet.etcd.tls`: files (PEM).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEtcdTls {
+    pub(super) ca: PathBuf,
+    pub(super) cert: Option<PathBuf>,
+    pub(super) key: Option<PathBuf>,
 }
 
 /// `kubernetes:`: services from CanaryReleases, Services and EndpointSlices.

@@ -631,3 +631,45 @@ fn cidr_contains() {
     let all: Cidr = "0.0.0.0/0".parse().unwrap();
     assert!(all.contains(Ipv4Addr::new(192, 168, 1, 1)));
 }
+
+#[test]
+fn a_fleet_takes_its_defaults_and_tls_pairs_its_files() {
+    let c = parse(
+        "k.yaml",
+        "interfaces: [{name: eth0}]\nfleet: {name: shop, etcd: {endpoints: ['http://10.0.0.21:2379']}}\n",
+        &exists,
+    )
+    .unwrap();
+    let f = c.fleet.expect("a fleet");
+    assert_eq!(f.name, "shop");
+    assert_eq!(f.node, None);
+    assert_eq!(f.ttl, DEFAULT_ETCD_TTL);
+    assert_eq!(f.tls, None);
+    let c = parse(
+        "k.yaml",
+        "interfaces: [{name: eth0}]\nfleet: {name: shop, node: lb-1, advertise: '10.0.0.5:9477', etcd: {endpoints: ['https://etcd-1.example:2379'], ttl: 30s, tls: {ca: /ca.pem, cert: /c.pem, key: /k.pem}}}\n",
+        &exists,
+    )
+    .unwrap();
+    let f = c.fleet.expect("a fleet");
+    assert_eq!(f.node.as_deref(), Some("lb-1"));
+    assert_eq!(
+        f.advertise.map(|a| a.to_string()).as_deref(),
+        Some("10.0.0.5:9477")
+    );
+    assert_eq!(f.ttl, Duration::from_secs(30));
+    let tls = f.tls.expect("tls");
+    assert_eq!(tls.ca, PathBuf::from("/ca.pem"));
+    assert_eq!(
+        tls.identity,
+        Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+    );
+    // Seconds only: etcd's leases count whole seconds.
+    let e = parse(
+        "k.yaml",
+        "interfaces: [{name: eth0}]\nfleet: {name: shop, etcd: {endpoints: ['http://10.0.0.21:2379'], ttl: 2500ms}}\n",
+        &exists,
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "fleet.etcd.ttl");
+}

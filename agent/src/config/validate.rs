@@ -8,11 +8,11 @@ use kanari_common::maps::{
 };
 
 use super::{
-    Cidr, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME,
-    DEFAULT_RECORD_MAX_MB, DEFAULT_STATE_DIR, FieldError, Interface, MAX_CONNTRACK_CONNECTIONS,
-    MAX_LEASE_DURATION, MAX_LIMIT_BACKENDS, MAX_RECORD_MAX_MB, MAX_TICK, MIN_CONNTRACK_CONNECTIONS,
-    MIN_LEASE_DURATION, MIN_TICK, RecordTo, RolloutSpec, SegmentRule, Service, err, raw::RawConfig,
-    rollout,
+    Cidr, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_ETCD_TTL, DEFAULT_LEASE_DURATION,
+    DEFAULT_LEASE_NAME, DEFAULT_RECORD_MAX_MB, DEFAULT_STATE_DIR, FieldError, Interface,
+    MAX_CONNTRACK_CONNECTIONS, MAX_ETCD_TTL, MAX_LEASE_DURATION, MAX_LIMIT_BACKENDS,
+    MAX_RECORD_MAX_MB, MAX_TICK, MIN_CONNTRACK_CONNECTIONS, MIN_ETCD_TTL, MIN_LEASE_DURATION,
+    MIN_TICK, RecordTo, RolloutSpec, SegmentRule, Service, err, raw::RawConfig, rollout,
 };
 
 /// The salt of a service without one in the file: FNV-1a of its name, so a
@@ -48,6 +48,7 @@ pub(super) fn validate(
     raw: RawConfig,
     interface_exists: &dyn Fn(&str) -> bool,
 ) -> Result<Config, FieldError> {
+    let has_kubernetes = raw.kubernetes.is_some();
     if raw.interfaces.is_empty() {
         return err(
             "interfaces",
@@ -485,6 +486,139 @@ pub(super) fn validate(
                 })
             }
         },
+        fleet: match raw.fleet {
+            None => None,
+            Some(_) if has_kubernetes => {
+                return err(
+                    "fleet",
+                    "`kubernetes:` coordinates the fleet through the API server already; `fleet:` (etcd) is for hosts outside Kubernetes: keep one of them",
+                );
+            }
+            Some(f) => Some(fleet(f)?),
+        },
         services,
+    })
+}
+
+/// `fleet:`, validated.
+fn fleet(f: super::raw::RawFleet) -> Result<super::Fleet, FieldError> {
+    if !dns_label(&f.name) {
+        return err(
+            "fleet.name",
+            format!(
+                "`{}` is not a fleet name: 1 to 63 of a-z, 0-9 and `-`, starting and ending with a letter or digit (its keys live under /kanari/NAME/)",
+                f.name
+            ),
+        );
+    }
+    if let Some(n) = f.node.as_ref().filter(|n| {
+        n.is_empty() || n.len() > 253 || n.contains('/') || n.chars().any(char::is_whitespace)
+    }) {
+        return err(
+            "fleet.node",
+            format!("`{n}` is not a host name: 1 to 253 characters, no `/` or spaces"),
+        );
+    }
+    let e = f.etcd;
+    if e.endpoints.is_empty() {
+        return err(
+            "fleet.etcd.endpoints",
+            "list at least one of etcd's client URLs, e.g. [http://10.0.0.5:2379]",
+        );
+    }
+    for (i, url) in e.endpoints.iter().enumerate() {
+        let field = format!("fleet.etcd.endpoints[{i}]");
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return err(
+                &field,
+                format!(
+                    "`{url}` is not a URL: write http://HOST:PORT (https:// with fleet.etcd.tls)"
+                ),
+            );
+        };
+        let port = rest.rsplit_once(':').map(|(_, p)| p.trim_end_matches('/'));
+        if port.is_none_or(|p| p.parse::<u16>().is_err()) || rest.starts_with(':') {
+            return err(
+                &field,
+                format!("`{url}` names no HOST:PORT: write e.g. {scheme}://10.0.0.5:2379"),
+            );
+        }
+        match (scheme, e.tls.is_some()) {
+            ("http", false) | ("https", true) => {}
+            ("https", false) => {
+                return err(
+                    &field,
+                    format!(
+                        "`{url}` is https: give fleet.etcd.tls.ca (and cert and key when etcd asks for a client certificate)"
+                    ),
+                );
+            }
+            ("http", true) => {
+                return err(
+                    &field,
+                    format!("`{url}` is plain http while fleet.etcd.tls is set: write https://"),
+                );
+            }
+            _ => {
+                return err(&field, format!("`{url}`: the scheme is http or https"));
+            }
+        }
+    }
+    let tls = match e.tls {
+        None => None,
+        Some(t) => {
+            for (field, p) in [
+                ("fleet.etcd.tls.ca", Some(&t.ca)),
+                ("fleet.etcd.tls.cert", t.cert.as_ref()),
+                ("fleet.etcd.tls.key", t.key.as_ref()),
+            ] {
+                if let Some(p) = p.filter(|p| !p.is_absolute()) {
+                    return err(
+                        field,
+                        format!(
+                            "`{}` is not an absolute path (e.g. /etc/kanari/etcd/ca.pem)",
+                            p.display()
+                        ),
+                    );
+                }
+            }
+            let identity = match (t.cert, t.key) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return err(
+                        "fleet.etcd.tls.key",
+                        "a client certificate needs its key: give both cert and key, or neither",
+                    );
+                }
+                (None, Some(_)) => {
+                    return err(
+                        "fleet.etcd.tls.cert",
+                        "a client key needs its certificate: give both cert and key, or neither",
+                    );
+                }
+            };
+            Some(super::EtcdTls { ca: t.ca, identity })
+        }
+    };
+    let ttl = e.ttl.map_or(DEFAULT_ETCD_TTL, |d| d.0);
+    if !(MIN_ETCD_TTL..=MAX_ETCD_TTL).contains(&ttl) || ttl.subsec_nanos() != 0 {
+        return err(
+            "fleet.etcd.ttl",
+            format!(
+                "{} is not whole seconds from {} to {} (etcd's leases count seconds)",
+                humantime::format_duration(ttl),
+                humantime::format_duration(MIN_ETCD_TTL),
+                humantime::format_duration(MAX_ETCD_TTL)
+            ),
+        );
+    }
+    Ok(super::Fleet {
+        name: f.name,
+        node: f.node,
+        advertise: f.advertise.map(|a| a.0),
+        endpoints: e.endpoints,
+        tls,
+        ttl,
     })
 }

@@ -97,17 +97,20 @@ struct Agent {
     file_text: String,
     /// The CanaryReleases read (`kubernetes:`).
     known: Known,
-    /// Our term while this agent decides for the fleet (`kubernetes:`).
+    /// Our term while this agent decides for the fleet (`kubernetes:`,
+    /// `fleet:`).
     leading: Option<u32>,
-    /// This node's name in the fleet (`kubernetes:`).
+    /// Who leads, when last known.
+    leader: Option<String>,
+    /// This node's name in the fleet.
     node: Option<String>,
     /// This node's own counters of the discovered services, as last read.
     served: Arc<Vec<Served>>,
     /// The other nodes' counters, as the deciding agent pulls them.
     merged: Arc<Mutex<Merged>>,
     /// The fleet's agents as they last reported.
-    peers: Arc<crate::fleet::peers::Peers>,
-    /// What the judges read with a fleet (`kubernetes:`): this node's
+    peers: Arc<crate::fleet::Peers>,
+    /// What the judges read with a fleet: this node's
     /// counters and, while leading, the other nodes'.
     fleet_telemetry: Option<Telemetry>,
     /// Removed services draining, by service id: since when (agent clock).
@@ -270,7 +273,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     telemetry.adopt(adopted_ids());
     // With a fleet, the judges read another telemetry: this node's counters
     // and the others' (the leader's). Metrics and status stay this node's.
-    let fleet_telemetry = config.kubernetes.as_ref().map(|_| {
+    let fleet_telemetry = (config.kubernetes.is_some() || config.fleet.is_some()).then(|| {
         let mut t = Telemetry::new(crate::status::WINDOW_SECONDS);
         t.adopt(adopted_ids());
         t
@@ -290,10 +293,12 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         file_text: text,
         known,
         leading: None,
-        node: config
-            .kubernetes
-            .as_ref()
-            .map(|k| crate::fleet::kubernetes::settings(k).identity),
+        leader: None,
+        node: match (&config.kubernetes, &config.fleet) {
+            (Some(k), _) => Some(crate::fleet::kubernetes::settings(k).identity),
+            (_, Some(f)) => Some(crate::fleet::etcd::settings(f).node),
+            _ => None,
+        },
         served: Arc::default(),
         merged,
         peers: Arc::default(),
@@ -367,8 +372,19 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
             Input::Conntrack { started_ms, scan } => agent.walked(started_ms, scan),
             Input::Gate(answer) => agent.gate(answer),
             Input::Discovered(readings) => agent.discovered(readings),
-            Input::Leading(term) => agent.leading(term),
+            Input::Leading(l) => {
+                agent.leader = l.holder;
+                if l.term != agent.leading {
+                    agent.leading(l.term);
+                }
+                agent.publish();
+            }
             Input::Peers(peers) => agent.peers(peers),
+            Input::Decisions(d) => {
+                agent.known.take_decisions(d);
+                agent.follow_decisions();
+                agent.publish();
+            }
             Input::Stop(why) => {
                 info!("{why}: stopping");
                 break;
@@ -406,6 +422,7 @@ impl Agent {
             ("bpf.pin_dir", config.pin_dir != self.config.pin_dir),
             ("telemetry.record", config.record != self.config.record),
             ("kubernetes", config.kubernetes != self.config.kubernetes),
+            ("fleet", config.fleet != self.config.fleet),
         ];
         for (field, changed) in fixed_at_start {
             if changed {
@@ -421,6 +438,7 @@ impl Agent {
             pin_dir: self.config.pin_dir.clone(),
             record: self.config.record.clone(),
             kubernetes: self.config.kubernetes.clone(),
+            fleet: self.config.fleet.clone(),
             ..config
         };
         self.engine.sync(&config, self.clock.now_ms());
@@ -660,7 +678,7 @@ impl Agent {
         if let Err(e) = self.read() {
             warn!("reading the kernel's counters: {e:#}");
         }
-        if !self.known.paused.is_empty() {
+        if self.fleet_telemetry.is_some() {
             self.sync_windows();
         }
         let now = self.clock.now_ms();
@@ -700,7 +718,7 @@ impl Agent {
         let mut follows: BTreeMap<&str, &str> = BTreeMap::new();
         let mut discovered: BTreeSet<&str> = BTreeSet::new();
         if self.fleet_telemetry.is_some() {
-            for s in self.config.services.iter().filter(|s| s.discovered) {
+            for s in self.coordinated() {
                 discovered.insert(&s.name);
                 if let Some(p) = &s.follows {
                     follows.insert(&s.name, p);
@@ -830,17 +848,49 @@ impl Agent {
         self.leading(self.leading);
     }
 
+    /// The services the fleet decides together: with `kubernetes:` the
+    /// CanaryReleases', with `fleet:` every service with a rollout.
+    fn coordinated(&self) -> impl Iterator<Item = &config::Service> {
+        let etcd = self.config.fleet.is_some();
+        self.config.services.iter().filter(move |s| {
+            if etcd {
+                s.rollout.is_some()
+            } else {
+                s.discovered
+            }
+        })
+    }
+
+    /// The fleet's keys and their services: a CanaryRelease's
+    /// NAMESPACE/NAME (service NAMESPACE.NAME), or with etcd a service's
+    /// name.
+    fn fleet_keys(&self) -> Vec<(String, String)> {
+        if self.config.fleet.is_some() {
+            return self
+                .coordinated()
+                .map(|s| (s.name.clone(), s.name.clone()))
+                .collect();
+        }
+        self.known
+            .paused
+            .keys()
+            .map(|k| (k.clone(), service_name(k)))
+            .collect()
+    }
+
+    fn service_of(&self, key: &str) -> String {
+        if self.config.fleet.is_some() {
+            key.to_string()
+        } else {
+            service_name(key)
+        }
+    }
+
     /// This agent leads (its term) or follows.
     fn leading(&mut self, term: Option<u32>) {
         let following = match term {
             Some(_) => BTreeSet::new(),
-            None => self
-                .config
-                .services
-                .iter()
-                .filter(|s| s.discovered)
-                .map(|s| s.name.clone())
-                .collect(),
+            None => self.coordinated().map(|s| s.name.clone()).collect(),
         };
         self.leading = term;
         self.engine.set_following(following);
@@ -849,15 +899,15 @@ impl Agent {
 
     /// The fleet's reports: while leading, a release's analysis window
     /// waits until every reporting node holds its weight.
-    fn peers(&mut self, peers: Arc<crate::fleet::peers::Peers>) {
+    fn peers(&mut self, peers: Arc<crate::fleet::Peers>) {
         self.peers = peers;
         self.sync_windows();
     }
 
     fn sync_windows(&mut self) {
         let now = self.clock.now_ms();
-        for key in self.known.paused.keys() {
-            let service = service_name(key);
+        for (key, service) in self.fleet_keys() {
+            let key = &key;
             let in_sync = self.leading.is_none()
                 || match (self.known.decisions.get(key), self.engine.state(&service)) {
                     (Some(d), Some(s)) => {
@@ -879,7 +929,7 @@ impl Agent {
         let now = self.clock.now_ms();
         let mut taken = Vec::new();
         for (key, d) in &self.known.decisions {
-            let service = service_name(key);
+            let service = self.service_of(key);
             if let Some(actions) = self.engine.follow(&service, d, now) {
                 info!(release = %key, weight = format!("{}%", d.weight as f64 / 100.0), step = d.step, term = d.term, "took the leader's decision");
                 taken.push((service, actions));
@@ -903,21 +953,24 @@ impl Agent {
     }
 
     /// The CanaryReleases as the status writer shows them.
-    fn release_views(&self) -> Arc<crate::fleet::kubernetes::Releases> {
+    fn release_views(&self) -> Arc<crate::fleet::status::Releases> {
         let k = &self.known;
-        let keys = k.paused.keys();
+        let etcd = self.config.fleet.is_some();
         Arc::new(
-            keys.map(|key| {
-                let view = crate::fleet::status::ReleaseView {
-                    service: service_name(key),
-                    generation: k.generation.get(key).copied().unwrap_or_default(),
-                    why: k.why.get(key).cloned(),
-                    steered: k.taken.contains_key(key),
-                    decision: k.decisions.get(key).cloned(),
-                };
-                (key.clone(), view)
-            })
-            .collect(),
+            self.fleet_keys()
+                .into_iter()
+                .map(|(key, service)| {
+                    let view = crate::fleet::status::ReleaseView {
+                        service,
+                        generation: k.generation.get(&key).copied().unwrap_or_default(),
+                        why: k.why.get(&key).cloned(),
+                        // A service of the file is steered once validated.
+                        steered: etcd || k.taken.contains_key(&key),
+                        decision: k.decisions.get(&key).cloned(),
+                    };
+                    (key, view)
+                })
+                .collect(),
         )
     }
 
@@ -1131,6 +1184,11 @@ impl Agent {
             webhooks: Arc::new(self.hooks.counts()),
             releases: self.release_views(),
             node: self.node.clone(),
+            fleet: crate::snapshot::FleetView {
+                leader: self.leader.clone(),
+                term: self.leading,
+                peers: self.peers.clone(),
+            },
             served: self.served.clone(),
             at_ms: now,
             taken: Instant::now(),

@@ -63,10 +63,12 @@ pub enum Input {
     Gate(crate::hooks::GateAnswer),
     /// A new reading of the CanaryReleases (`kubernetes:`).
     Discovered(Vec<crate::discovery::releases::Discovered>),
-    /// This agent now decides for the fleet (its term), or follows.
-    Leading(Option<u32>),
-    /// The fleet's agents as they last reported (while leading).
-    Peers(Arc<crate::fleet::peers::Peers>),
+    /// This agent now decides for the fleet (its term), or follows (whom).
+    Leading(crate::fleet::Leadership),
+    /// The fleet's agents as they last reported.
+    Peers(Arc<crate::fleet::Peers>),
+    /// The leader's decisions as etcd holds them (`fleet:`), by service.
+    Decisions(std::collections::BTreeMap<String, crate::rollout::Decision>),
     /// SIGTERM or SIGINT.
     Stop(&'static str),
 }
@@ -282,12 +284,17 @@ async fn serve(
         })
     };
 
+    // Told when the loop has stopped: the elector hands the leadership on.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut stopping = Vec::new();
+    let fleet = FleetIo {
+        snapshots: status_snapshots,
+        merged: merged.clone(),
+        inputs: inputs.clone(),
+    };
     // With `kubernetes:`, the loop starts from a complete reading of the
     // CanaryReleases: starting without would remove their services from
     // the pinned data path, which keeps steering meanwhile.
-    // Told when the loop has stopped: the elector releases a lease it holds.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut release_lease = None;
     let discovered = match &config.kubernetes {
         None => None,
         Some(k) => {
@@ -299,55 +306,23 @@ async fn serve(
             let node = lease.identity.clone();
             let (leadership, elector) =
                 crate::fleet::kubernetes::elect(client.clone(), lease.clone(), stop_rx.clone());
-            release_lease = Some(elector);
+            stopping.push(elector);
             let advertise = crate::fleet::kubernetes::advertise(k, config.metrics_listen);
-            match &advertise {
-                Some(url) => info!(url, "serving this node's telemetry to the fleet"),
-                None => warn!(
-                    "kubernetes.advertise is not set and metrics.listen is every address without $HOST_IP: the deciding agent cannot pull this node's telemetry"
-                ),
-            }
-            let peers = crate::fleet::peers::spawn(
-                client.clone(),
-                lease,
-                advertise,
-                status_snapshots.clone(),
-                leadership.clone(),
-                merged.clone(),
-            );
-            crate::fleet::kubernetes::write_status(
-                client,
-                status_snapshots,
-                leadership.clone(),
-                peers.clone(),
+            let every = (lease.duration / 3).max(Duration::from_millis(250));
+            let cadence = crate::fleet::peers::Cadence {
+                report_at_most: Duration::from_millis(250),
+                every,
+                list_leading: every,
+            };
+            let board = Arc::new(crate::fleet::kubernetes::Board::new(client, lease));
+            fleet.spawn(
+                board,
                 node,
+                advertise,
+                "kubernetes.advertise",
+                cadence,
+                leadership,
             );
-            let (to_loop, mut peers) = (inputs.clone(), peers);
-            tokio::spawn(async move {
-                while peers.changed().await.is_ok() {
-                    let now = peers.borrow_and_update().clone();
-                    if to_loop.send(Input::Peers(now)).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            let to_loop = inputs.clone();
-            let mut leadership = leadership;
-            tokio::spawn(async move {
-                let mut term = None;
-                loop {
-                    let now = leadership.borrow_and_update().term;
-                    if now != term {
-                        term = now;
-                        if to_loop.send(Input::Leading(term)).await.is_err() {
-                            break;
-                        }
-                    }
-                    if leadership.changed().await.is_err() {
-                        break;
-                    }
-                }
-            });
             info!("listing CanaryReleases, Services and EndpointSlices");
             let mut waited = interval(Duration::from_secs(10));
             waited.tick().await;
@@ -370,6 +345,54 @@ async fn serve(
             Some(first)
         }
     };
+    // With `fleet:`, etcd: the loop starts at once (each host keeps its
+    // weights until etcd answers) and takes decisions as they are read.
+    if let Some(f) = &config.fleet {
+        use crate::fleet::etcd;
+        let client = etcd::connect(f).await?;
+        let s = etcd::settings(f);
+        info!(node = %s.node, fleet = %f.name, ttl = ?s.ttl, "electing the agent that decides for the fleet");
+        let (session, keeper) = etcd::session::spawn(client.clone(), s.ttl, stop_rx.clone());
+        let leading = Arc::default();
+        let (leadership, elector) = etcd::election::elect(
+            client.clone(),
+            s.clone(),
+            session.clone(),
+            Arc::clone(&leading),
+            stop_rx.clone(),
+        );
+        stopping.extend([elector, keeper]);
+        let cadence = crate::fleet::peers::Cadence {
+            report_at_most: Duration::from_millis(100),
+            every: s.ttl / 3,
+            list_leading: Duration::from_millis(250),
+        };
+        let advertise = crate::fleet::telemetry_url(f.advertise, config.metrics_listen);
+        let board = Arc::new(etcd::Board::new(
+            client.clone(),
+            s.keys.clone(),
+            session,
+            leading,
+        ));
+        fleet.spawn(
+            board,
+            s.node,
+            advertise,
+            "fleet.advertise",
+            cadence,
+            leadership,
+        );
+        let (decisions, mut decisions_rx) = mpsc::channel(4);
+        etcd::decisions::spawn(client, s.keys, decisions);
+        let to_loop = inputs.clone();
+        tokio::spawn(async move {
+            while let Some(d) = decisions_rx.recv().await {
+                if to_loop.send(Input::Decisions(d)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
 
     let (done, mut done_rx) = oneshot::channel();
     let conntrack_inputs = inputs.clone();
@@ -403,12 +426,76 @@ async fn serve(
         }
     };
     ticker.abort();
-    // The loop decides no more: hand the lease on at once.
-    if let Some(elector) = release_lease {
-        let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(2), elector).await;
-    }
+    // The loop decides no more: hand the leadership on at once.
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(stopping)).await;
     code
+}
+
+/// What the fleet's tasks share with the loop.
+struct FleetIo {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    merged: Arc<std::sync::Mutex<crate::fleet::merge::Merged>>,
+    inputs: mpsc::Sender<Input>,
+}
+
+impl FleetIo {
+    /// The fleet's tasks over a coordination engine, written once: this
+    /// agent's report and the listing of the others, the leader's writes,
+    /// and what the loop hears of them.
+    fn spawn<C: crate::fleet::Coordination>(
+        &self,
+        board: Arc<C>,
+        node: String,
+        advertise: Option<String>,
+        advertise_field: &str,
+        cadence: crate::fleet::peers::Cadence,
+        leadership: watch::Receiver<crate::fleet::Leadership>,
+    ) {
+        match &advertise {
+            Some(url) => info!(url, "serving this node's telemetry to the fleet"),
+            None => warn!(
+                "{advertise_field} is not set and metrics.listen is every address without $HOST_IP: the deciding agent cannot pull this node's telemetry"
+            ),
+        }
+        let peers = crate::fleet::peers::spawn(
+            board.clone(),
+            node.clone(),
+            advertise,
+            cadence,
+            self.snapshots.clone(),
+            leadership.clone(),
+            self.merged.clone(),
+        );
+        crate::fleet::publish::spawn(
+            board,
+            self.snapshots.clone(),
+            leadership.clone(),
+            peers.clone(),
+            node,
+        );
+        let (to_loop, mut peers) = (self.inputs.clone(), peers);
+        tokio::spawn(async move {
+            while peers.changed().await.is_ok() {
+                let now = peers.borrow_and_update().clone();
+                if to_loop.send(Input::Peers(now)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (to_loop, mut leadership) = (self.inputs.clone(), leadership);
+        tokio::spawn(async move {
+            loop {
+                let now = leadership.borrow_and_update().clone();
+                if to_loop.send(Input::Leading(now)).await.is_err() {
+                    break;
+                }
+                if leadership.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 fn interval(period: Duration) -> tokio::time::Interval {

@@ -27,10 +27,7 @@ use k8s_openapi::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{
-    config::Release,
-    rollout::{Decision, Phase},
-};
+use crate::{config::Release, rollout::Decision};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -77,27 +74,6 @@ pub struct Discovered {
     pub decision: Option<Decision>,
 }
 
-/// The decision a CanaryRelease's status holds (written by the leader,
-/// [`crate::fleet::status`]).
-pub fn decision(status: &Value) -> Option<Decision> {
-    let phase = match status.get("phase")?.as_str()? {
-        "Progressing" => Phase::Progressing,
-        "Paused" => Phase::Paused,
-        "Succeeded" => Phase::Promoted,
-        "Failed" => Phase::RolledBack,
-        _ => return None,
-    };
-    let percent = status.get("canaryWeight")?.as_f64()?;
-    Some(Decision {
-        revision: status.get("revision")?.as_str()?.to_string(),
-        phase,
-        weight: crate::config::percent_to_basis_points(percent).ok()?,
-        step: status.get("step")?.as_u64()? as usize,
-        generation: status.get("weightGeneration")?.as_u64()?,
-        term: status.get("leader")?.get("term")?.as_u64()? as u32,
-    })
-}
-
 /// The kanari service name of a release: NAMESPACE.NAME (a namespace has
 /// no dots, so the name reads back unambiguously).
 pub fn service_name(key: &str) -> String {
@@ -120,7 +96,7 @@ pub fn discover(cluster: &Cluster) -> Vec<Discovered> {
                 generation: *generation,
                 paused,
                 release,
-                decision: decision(status),
+                decision: crate::fleet::status::decision(status),
             }
         })
         .collect()
@@ -341,6 +317,19 @@ pub struct Read {
 }
 
 impl Known {
+    /// Decisions read from elsewhere than a CanaryRelease (etcd's keys),
+    /// by the same rule: an older term's are not taken; keys no longer
+    /// listed leave.
+    pub fn take_decisions(&mut self, decisions: BTreeMap<String, Decision>) {
+        self.decisions.retain(|k, _| decisions.contains_key(k));
+        for (key, d) in decisions {
+            if d.term >= self.term {
+                self.term = d.term;
+                self.decisions.insert(key, d);
+            }
+        }
+    }
+
     /// Takes a reading: a complete release replaces its last, an
     /// incomplete one keeps it, a release no longer listed leaves.
     pub fn read(&mut self, readings: Vec<Discovered>) -> Read {

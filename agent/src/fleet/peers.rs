@@ -1,9 +1,8 @@
-//! The fleet's agents, as each reports itself: a Lease of its own in the
-//! election's namespace (`kanari-agent-NODE`, label `kanari.dev/agent`)
-//! renewed every few seconds, saying where its telemetry is served and the
-//! weight generation it holds of each release. The deciding agent lists
-//! them, pulls every fresh peer's telemetry each tick into [`Merged`], and
-//! counts the nodes in sync for the status.
+//! The fleet's agents, as each reports itself through the coordination
+//! engine: where its telemetry is served, the weight generation it holds of
+//! each key and the weight its kernel holds. Every agent reports and lists
+//! (so `kanari status` shows the fleet anywhere); the deciding agent also
+//! pulls every fresh peer's telemetry each tick into [`Merged`].
 
 use std::{
     collections::BTreeMap,
@@ -11,41 +10,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::coordination::v1::{Lease, LeaseSpec},
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
-    jiff::Timestamp,
-};
-use kube::{
-    Api, Client,
-    api::{ListParams, PostParams},
-};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{
-    kubernetes::{Leadership, LeaseSettings},
+    Coordination, Leadership, Peer, Peers,
     merge::{Merged, Report},
 };
 use crate::snapshot::Snapshot;
 
-pub const AGENT_LABEL: &str = "kanari.dev/agent";
-pub const TELEMETRY_ANNOTATION: &str = "kanari.dev/telemetry";
-pub const HELD_ANNOTATION: &str = "kanari.dev/held";
-
-/// One agent as its report says, and whether it is fresh.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Peer {
-    pub node: String,
-    pub telemetry: Option<String>,
-    /// Weight generation held, by release key.
-    pub held: BTreeMap<String, u64>,
-}
-
-/// The fresh peers (this agent among them), by node.
-pub type Peers = BTreeMap<String, Peer>;
-
-/// The generations this node holds: a release's decision whose weight the
+/// The generations this node holds: a key's decision whose weight the
 /// kernel holds.
 pub fn held(s: &Snapshot) -> BTreeMap<String, u64> {
     s.releases
@@ -62,65 +36,104 @@ pub fn held(s: &Snapshot) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Runs the report, and while leading the listing and pulling; the fresh
-/// peers are published on the returned channel.
-pub fn spawn(
-    client: Client,
-    lease: LeaseSettings,
+/// The canary weight the kernel holds, by key.
+pub fn weights(s: &Snapshot) -> BTreeMap<String, u32> {
+    s.releases
+        .iter()
+        .filter_map(|(key, v)| Some((key.clone(), *s.kernel_weights.get(&v.service)?)))
+        .collect()
+}
+
+/// How often an agent reports and lists, at most and at least.
+pub struct Cadence {
+    /// A report that changed is written at most this often.
+    pub report_at_most: Duration,
+    /// An unchanged report is renewed (and the fleet listed) this often.
+    pub every: Duration,
+    /// The leader lists this often: a step's window waits for every node.
+    pub list_leading: Duration,
+}
+
+/// Runs the report and the listing, and while leading the pulling; the
+/// fresh peers are published on the returned channel.
+pub fn spawn<C: Coordination>(
+    c: Arc<C>,
+    node: String,
     advertise: Option<String>,
-    snapshots: watch::Receiver<Arc<Snapshot>>,
+    cadence: Cadence,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
     leadership: watch::Receiver<Leadership>,
     merged: Arc<Mutex<Merged>>,
 ) -> watch::Receiver<Arc<Peers>> {
     let (tx, rx) = watch::channel(Arc::new(Peers::new()));
-    let api: Api<Lease> = Api::namespaced(client, &lease.namespace);
-    let every = (lease.duration / 3).max(Duration::from_millis(250));
-    // Report.
+    let Cadence {
+        report_at_most,
+        every,
+        list_leading,
+    } = cadence;
+    // Report: when what it says changes (a generation taken: the leader's
+    // window waits for it), and every `every` regardless.
     {
-        let (api, lease, snapshots) = (api.clone(), lease.clone(), snapshots.clone());
+        let (c, node) = (c.clone(), node.clone());
         tokio::spawn(async move {
-            let name = format!("kanari-agent-{}", lease.identity);
             let mut failing = false;
+            let mut last: Option<(Peer, Instant)> = None;
             loop {
-                let held = held(&snapshots.borrow().clone());
-                match report(&api, &name, &lease, advertise.as_deref(), &held).await {
-                    Ok(()) => failing = false,
-                    Err(e) => {
-                        if !failing {
-                            warn!(lease = %name, "reporting this agent failed, retrying: {e}");
+                let s = snapshots.borrow_and_update().clone();
+                let me = Peer {
+                    node: node.clone(),
+                    telemetry: advertise.clone(),
+                    held: held(&s),
+                    weights: weights(&s),
+                };
+                let due = last
+                    .as_ref()
+                    .is_none_or(|(p, at)| *p != me || at.elapsed() >= every);
+                if due {
+                    match c.report(&me).await {
+                        Ok(()) => {
+                            failing = false;
+                            last = Some((me, Instant::now()));
                         }
-                        failing = true;
+                        Err(e) => {
+                            if !failing {
+                                warn!(node, "reporting this agent failed, retrying: {e:#}");
+                            }
+                            failing = true;
+                        }
                     }
                 }
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(report_at_most).await;
+                // Wait for a change, or the renewal.
+                let _ = tokio::time::timeout(every, snapshots.changed()).await;
             }
         });
     }
-    // List and pull, while leading.
+    // List, and pull while leading.
     tokio::spawn(async move {
-        let mut seen: BTreeMap<String, (Option<String>, Instant)> = BTreeMap::new();
         let mut listed = Instant::now() - every;
         let mut peers = Peers::new();
         let tick = Duration::from_millis(250);
         loop {
             tokio::time::sleep(tick).await;
-            if leadership.borrow().term.is_none() {
-                continue;
-            }
-            if listed.elapsed() >= every {
+            let leading = leadership.borrow().term.is_some();
+            let list_every = if leading { list_leading } else { every };
+            if listed.elapsed() >= list_every {
                 listed = Instant::now();
-                let lp = ListParams::default().labels(AGENT_LABEL);
-                match api.list(&lp).await {
-                    Ok(list) => {
-                        peers = fresh(&list.items, &mut seen, lease.duration);
+                match c.peers().await {
+                    Ok(now) => {
+                        peers = now;
                         if **tx.borrow() != peers {
                             let _ = tx.send(Arc::new(peers.clone()));
                         }
                     }
-                    Err(e) => debug!("listing the agents' reports: {e}"),
+                    Err(e) => debug!("listing the agents' reports: {e:#}"),
                 }
             }
-            for p in peers.values().filter(|p| p.node != lease.identity) {
+            if !leading {
+                continue;
+            }
+            for p in peers.values().filter(|p| p.node != node) {
                 let Some(url) = &p.telemetry else { continue };
                 match tokio::time::timeout(tick, get_report(url))
                     .await
@@ -138,88 +151,6 @@ pub fn spawn(
         }
     });
     rx
-}
-
-/// The peers whose report changed within `duration` (on our clock).
-fn fresh(
-    leases: &[Lease],
-    seen: &mut BTreeMap<String, (Option<String>, Instant)>,
-    duration: Duration,
-) -> Peers {
-    let mut out = Peers::new();
-    let now = Instant::now();
-    for l in leases {
-        let spec = l.spec.clone().unwrap_or_default();
-        let Some(node) = spec.holder_identity else {
-            continue;
-        };
-        let renew = spec.renew_time.map(|t| t.0.to_string());
-        let since = match seen.get(&node) {
-            Some((r, at)) if *r == renew => *at,
-            _ => now,
-        };
-        seen.insert(node.clone(), (renew, since));
-        if now.duration_since(since) > duration {
-            continue;
-        }
-        let a = l.metadata.annotations.clone().unwrap_or_default();
-        out.insert(
-            node.clone(),
-            Peer {
-                node,
-                telemetry: a.get(TELEMETRY_ANNOTATION).cloned(),
-                held: a
-                    .get(HELD_ANNOTATION)
-                    .and_then(|h| serde_json::from_str(h).ok())
-                    .unwrap_or_default(),
-            },
-        );
-    }
-    out
-}
-
-/// Writes (creates or renews) this agent's report.
-async fn report(
-    api: &Api<Lease>,
-    name: &str,
-    lease: &LeaseSettings,
-    advertise: Option<&str>,
-    held: &BTreeMap<String, u64>,
-) -> Result<(), kube::Error> {
-    let existing = api.get_opt(name).await?;
-    let mut l = existing.clone().unwrap_or_else(|| Lease {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            namespace: Some(lease.namespace.clone()),
-            ..Default::default()
-        },
-        spec: None,
-    });
-    l.metadata
-        .labels
-        .get_or_insert_default()
-        .insert(AGENT_LABEL.into(), "true".into());
-    let a = l.metadata.annotations.get_or_insert_default();
-    match advertise {
-        Some(url) => a.insert(TELEMETRY_ANNOTATION.into(), url.to_string()),
-        None => a.remove(TELEMETRY_ANNOTATION),
-    };
-    a.insert(
-        HELD_ANNOTATION.into(),
-        serde_json::to_string(held).unwrap_or_default(),
-    );
-    let mut spec = l.spec.take().unwrap_or_else(LeaseSpec::default);
-    spec.holder_identity = Some(lease.identity.clone());
-    spec.lease_duration_seconds = Some(lease.duration.as_secs().max(1) as i32);
-    spec.renew_time = Some(MicroTime(Timestamp::now()));
-    l.spec = Some(spec);
-    match existing {
-        None => api.create(&PostParams::default(), &l).await.map(|_| ()),
-        Some(_) => api
-            .replace(name, &PostParams::default(), &l)
-            .await
-            .map(|_| ()),
-    }
 }
 
 /// `GET url`: a peer's telemetry report.

@@ -11,7 +11,10 @@ use serde_json::{Value, json};
 
 use crate::rollout::{Phase, State};
 
-/// What the loop knows of one CanaryRelease.
+/// The views the status writer reads, by key.
+pub type Releases = std::collections::BTreeMap<String, ReleaseView>;
+
+/// What the loop knows of one CanaryRelease (or, with etcd, one service).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReleaseView {
     /// Its kanari service (NAMESPACE.NAME).
@@ -97,6 +100,27 @@ pub fn status(release: &ReleaseView, state: Option<&State>, by: &Writer) -> Valu
         status["canaryWeight"] = json!(0.0);
     }
     status
+}
+
+/// The decision a status holds (the inverse of [`status`]): what a
+/// follower takes.
+pub fn decision(status: &Value) -> Option<crate::rollout::Decision> {
+    let phase = match status.get("phase")?.as_str()? {
+        "Progressing" => Phase::Progressing,
+        "Paused" => Phase::Paused,
+        "Succeeded" => Phase::Promoted,
+        "Failed" => Phase::RolledBack,
+        _ => return None,
+    };
+    let percent = status.get("canaryWeight")?.as_f64()?;
+    Some(crate::rollout::Decision {
+        revision: status.get("revision")?.as_str()?.to_string(),
+        phase,
+        weight: crate::config::percent_to_basis_points(percent).ok()?,
+        step: status.get("step")?.as_u64()? as usize,
+        generation: status.get("weightGeneration")?.as_u64()?,
+        term: status.get("leader")?.get("term")?.as_u64()? as u32,
+    })
 }
 
 /// An Event for a change between two phases or steps: (type, reason, message).

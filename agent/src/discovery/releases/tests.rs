@@ -299,3 +299,25 @@ fn the_release_s_sections_pass_to_the_file_s_validator_and_its_errors_name_the_s
     assert!(refused.is_empty(), "{refused:?}");
     assert!(config.services[0].rollout.is_some());
 }
+
+#[test]
+fn decisions_read_from_etcd_keep_the_newest_term() {
+    let d = |term: u32, weight: u32| Decision {
+        revision: "r".into(),
+        phase: crate::rollout::Phase::Progressing,
+        weight,
+        step: 0,
+        generation: 1,
+        term,
+    };
+    let mut k = Known::default();
+    k.take_decisions([("web".to_string(), d(9, 1000))].into());
+    // A deposed leader's late write is not taken; a newer term's is.
+    k.take_decisions([("web".to_string(), d(5, 5000))].into());
+    assert_eq!(k.decisions["web"].weight, 1000);
+    k.take_decisions([("web".to_string(), d(12, 2500))].into());
+    assert_eq!(k.decisions["web"].weight, 2500);
+    // A key no longer listed leaves.
+    k.take_decisions(Default::default());
+    assert!(k.decisions.is_empty());
+}
