@@ -76,8 +76,124 @@ struct Member {
     log: PathBuf,
 }
 
+/// The PEM files of a cluster served over TLS with client certificates
+/// ([`Etcd::start_tls`]): a CA of the test's own, the members' certificate
+/// (for every member's address) and a client's.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Tls {
+    /// Makes the files in `dir` with openssl: EC P-256 keys, a day's validity.
+    fn make(dir: &Path, members: usize) -> Result<Tls> {
+        std::fs::create_dir_all(dir)?;
+        let f = |name: &str| dir.join(name);
+        let openssl = |args: &[&str]| -> Result<()> {
+            run(Command::new("openssl")
+                .current_dir(dir)
+                .args(args)
+                .stdin(Stdio::null()))
+            .map(drop)
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca-key.pem",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=kanari-test-ca",
+                ],
+            ]
+            .concat(),
+        )?;
+        let ips = (0..members)
+            .map(|m| format!("IP:{}", member_addr(m)))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (name, ext) in [
+            (
+                "server",
+                format!("subjectAltName={ips}\nextendedKeyUsage=serverAuth\n"),
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n".to_string()),
+        ] {
+            std::fs::write(f(&format!("{name}.ext")), ext)?;
+            let key = format!("{name}-key.pem");
+            let csr = format!("{name}.csr");
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &[
+                        "-keyout",
+                        &key,
+                        "-out",
+                        &csr,
+                        "-subj",
+                        &format!("/CN=kanari-test-{name}"),
+                    ],
+                ]
+                .concat(),
+            )?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ])?;
+        }
+        Ok(Tls {
+            ca: f("ca.pem"),
+            server_cert: f("server.pem"),
+            server_key: f("server-key.pem"),
+            client_cert: f("client.pem"),
+            client_key: f("client-key.pem"),
+        })
+    }
+
+    /// etcdctl's flags to reach the cluster as the client.
+    fn etcdctl_flags(&self) -> Vec<String> {
+        vec![
+            format!("--cacert={}", self.ca.display()),
+            format!("--cert={}", self.client_cert.display()),
+            format!("--key={}", self.client_key.display()),
+        ]
+    }
+}
+
 pub struct Etcd {
     tag: String,
+    /// With [`Etcd::start_tls`]: clients speak TLS and show a certificate.
+    pub tls: Option<Tls>,
     /// Where every member's data dir and log live; removed on drop.
     dir: PathBuf,
     // Field order is drop order (after `Drop::drop` killed the members):
@@ -92,6 +208,16 @@ impl Etcd {
     /// returns when each answers `etcdctl endpoint health` (within
     /// [`ETCD_DEADLINE`]; else fails with the members' log tails).
     pub fn start(fleet: &Fleet, members: usize) -> Result<Etcd> {
+        Self::start_with(fleet, members, false)
+    }
+
+    /// [`Etcd::start`] serving clients over TLS only and asking each for a
+    /// certificate of the test's CA ([`Etcd::tls`]).
+    pub fn start_tls(fleet: &Fleet, members: usize) -> Result<Etcd> {
+        Self::start_with(fleet, members, true)
+    }
+
+    fn start_with(fleet: &Fleet, members: usize, tls: bool) -> Result<Etcd> {
         if !(members == 1 || members == 3) {
             bail!("an etcd cluster of 1 or 3 members, not {members}");
         }
@@ -102,10 +228,14 @@ impl Etcd {
         // From here on, a failure drops `etcd`: processes, data and namespaces go.
         let mut etcd = Etcd {
             tag: tag.clone(),
+            tls: None,
             dir,
             members: Vec::new(),
             ctl,
         };
+        if tls {
+            etcd.tls = Some(Tls::make(&etcd.dir.join("tls"), members)?);
+        }
         etcd.ctl.sysctl("net.ipv4.ip_forward", "1")?;
         for m in 0..members {
             let ns = Netns::new(&tag, &format!("e{m}"))?;
@@ -162,7 +292,8 @@ impl Etcd {
 
     /// Member `m`'s client URL, e.g. `http://10.4.0.1:2379`.
     pub fn endpoint(&self, m: usize) -> String {
-        format!("http://{}:{CLIENT_PORT}", member_addr(m))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{CLIENT_PORT}", member_addr(m))
     }
 
     /// Every member's client URL.
@@ -173,12 +304,25 @@ impl Etcd {
     /// `etcdctl --endpoints=<every member> ARGS...` from the ctl namespace
     /// (which reaches every member unless [`Etcd::cut_member`] cut it); stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
-        etcdctl(&self.ctl, &self.endpoints(), args)
+        self.etcdctl_to(&self.ctl, &self.endpoints(), args)
+    }
+
+    /// etcdctl from `ns` to `endpoints`, with the client's TLS files when
+    /// the cluster asks for them.
+    fn etcdctl_to(&self, ns: &Netns, endpoints: &[String], args: &[&str]) -> Result<String> {
+        let flags = self
+            .tls
+            .as_ref()
+            .map(Tls::etcdctl_flags)
+            .unwrap_or_default();
+        let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        etcdctl(ns, endpoints, &all)
     }
 
     /// `etcdctl --endpoints=<every member> ARGS...` from `ns`, e.g. a fleet node's.
     pub fn etcdctl_in(&self, ns: &Netns, args: &[&str]) -> Result<String> {
-        etcdctl(ns, &self.endpoints(), args)
+        self.etcdctl_to(ns, &self.endpoints(), args)
     }
 
     /// Cuts node `k` off etcd (its `ctl` link down, in the node namespace:
@@ -230,6 +374,8 @@ impl Etcd {
     pub fn restart_member(&mut self, m: usize) -> Result<()> {
         let members = self.members.len();
         let token = self.tag.clone();
+        let client = self.endpoint(m);
+        let tls = self.tls.clone();
         let member = self.member_mut(m)?;
         if member.child.is_some() {
             bail!("member {m} is running");
@@ -243,7 +389,6 @@ impl Etcd {
             .map(|i| format!("m{i}=http://{}:{PEER_PORT}", member_addr(i)))
             .collect::<Vec<_>>()
             .join(",");
-        let client = format!("http://{}:{CLIENT_PORT}", member_addr(m));
         let peer = format!("http://{}:{PEER_PORT}", member_addr(m));
         let mut cmd = member.ns.command("etcd");
         cmd.arg(format!("--name=m{m}"))
@@ -262,6 +407,14 @@ impl Etcd {
             .arg("--pre-vote")
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
+            .args(tls.iter().flat_map(|t| {
+                [
+                    format!("--cert-file={}", t.server_cert.display()),
+                    format!("--key-file={}", t.server_key.display()),
+                    format!("--trusted-ca-file={}", t.ca.display()),
+                    "--client-cert-auth".to_string(),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -290,7 +443,7 @@ impl Etcd {
             }
             let mut why = String::new();
             pending.retain(|&m| {
-                let health = etcdctl(
+                let health = self.etcdctl_to(
                     &self.ctl,
                     &[self.endpoint(m)],
                     &[

@@ -166,6 +166,19 @@ mod hosts {
 
     /// Host `k`'s agent (node-K), with `rollout` and `analysis` for the service.
     fn host(fleet: &Fleet, etcd: &Etcd, k: usize, rollout: &str, analysis: &str) -> Agent {
+        let config = host_config(fleet, etcd, k, rollout, analysis, "");
+        Agent::start(&fleet.nodes[k].node, &config).expect("kanari starts")
+    }
+
+    /// Host `k`'s configuration; `etcd_extra` goes in its `fleet.etcd`.
+    fn host_config(
+        fleet: &Fleet,
+        etcd: &Etcd,
+        k: usize,
+        rollout: &str,
+        analysis: &str,
+        etcd_extra: &str,
+    ) -> String {
         let list = |g| {
             fleet
                 .backends_of(g)
@@ -174,15 +187,14 @@ mod hosts {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let config = format!(
-            "interfaces:\n  - name: {NODE_IFACE}\n    mode: tc\nconntrack:\n  connections: 65536\nbpf:\n  pin_dir: {}\nfleet:\n  name: shop\n  node: node-{k}\n  advertise: {}:9477\n  etcd:\n    endpoints: [{}]\n    ttl: {TTL_S}s\nservices:\n  - name: {SERVICE}\n    vip: {VIP}\n    salt: 42\n    stable:\n      backends: [{}]\n    canary:\n      revision: web-2\n      backends: [{}]\n    rollout: {rollout}\n    analysis: {analysis}\n",
+        format!(
+            "interfaces:\n  - name: {NODE_IFACE}\n    mode: tc\nconntrack:\n  connections: 65536\nbpf:\n  pin_dir: {}\nfleet:\n  name: shop\n  node: node-{k}\n  advertise: {}:9477\n  etcd:\n    endpoints: [{}]\n    ttl: {TTL_S}s\n{etcd_extra}services:\n  - name: {SERVICE}\n    vip: {VIP}\n    salt: 42\n    stable:\n      backends: [{}]\n    canary:\n      revision: web-2\n      backends: [{}]\n    rollout: {rollout}\n    analysis: {analysis}\n",
             fleet.nodes[k].pin_dir().display(),
             fleet.nodes[k].addr,
             etcd.endpoints().join(", "),
             list(Group::Stable),
             list(Group::Canary),
-        );
-        Agent::start(&fleet.nodes[k].node, &config).expect("kanari starts")
+        )
     }
 
     /// Each node's clients see about 25 canary requests a second at 10 %:
@@ -544,5 +556,72 @@ mod hosts {
             reconverged.as_millis()
         );
         assert!(to_zero < Duration::from_secs(1), "{to_zero:?}");
+    }
+
+    #[test]
+    fn over_tls_with_client_certificates_the_fleet_decides_and_a_host_without_one_is_refused() {
+        if !require_root() {
+            return;
+        }
+        let fleet = Fleet::new(2, 1, 1).expect("fleet");
+        let etcd = Etcd::start_tls(&fleet, 1).expect("etcd over TLS");
+        let t = etcd.tls.clone().expect("TLS files");
+        let rollout = "{steps: [10, 100], interval: 1h, progress_deadline: 2h}";
+        let tls = format!(
+            "    tls:\n      ca: {}\n      cert: {}\n      key: {}\n",
+            t.ca.display(),
+            t.client_cert.display(),
+            t.client_key.display()
+        );
+        let mut agents: Vec<Option<Agent>> = (0..2)
+            .map(|k| {
+                let config = host_config(&fleet, &etcd, k, rollout, CRITICAL, &tls);
+                Some(Agent::start(&fleet.nodes[k].node, &config).expect("kanari starts"))
+            })
+            .collect();
+        all_at(&agents, SERVICE, 10.0, 10);
+        let s = state_until(&etcd, 10, "the leader's state over TLS", |s| {
+            s["phase"] == "Progressing" && s["nodes"]["total"] == 2 && s["nodes"]["inSync"] == 2
+        });
+        assert!(s["leader"]["agent"].is_string(), "{s}");
+
+        // Without a client certificate etcd refuses it: it steers on, alone.
+        drop(agents[1].take());
+        let ca_only = format!("    tls:\n      ca: {}\n", t.ca.display());
+        let config = host_config(&fleet, &etcd, 1, rollout, CRITICAL, &ca_only);
+        let refused = Agent::start(&fleet.nodes[1].node, &config).expect("kanari starts");
+        refused
+            .wait_for("granting a lease failed", 1)
+            .expect("etcd refuses it");
+        agents[1] = Some(refused);
+        all_at(&agents, SERVICE, 10.0, 5);
+        state_until(
+            &etcd,
+            10,
+            "only the host with a certificate reporting",
+            |s| s["nodes"]["total"] == 1,
+        );
+
+        // A TLS file that cannot be read stops the start, naming the field.
+        drop(agents[1].take());
+        let missing = format!(
+            "    tls:\n      ca: {}\n      cert: /nonexistent/client.pem\n      key: {}\n",
+            t.ca.display(),
+            t.client_key.display()
+        );
+        let config = host_config(&fleet, &etcd, 1, rollout, CRITICAL, &missing);
+        let stopped = Agent::spawn(&fleet.nodes[1].node, &config)
+            .expect("kanari runs")
+            .wait_exit()
+            .expect("it exits");
+        assert!(!stopped.status.success(), "{:?}", stopped.status);
+        assert!(
+            stopped
+                .logs
+                .iter()
+                .any(|l| l.contains("fleet.etcd.tls.cert: reading /nonexistent/client.pem")),
+            "{}",
+            stopped.logs.join("\n")
+        );
     }
 }

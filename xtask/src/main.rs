@@ -40,6 +40,8 @@ const TEST_PACKAGES: &[&str] = &[
     // etcd-client brings etcdctl, which they check it with.
     "etcd-server",
     "etcd-client",
+    // The TLS test's certificates.
+    "openssl",
 ];
 
 /// PyPI packages that check the files in deploy/ (tests/tests/deploy.rs), pinned,
