@@ -5,6 +5,10 @@
 //!
 //! It runs either on a thread inside a namespace ([`BackendHandle`], used by
 //! tests and the demo) or as its own process (`kanari-test-backend`).
+//!
+//! Optionally it also answers UDP on the same address ([`serve_udp`]): every
+//! datagram gets one back naming the backend, the same text as an HTTP answer.
+//! Off by default.
 
 use std::{
     convert::Infallible,
@@ -20,7 +24,10 @@ use anyhow::{Context as _, Result};
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::watch,
+};
 
 use crate::{netns::Netns, rng::splitmix64};
 
@@ -95,6 +102,8 @@ pub struct Stats {
     pub errors: AtomicU64,
     /// Connections reset instead of answered.
     pub resets: AtomicU64,
+    /// UDP datagrams answered.
+    pub datagrams: AtomicU64,
 }
 
 impl Stats {
@@ -109,6 +118,9 @@ impl Stats {
     }
     pub fn resets(&self) -> u64 {
         self.resets.load(Ordering::SeqCst)
+    }
+    pub fn datagrams(&self) -> u64 {
+        self.datagrams.load(Ordering::SeqCst)
     }
 }
 
@@ -182,6 +194,32 @@ pub async fn serve(
     }
 }
 
+/// Answers every datagram on `socket` with [`body`] (sent from `socket`'s own
+/// address) until `shutdown` turns true.
+pub async fn serve_udp(
+    socket: UdpSocket,
+    behavior: Arc<Behavior>,
+    stats: Arc<Stats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let addr = match socket.local_addr()? {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => anyhow::bail!("the test backend serves IPv4 only, not {a}"),
+    };
+    let answer = body(&behavior.version, addr);
+    let mut buf = [0u8; 2048];
+    loop {
+        let (_, from) = tokio::select! {
+            r = socket.recv_from(&mut buf) => r.with_context(|| format!("receiving on udp {addr}"))?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        // A client that went away (ICMP errors) must not stop the echo.
+        if socket.send_to(answer.as_bytes(), from).await.is_ok() {
+            stats.datagrams.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Reads a request's head, then closes with RST (SO_LINGER 0).
 async fn reset_after_request(mut stream: tokio::net::TcpStream, stats: Arc<Stats>) {
     use tokio::io::AsyncReadExt as _;
@@ -233,6 +271,17 @@ pub struct BackendHandle {
 impl BackendHandle {
     /// Binds `addr` inside `ns` and serves; returns once the socket listens.
     pub fn start(ns: &Netns, addr: SocketAddrV4, behavior: Arc<Behavior>) -> Result<Self> {
+        Self::start_with(ns, addr, behavior, false)
+    }
+
+    /// [`BackendHandle::start`], and with `udp_echo` also answers UDP on the
+    /// same address ([`serve_udp`]).
+    pub fn start_with(
+        ns: &Netns,
+        addr: SocketAddrV4,
+        behavior: Arc<Behavior>,
+        udp_echo: bool,
+    ) -> Result<Self> {
         let stats = Arc::new(Stats::default());
         let (shutdown, rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
@@ -243,19 +292,52 @@ impl BackendHandle {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let listener = match TcpListener::bind(addr).await {
-                    Ok(l) => {
+                let bound = async {
+                    let listener = TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the test backend to {addr}"))?;
+                    let mut udp = None;
+                    if udp_echo {
+                        udp = Some(UdpSocket::bind(addr).await.with_context(|| {
+                            format!("binding the test backend's UDP echo to {addr}")
+                        })?);
+                    }
+                    anyhow::Ok((listener, udp))
+                };
+                let (listener, udp) = match bound.await {
+                    Ok(b) => {
                         let _ = ready_tx.send(Ok(()));
-                        l
+                        b
                     }
                     Err(e) => {
-                        let e = anyhow::Error::from(e)
-                            .context(format!("binding the test backend to {addr}"));
                         let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
                         return Err(e);
                     }
                 };
-                serve(listener, thread_behavior, thread_stats, rx).await
+                let echo = async {
+                    match udp {
+                        Some(socket) => {
+                            serve_udp(
+                                socket,
+                                thread_behavior.clone(),
+                                thread_stats.clone(),
+                                rx.clone(),
+                            )
+                            .await
+                        }
+                        None => Ok(()),
+                    }
+                };
+                tokio::try_join!(
+                    serve(
+                        listener,
+                        thread_behavior.clone(),
+                        thread_stats.clone(),
+                        rx.clone()
+                    ),
+                    echo
+                )
+                .map(|_| ())
             })
         })?;
         ready_rx

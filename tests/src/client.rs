@@ -46,6 +46,9 @@ fn parse_reply(status: u16, body: &[u8], local: SocketAddrV4) -> Result<Reply> {
 pub struct Conn {
     sender: http1::SendRequest<Empty<Bytes>>,
     pub local: SocketAddrV4,
+    /// The server's end as getpeername(2) reports it: the address dialled,
+    /// unless something below the socket rewrote it.
+    pub peer: SocketAddrV4,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -64,6 +67,10 @@ impl Conn {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(a) => bail!("unexpected IPv6 local address {a}"),
         };
+        let peer = match stream.peer_addr().context("getpeername")? {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(a) => bail!("unexpected IPv6 peer address {a}"),
+        };
         let (sender, conn) = timeout(STEP_TIMEOUT, http1::handshake(TokioIo::new(stream)))
             .await
             .context("HTTP handshake timed out")??;
@@ -73,6 +80,7 @@ impl Conn {
         Ok(Conn {
             sender,
             local,
+            peer,
             driver,
         })
     }

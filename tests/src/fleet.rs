@@ -110,7 +110,7 @@ impl Fleet {
         let groups = std::iter::repeat_n(Group::Stable, stable)
             .chain(std::iter::repeat_n(Group::Canary, canary));
         for (j, group) in groups.enumerate() {
-            let b = backend(&tag, j + 1, group, &fleet.fabric)?;
+            let b = backend(&tag, j + 1, group, &fleet.fabric, false)?;
             fleet.backends.push(b);
         }
         Ok(fleet)

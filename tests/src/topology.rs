@@ -46,6 +46,8 @@ pub struct TopologyOptions {
     pub canary: usize,
     /// Client sends complete checksums (offload off), as from a physical NIC.
     pub complete_client_checksums: bool,
+    /// Backends also answer UDP on their port (the backend's UDP echo).
+    pub udp_echo: bool,
 }
 
 impl Default for TopologyOptions {
@@ -54,6 +56,7 @@ impl Default for TopologyOptions {
             stable: 2,
             canary: 1,
             complete_client_checksums: false,
+            udp_echo: false,
         }
     }
 }
@@ -104,8 +107,14 @@ pub(crate) fn ethtool_tx(ns: &Netns, iface: &str, on: bool) -> Result<()> {
 
 /// Backend `j` (1-based) of `group` in a namespace of its own, at
 /// 10.2.J.1:8080 behind `router` (10.2.J.254 on its link `bJ`), running a
-/// healthy test backend.
-pub(crate) fn backend(tag: &str, j: usize, group: Group, router: &Netns) -> Result<Backend> {
+/// healthy test backend (answering UDP too with `udp_echo`).
+pub(crate) fn backend(
+    tag: &str,
+    j: usize,
+    group: Group,
+    router: &Netns,
+    udp_echo: bool,
+) -> Result<Backend> {
     let ns = Netns::new(tag, &format!("b{j}"))?;
     let link = format!("b{j}");
     veth((router, &link), (&ns, "eth0"))?;
@@ -116,7 +125,7 @@ pub(crate) fn backend(tag: &str, j: usize, group: Group, router: &Netns) -> Resu
     router.ip(&["link", "set", &link, "up"])?;
     ethtool_tx(router, &link, false)?;
     let addr = SocketAddrV4::new(Ipv4Addr::new(10, 2, j as u8, 1), BACKEND_PORT);
-    let server = BackendHandle::start(&ns, addr, Behavior::healthy(group.name()))
+    let server = BackendHandle::start_with(&ns, addr, Behavior::healthy(group.name()), udp_echo)
         .with_context(|| format!("starting backend {addr}"))?;
     Ok(Backend {
         group,
@@ -160,7 +169,7 @@ impl Topology {
         let groups = std::iter::repeat_n(Group::Stable, opts.stable)
             .chain(std::iter::repeat_n(Group::Canary, opts.canary));
         for (j, group) in groups.enumerate() {
-            let b = backend(&tag, j + 1, group, &topo.node)?;
+            let b = backend(&tag, j + 1, group, &topo.node, opts.udp_echo)?;
             topo.backends.push(b);
         }
         Ok(topo)

@@ -351,6 +351,7 @@ impl Running {
             stable: 2,
             canary: 1,
             complete_client_checksums: true,
+            udp_echo: false,
         })
         .context("building the network")?;
         let dir = TempDir::new(&topo.tag)?;
