@@ -23,48 +23,53 @@ use anyhow::{Context as _, Result, bail};
 /// How long a dropped cgroup's processes may take to die.
 pub const KILL_DEADLINE: Duration = Duration::from_secs(2);
 
-/// The unified (v2) hierarchy's mount point, from /proc/self/mountinfo (first cgroup2 entry).
+/// The unified (v2) hierarchy's mount point, from /proc/self/mountinfo
+/// (first cgroup2 entry), as the agent finds it.
 pub fn unified_root() -> Result<PathBuf> {
     let text =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    text.lines().find_map(cgroup2_mount_point).context(
+    kanari::config::unified_root(&text).context(
         "no cgroup2 file system in /proc/self/mountinfo (is the unified hierarchy mounted?)",
     )
 }
 
-/// The mount point of a mountinfo line if its file system is cgroup2:
-/// `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS`.
-fn cgroup2_mount_point(line: &str) -> Option<PathBuf> {
-    let (head, tail) = line.split_once(" - ")?;
-    if tail.split(' ').next()? != "cgroup2" {
-        return None;
-    }
-    head.split(' ').nth(4).map(|p| PathBuf::from(unescape(p)))
+/// The unified hierarchy mounted again where `ip netns exec` keeps it in
+/// sight (it remounts /sys, hiding /sys/fs/cgroup): at
+/// `/run/kanari-test-cg-<tag>`, for an agent run in a namespace. Dropping
+/// it unmounts it (lazily: a process inside may still hold it).
+#[derive(Debug)]
+pub struct CgroupMount {
+    point: PathBuf,
 }
 
-/// Undoes mountinfo's octal escapes (`\040` is a space).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            std::str::from_utf8(d)
-                .ok()
-                .and_then(|d| u8::from_str_radix(d, 8).ok())
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(b)) => {
-                out.push(b);
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
+impl CgroupMount {
+    pub fn new(tag: &str) -> Result<CgroupMount> {
+        let point = PathBuf::from(format!("/run/kanari-test-cg-{tag}"));
+        std::fs::create_dir_all(&point).with_context(|| format!("creating {}", point.display()))?;
+        let m = CgroupMount { point };
+        crate::netns::run(
+            std::process::Command::new("mount")
+                .args(["-t", "cgroup2", "none"])
+                .arg(&m.point),
+        )?;
+        Ok(m)
     }
-    String::from_utf8_lossy(&out).into_owned()
+
+    /// `cgroup` as seen through this mount.
+    pub fn path_of(&self, cgroup: &TestCgroup) -> Result<PathBuf> {
+        let rel = cgroup.path().strip_prefix(unified_root()?)?;
+        Ok(self.point.join(rel))
+    }
+}
+
+impl Drop for CgroupMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.point)
+            .status();
+        let _ = std::fs::remove_dir(&self.point);
+    }
 }
 
 /// A cgroup of a test's own under the unified hierarchy (`kanari-test-<tag>`), removed on Drop.
@@ -171,27 +176,5 @@ impl Drop for TestCgroup {
         if let Err(e) = self.remove() {
             eprintln!("warning: {e:#}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_cgroup2_in_mountinfo() {
-        let hybrid =
-            "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw";
-        assert_eq!(
-            cgroup2_mount_point(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        let v1 = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu";
-        assert_eq!(cgroup2_mount_point(v1), None);
-        let spaced = r"50 1 0:40 / /mnt/my\040cgroups rw - cgroup2 none rw";
-        assert_eq!(
-            cgroup2_mount_point(spaced),
-            Some(PathBuf::from("/mnt/my cgroups"))
-        );
     }
 }

@@ -45,6 +45,7 @@ impl Loaded {
     /// Loads the object (sized by `config`) and applies `config`.
     pub fn load(config: Config) -> Result<Self> {
         let mut dp = Datapath::load(LoadOptions {
+            socket_lb: false,
             conntrack_connections: config.conntrack_connections,
             max_backends: config.max_backends,
             pins: None,

@@ -36,7 +36,66 @@ pub struct Config {
     pub kubernetes: Option<Kubernetes>,
     /// `fleet:`: the rollouts decided once for many hosts, through etcd.
     pub fleet: Option<Fleet>,
+    /// `socket_lb:` when enabled: connect() to a VIP steered at the socket.
+    pub socket_lb: Option<SocketLb>,
     pub services: Vec<Service>,
+}
+
+/// `socket_lb:` (fixed at start): kanari's cgroup v2 programs steer
+/// connect() calls of the processes in a cgroup (and below it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketLb {
+    /// `None`: the unified hierarchy's root (every process on the host).
+    pub cgroup: Option<PathBuf>,
+}
+
+/// The cgroup the socket path attaches to: `socket_lb.cgroup`, else the
+/// root of the unified (v2) hierarchy, from `/proc/self/mountinfo`.
+pub fn socket_cgroup(s: &SocketLb) -> anyhow::Result<PathBuf> {
+    if let Some(c) = &s.cgroup {
+        return Ok(c.clone());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| anyhow::anyhow!("socket_lb: reading /proc/self/mountinfo: {e}"))?;
+    unified_root(&mounts).ok_or_else(|| {
+        anyhow::anyhow!(
+            "socket_lb: no cgroup2 filesystem is mounted (see /proc/self/mountinfo); mount one or set socket_lb.cgroup"
+        )
+    })
+}
+
+/// The mount point of the first cgroup2 filesystem in a mountinfo text
+/// (`ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE ...`).
+pub fn unified_root(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let point = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mountinfo(point)))
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` is a space).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `fleet:` (fixed at start): hosts that run one rollout per service

@@ -39,8 +39,19 @@ pub(super) struct RawConfig {
     pub(super) telemetry: RawTelemetry,
     pub(super) kubernetes: Option<RawKubernetes>,
     pub(super) fleet: Option<RawFleet>,
+    pub(super) socket_lb: Option<RawSocketLb>,
     #[serde(default)]
     pub(super) services: Vec<RawService>,
+}
+
+/// `socket_lb:`: the socket path for processes in a cgroup.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSocketLb {
+    #[serde(default)]
+    pub(super) enabled: bool,
+    /// A cgroup v2 directory; absent: the unified hierarchy's root.
+    pub(super) cgroup: Option<PathBuf>,
 }
 
 /// `fleet:`: hosts outside Kubernetes that decide each rollout once,

@@ -673,3 +673,36 @@ fn a_fleet_takes_its_defaults_and_tls_pairs_its_files() {
     .unwrap_err();
     assert_eq!(e.field, "fleet.etcd.ttl");
 }
+
+#[test]
+fn the_socket_path_finds_the_unified_hierarchy_in_mountinfo() {
+    let hybrid = "25 30 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                  26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid,relatime shared:6 - cgroup2 cgroup2 rw\n\
+                  27 25 0:24 / /sys/fs/cgroup/cpu rw shared:7 - cgroup cgroup rw,cpu\n";
+    assert_eq!(
+        unified_root(hybrid),
+        Some(PathBuf::from("/sys/fs/cgroup/unified"))
+    );
+    let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+    assert_eq!(unified_root(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+    assert_eq!(
+        unified_root("27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw\n"),
+        None
+    );
+    let spaced = r"50 1 0:40 / /mnt/my\040cgroups rw - cgroup2 none rw";
+    assert_eq!(unified_root(spaced), Some(PathBuf::from("/mnt/my cgroups")));
+    let c = parse(
+        "k.yaml",
+        "interfaces: [{name: eth0}]\nsocket_lb: {enabled: true}\n",
+        &exists,
+    )
+    .unwrap();
+    assert_eq!(c.socket_lb, Some(SocketLb { cgroup: None }));
+    let off = parse(
+        "k.yaml",
+        "interfaces: [{name: eth0}]\nsocket_lb: {enabled: false, cgroup: /sys/fs/cgroup/x}\n",
+        &exists,
+    )
+    .unwrap();
+    assert_eq!(off.socket_lb, None);
+}

@@ -486,6 +486,21 @@ pub(super) fn validate(
                 })
             }
         },
+        socket_lb: match raw.socket_lb {
+            Some(s) if s.enabled => {
+                if let Some(c) = s.cgroup.as_ref().filter(|c| !c.is_absolute()) {
+                    return err(
+                        "socket_lb.cgroup",
+                        format!(
+                            "`{}` is not an absolute path: name a cgroup v2 directory, e.g. /sys/fs/cgroup/kubepods.slice",
+                            c.display()
+                        ),
+                    );
+                }
+                Some(super::SocketLb { cgroup: s.cgroup })
+            }
+            _ => None,
+        },
         fleet: match raw.fleet {
             None => None,
             Some(_) if has_kubernetes => {

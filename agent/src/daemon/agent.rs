@@ -206,6 +206,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         conntrack_connections: config.conntrack_connections,
         max_backends: config.max_backends,
         pins: Some(Pins::new(&config.pin_dir)),
+        socket_lb: config.socket_lb.is_some(),
     })?;
     // The sizes in force are the maps': an adopted map keeps its own.
     let config = if datapath.sizes.max_backends != config.max_backends
@@ -423,6 +424,7 @@ impl Agent {
             ("telemetry.record", config.record != self.config.record),
             ("kubernetes", config.kubernetes != self.config.kubernetes),
             ("fleet", config.fleet != self.config.fleet),
+            ("socket_lb", config.socket_lb != self.config.socket_lb),
         ];
         for (field, changed) in fixed_at_start {
             if changed {
@@ -439,6 +441,7 @@ impl Agent {
             record: self.config.record.clone(),
             kubernetes: self.config.kubernetes.clone(),
             fleet: self.config.fleet.clone(),
+            socket_lb: self.config.socket_lb.clone(),
             ..config
         };
         self.engine.sync(&config, self.clock.now_ms());
@@ -471,6 +474,10 @@ impl Agent {
         let _ = self.reconcile(Check::Full);
         for (name, how) in self.datapath.attach_all(&self.config.interfaces)? {
             info!(interface = %name, mode = how.name(), "attached");
+        }
+        if let Some(s) = &self.config.socket_lb {
+            let cgroup = crate::config::socket_cgroup(s)?;
+            self.datapath.attach_socket(Some(&cgroup))?;
         }
         let overrides = self.overrides();
         for s in &self.config.services {

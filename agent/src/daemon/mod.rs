@@ -161,8 +161,12 @@ pub fn check_interfaces(file: &str, config: &Config) -> Result<(), config::Confi
     Ok(())
 }
 
-/// The name of an interface index in the agent's network namespace.
+/// The name of an interface index in the agent's network namespace
+/// (`socket` for the socket path's counters).
 fn interface_name(index: u32) -> String {
+    if index == kanari_common::maps::SOCKET_IFINDEX {
+        return "socket".into();
+    }
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
     let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };

@@ -17,6 +17,7 @@ pub mod names {
     pub const STATS: &str = "KN_STATS_V2";
     pub const SETTINGS: &str = "KN_SETTINGS_V1";
     pub const GUARD: &str = "KN_GUARD_V1";
+    pub const SOCKETS: &str = "KN_SOCKETS_V1";
 }
 
 /// Program names (the function names in the eBPF object).
@@ -24,6 +25,11 @@ pub mod programs {
     pub const XDP_INGRESS: &str = "kanari_xdp_ingress";
     pub const TC_INGRESS: &str = "kanari_tc_ingress";
     pub const TC_EGRESS: &str = "kanari_tc_egress";
+    /// The socket path (cgroup v2 `sock_addr` hooks, `socket_lb:`).
+    pub const SOCK_CONNECT4: &str = "kanari_sock_connect4";
+    pub const SOCK_GETPEERNAME4: &str = "kanari_sock_getpeername4";
+    pub const SOCK_EGRESS: &str = "kanari_sock_egress";
+    pub const SOCK_INGRESS: &str = "kanari_sock_ingress";
 }
 
 /// Canary weights are in basis points: 10000 = 100 %.
@@ -454,10 +460,19 @@ pub enum Counter {
     /// A service segment with flags no TCP stack sends (SYN with FIN),
     /// dropped: it neither opens a connection nor reaches a backend.
     Invalid = 14,
+    /// The socket path sent a connect() to a service VIP to a backend
+    /// (counted under interface index 0).
+    SocketSteered = 15,
+    /// A connect() to a service none of whose groups has a backend: left
+    /// to the VIP (kube-proxy's rules, where there are some).
+    SocketNoBackend = 16,
 }
 
+/// The `ifindex` of [`CounterKey`] under which the socket path counts.
+pub const SOCKET_IFINDEX: u32 = 0;
+
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::XdpSteered,
         Counter::XdpSteeredNew,
@@ -474,6 +489,8 @@ impl Counter {
         Counter::EgressPassed,
         Counter::Shed,
         Counter::Invalid,
+        Counter::SocketSteered,
+        Counter::SocketNoBackend,
     ];
 
     #[inline(always)]
@@ -502,10 +519,46 @@ impl Counter {
             Counter::EgressPassed => "egress_passed",
             Counter::Shed => "shed",
             Counter::Invalid => "invalid",
+            Counter::SocketSteered => "socket_steered",
+            Counter::SocketNoBackend => "socket_no_backend",
         }
     }
 }
 
+/// Value of `KN_SOCKETS_V1`, keyed by the socket's cookie (u64): a
+/// connection the socket path sent to a backend at connect(), so
+/// getpeername() answers the VIP the application dialled, and the
+/// observer's state of it (as a conntrack entry holds it on the packet
+/// path).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockEntry {
+    /// The VIP and port dialled (network order).
+    pub vip: u32,
+    pub vport: u16,
+    /// The backend chosen (network order).
+    pub bport: u16,
+    pub baddr: u32,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `CT_F_*` (HTTP, a SYN retried).
+    pub flags: u8,
+    pub status_pos: u8,
+    /// A status line split across segments: its digits so far.
+    pub status_code: u16,
+    pub group: u8,
+    pub _pad: [u8; 7],
+    /// When the SYN left (0: not connecting).
+    pub syn_ns: u64,
+    /// When a pending request's first byte left (0: none).
+    pub req_ns: u64,
+}
+
+/// Sockets the socket path remembers (LRU: a closed socket's entry is the
+/// first to go; a socket's cookie is never reused while the host runs).
+pub const DEFAULT_SOCKETS: u32 = 256 * 1024;
+
+const _: () = assert!(size_of::<SockEntry>() == 48);
 const _: () = assert!(size_of::<ServiceKey>() == 8);
 const _: () = assert!(size_of::<Service>() == 24);
 const _: () = assert!(size_of::<Backend>() == 12);

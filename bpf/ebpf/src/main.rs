@@ -23,19 +23,26 @@
 //!
 //! Everything else — other addresses and ports, ARP, IPv6, UDP, ICMP,
 //! fragments, truncated or malformed frames — passes untouched.
+//!
+//! The socket path (`socket_lb:`): `kanari_sock_connect4` (cgroup v2
+//! `connect4`) sends a connect() to a service VIP straight to a backend,
+//! chosen by the same weights, so the connection is a plain one to the
+//! backend and no packet of it is translated; `kanari_sock_getpeername4`
+//! answers the VIP to the application that dialled it.
 #![no_std]
 #![no_main]
 // Inline assembly for bounds the verifier must see (see `in_range`).
 #![feature(asm_experimental_arch)]
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action,
     },
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
-    macros::{classifier, map, xdp},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_load_bytes},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
-    programs::{TcContext, XdpContext},
+    programs::{SkBuffContext, SockAddrContext, TcContext, XdpContext},
 };
 use kanari_common::{
     csum, hash, hist,
@@ -43,10 +50,10 @@ use kanari_common::{
     maps::{
         BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, CT_F_HTTP, CT_F_RETRIED, CT_FORWARD,
         CT_REVERSE, Counter, CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS,
-        DEFAULT_MAX_BACKENDS, FROM_BACKEND, FlowKey, Group, MAX_BACKENDS_PER_GROUP,
-        MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES, SERVICE_F_CONNECTION_AFFINITY,
-        SERVICE_F_HTTP, SERVICE_F_SEGMENTS, Segment, SegmentKey, Service, ServiceKey, Settings,
-        TO_BACKEND, admit,
+        DEFAULT_MAX_BACKENDS, DEFAULT_SOCKETS, FROM_BACKEND, FlowKey, Group,
+        MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES,
+        SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS, SOCKET_IFINDEX, Segment,
+        SegmentKey, Service, ServiceKey, Settings, SockEntry, TO_BACKEND, admit,
     },
     select,
     wire::{
@@ -85,6 +92,10 @@ static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 /// The new-connection rate guard's token bucket, one per CPU.
 #[map(name = "KN_GUARD_V1")]
 static GUARD: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Connections the socket path steered, by socket cookie.
+#[map(name = "KN_SOCKETS_V1")]
+static SOCKETS: LruHashMap<u64, SockEntry> = LruHashMap::with_max_entries(DEFAULT_SOCKETS, 0);
 
 /// Whether this CPU may record another new connection now.
 #[inline(always)]
@@ -612,44 +623,81 @@ fn observe_egress(ctx: &TcContext, p: &Tcp4, reverse: &CtEntry) {
     if f.kind != CT_FORWARD || f.addr != p.saddr || f.port != p.sport {
         return;
     }
+    let w = Watch {
+        syn_ns: &mut f.syn_ns,
+        req_ns: &mut f.req_ns,
+        status_pos: &mut f.status_pos,
+        status_code: &mut f.status_code,
+        http: f.flags & CT_F_HTTP != 0,
+    };
+    from_backend(s, w, p.is_rst(), p.is_syn_ack(), payload as usize, |buf| {
+        read_payload(ctx, p, payload, buf)
+    });
+}
+
+/// The observer's state of one connection, wherever it is kept (a
+/// conntrack entry on the packet path, a socket's entry on the socket path).
+struct Watch<'a> {
+    syn_ns: &'a mut u64,
+    req_ns: &'a mut u64,
+    status_pos: &'a mut u8,
+    status_code: &'a mut u16,
+    http: bool,
+}
+
+/// A packet from the backend: connect time (SYN-ACK), refusals and resets
+/// (RST), and the answer to a pending request — its time to first byte
+/// and, for HTTP, its status class (`read` copies up to 12 payload bytes).
+#[inline(always)]
+fn from_backend(
+    s: &mut BackendStats,
+    w: Watch,
+    rst: bool,
+    syn_ack: bool,
+    payload: usize,
+    read: impl FnOnce(&mut [u8; STATUS_LINE_LEN]) -> usize,
+) {
     let now = now_ns();
-    if p.is_rst() {
-        if f.syn_ns != 0 {
+    if rst {
+        if *w.syn_ns != 0 {
             s.refused += 1;
         } else {
             s.resets += 1;
         }
-        f.syn_ns = 0;
-        f.req_ns = 0;
-        f.status_pos = 0;
+        *w.syn_ns = 0;
+        *w.req_ns = 0;
+        *w.status_pos = 0;
         return;
     }
-    if p.is_syn_ack() {
-        if f.syn_ns != 0 {
-            let d = now.saturating_sub(f.syn_ns);
+    if syn_ack {
+        if *w.syn_ns != 0 {
+            let d = now.saturating_sub(*w.syn_ns);
             s.connects += 1;
             s.connect_sum_ns += d;
             record(&mut s.connect_hist, d);
-            f.syn_ns = 0;
+            *w.syn_ns = 0;
         }
         return;
     }
-    let parse = if f.req_ns != 0 {
+    if payload == 0 {
+        return;
+    }
+    let parse = if *w.req_ns != 0 {
         // The first byte of the answer to a pending request.
-        let d = now.saturating_sub(f.req_ns);
+        let d = now.saturating_sub(*w.req_ns);
         s.ttfb_sum_ns += d;
         record(&mut s.ttfb_hist, d);
-        f.req_ns = 0;
-        if f.flags & CT_F_HTTP == 0 {
+        *w.req_ns = 0;
+        if !w.http {
             s.requests[http::CLASS_NONE] += 1;
             return;
         }
         StatusParse::default()
-    } else if f.status_pos != 0 {
+    } else if *w.status_pos != 0 {
         // The rest of a status line split across segments.
         StatusParse {
-            pos: f.status_pos,
-            code: f.status_code,
+            pos: *w.status_pos,
+            code: *w.status_code,
         }
     } else {
         return;
@@ -658,17 +706,17 @@ fn observe_egress(ctx: &TcContext, p: &Tcp4, reverse: &CtEntry) {
     let mut words = [0u64; 2];
     // SAFETY: 16 initialized bytes, viewed as the first 12.
     let buf = unsafe { &mut *(words.as_mut_ptr() as *mut [u8; STATUS_LINE_LEN]) };
-    let n = read_payload(ctx, p, payload, buf);
+    let n = read(buf);
     let class = match http::feed(parse, buf, n) {
         http::Feed::Incomplete(next) => {
-            f.status_pos = next.pos;
-            f.status_code = next.code;
+            *w.status_pos = next.pos;
+            *w.status_code = next.code;
             return;
         }
         http::Feed::Done(code) => http::class_of(code),
         http::Feed::Invalid => http::CLASS_OTHER,
     };
-    f.status_pos = 0;
+    *w.status_pos = 0;
     if let Some(c) = s.requests.get_mut(class) {
         *c += 1;
     }
@@ -702,6 +750,220 @@ fn read_payload(ctx: &TcContext, p: &Tcp4, payload: u16, buf: &mut [u8; STATUS_L
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+// ---- the socket path --------------------------------------------------------
+
+/// Allow the call (a `sock_addr` program's verdict; 0 would refuse it).
+const SOCK_ALLOW: i32 = 1;
+
+/// A 64-bit cookie folded for the 32-bit hashes.
+#[inline(always)]
+const fn fold(c: u64) -> u32 {
+    (c ^ (c >> 32)) as u32
+}
+
+/// connect() of a TCP socket in the cgroup: a service VIP becomes one of
+/// its backends, chosen as the packet path chooses (weights; a group with
+/// no backend sends its share to the other). With client affinity the
+/// group follows the caller's network namespace (a pod, or the host): the
+/// source address is not chosen yet at connect(), so client segments do
+/// not apply here. Never refuses the call.
+#[cgroup_sock_addr(connect4)]
+pub fn kanari_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock_connect4(&ctx);
+    SOCK_ALLOW
+}
+
+#[inline(always)]
+fn sock_connect4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context the kernel passed; these fields are readable by
+    // connect4 programs.
+    let (proto, vip, vport) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+    if proto != wire::IPPROTO_TCP as u32 {
+        return;
+    }
+    let vport = vport as u16;
+    // SAFETY: a value pointer from a successful lookup; copied at once.
+    let Some(svc) = SERVICES
+        .get_ptr(ServiceKey::tcp(vip, vport))
+        .map(|s| unsafe { *s })
+    else {
+        return;
+    };
+    // SAFETY: helpers valid in sock_addr programs, given their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let flow = hash::client_hash(fold(cookie), svc.salt);
+    let group_hash = if svc.flags & SERVICE_F_CONNECTION_AFFINITY != 0 {
+        flow
+    } else {
+        // SAFETY: as above.
+        hash::client_hash(
+            fold(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }),
+            svc.salt,
+        )
+    };
+    let wanted = select::wanted_group(svc.canary_weight, select::bucket(group_hash), None);
+    let (group, set) = match backend_set(&svc, wanted) {
+        Some(set) => (wanted, set),
+        None => match backend_set(&svc, wanted.other()) {
+            Some(set) => (wanted.other(), set),
+            None => {
+                count(SOCKET_IFINDEX, Counter::SocketNoBackend);
+                return;
+            }
+        },
+    };
+    let len = if set.len as usize > MAX_BACKENDS_PER_GROUP {
+        MAX_BACKENDS_PER_GROUP as u32
+    } else {
+        set.len
+    };
+    let idx = select::backend_index(hash::backend_hash(flow), len) as usize;
+    let Some(b) = set.backends.get(idx) else {
+        count(SOCKET_IFINDEX, Counter::SocketNoBackend);
+        return;
+    };
+    let entry = SockEntry {
+        vip,
+        vport,
+        bport: b.port,
+        baddr: b.addr,
+        backend_id: b.id,
+        service_id: svc.id,
+        flags: if svc.flags & SERVICE_F_HTTP != 0 {
+            CT_F_HTTP
+        } else {
+            0
+        },
+        group: group as u8,
+        ..SockEntry::default()
+    };
+    // Remembered first: a connect() that getpeername() could not answer
+    // with the VIP is not made.
+    if SOCKETS.insert(cookie, entry, 0).is_err() {
+        return;
+    }
+    // SAFETY: connect4 programs may write the destination.
+    unsafe {
+        (*sa).user_ip4 = b.addr;
+        (*sa).user_port = b.port as u32;
+    }
+    count(SOCKET_IFINDEX, Counter::SocketSteered);
+}
+
+/// getpeername() of a socket the socket path steered: the VIP it dialled.
+#[cgroup_sock_addr(getpeername4)]
+pub fn kanari_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in connect4.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(e) = SOCKETS.get_ptr(cookie) {
+        // SAFETY: a value pointer from a successful lookup; the context's
+        // address fields are readable and writable by getpeername4.
+        unsafe {
+            let e = *e;
+            if (*sa).user_ip4 == e.baddr && (*sa).user_port as u16 == e.bport {
+                (*sa).user_ip4 = e.vip;
+                (*sa).user_port = e.vport as u32;
+            }
+        }
+    }
+    SOCK_ALLOW
+}
+
+/// The observer of the socket path: every packet of a steered socket, as
+/// the cgroup sees it (from the IPv4 header on), into its backend's
+/// statistics — connections and connect time (SYN out, SYN-ACK in),
+/// refusals, resets, unanswered SYNs, and per request the time to first
+/// byte and the HTTP status class. Other sockets cost one lookup.
+#[cgroup_skb(egress)]
+pub fn kanari_sock_egress(ctx: SkBuffContext) -> i32 {
+    sock_observe(&ctx, true);
+    SOCK_ALLOW
+}
+
+#[cgroup_skb(ingress)]
+pub fn kanari_sock_ingress(ctx: SkBuffContext) -> i32 {
+    sock_observe(&ctx, false);
+    SOCK_ALLOW
+}
+
+const TCP_SYN: u16 = 0x02;
+const TCP_RST: u16 = 0x04;
+const TCP_ACK: u16 = 0x10;
+
+#[inline(always)]
+fn sock_observe(ctx: &SkBuffContext, egress: bool) -> Option<()> {
+    // SAFETY: a helper valid in cgroup_skb programs, given its context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let e = SOCKETS.get_ptr_mut(cookie)?;
+    // SAFETY: a value pointer from a successful lookup; plain integers
+    // another CPU may write at the same time (as conntrack's).
+    let e = unsafe { &mut *e };
+    let vihl: u8 = ctx.load(0).ok()?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let total = u16::from_be(ctx.load::<u16>(2).ok()?) as usize;
+    let proto: u8 = ctx.load(9).ok()?;
+    if proto != wire::IPPROTO_TCP || !(20..=60).contains(&ihl) {
+        return None;
+    }
+    let word = u16::from_be(ctx.load::<u16>(ihl + 12).ok()?);
+    let doff = ((word >> 12) as usize) * 4;
+    let flags = word & 0x3f;
+    let payload = total.checked_sub(ihl + doff)?;
+    let s = stats(e.backend_id)?;
+    let syn = flags & TCP_SYN != 0;
+    let ack = flags & TCP_ACK != 0;
+    if egress {
+        s.packets[TO_BACKEND] += 1;
+        s.bytes[TO_BACKEND] += total as u64;
+        if syn && !ack {
+            if e.syn_ns == 0 {
+                e.syn_ns = now_ns();
+                s.connections += 1;
+            } else if e.flags & CT_F_RETRIED == 0 {
+                // The SYN again: one unanswered attempt, counted once.
+                e.flags |= CT_F_RETRIED;
+                s.unanswered += 1;
+            }
+        } else if payload > 0 && e.req_ns == 0 && e.status_pos == 0 {
+            e.req_ns = now_ns();
+        }
+        return Some(());
+    }
+    s.packets[FROM_BACKEND] += 1;
+    s.bytes[FROM_BACKEND] += total as u64;
+    let http = e.flags & CT_F_HTTP != 0;
+    let w = Watch {
+        syn_ns: &mut e.syn_ns,
+        req_ns: &mut e.req_ns,
+        status_pos: &mut e.status_pos,
+        status_code: &mut e.status_code,
+        http,
+    };
+    let at = (ihl + doff) as u32;
+    from_backend(s, w, flags & TCP_RST != 0, syn && ack, payload, |buf| {
+        let want = if payload >= STATUS_LINE_LEN {
+            STATUS_LINE_LEN
+        } else {
+            payload
+        };
+        // The helper wants a size the verifier can prove is 1 to 12.
+        let Some(n) = in_range::<1, { STATUS_LINE_LEN as u64 }>(want as u64) else {
+            return 0;
+        };
+        // SAFETY: buf has 12 bytes and n <= 12; the helper checks the skb's bounds.
+        let r = unsafe {
+            bpf_skb_load_bytes(ctx.skb.skb.cast(), at, buf.as_mut_ptr().cast(), n as u32)
+        };
+        if r == 0 { n as usize } else { 0 }
+    });
+    Some(())
 }
 
 #[unsafe(link_section = "license")]

@@ -31,6 +31,8 @@ use kanari_common::{
 };
 use tracing::{info, warn};
 
+pub mod socket;
+
 use crate::{
     config::{AttachMode, Cidr, Config, Interface},
     pins::{Hook, Pins},
@@ -41,7 +43,7 @@ use crate::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kanari"));
 
 /// Every map, with the key and value sizes this build expects of it.
-const MAPS: [(&str, usize, usize); 8] = [
+const MAPS: [(&str, usize, usize); 9] = [
     (
         names::SERVICES,
         size_of::<ServiceKey>(),
@@ -59,6 +61,11 @@ const MAPS: [(&str, usize, usize); 8] = [
     (names::STATS, size_of::<u32>(), size_of::<BackendStats>()),
     (names::SETTINGS, size_of::<u32>(), size_of::<Settings>()),
     (names::GUARD, size_of::<u32>(), size_of::<Bucket>()),
+    (
+        names::SOCKETS,
+        size_of::<u64>(),
+        size_of::<kanari_common::maps::SockEntry>(),
+    ),
 ];
 
 /// How the ingress path ended up attached to an interface.
@@ -101,11 +108,15 @@ pub struct LoadOptions {
     pub max_backends: u32,
     /// Pin everything here and adopt what is pinned; `None`: nothing outlives the process.
     pub pins: Option<Pins>,
+    /// Load the socket path's programs too (`socket_lb:`).
+    pub socket_lb: bool,
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     links: BTreeMap<String, Links>,
+    /// The socket path's attachment (`socket_lb:`).
+    socket: Option<socket::SocketLinks>,
     pins: Option<Pins>,
     /// The maps were pinned by an earlier agent and are reused.
     pub adopted: bool,
@@ -220,6 +231,9 @@ impl Datapath {
             p.load()
                 .with_context(|| format!("the kernel refused program {name}"))?;
         }
+        if opts.socket_lb {
+            socket::load(&mut ebpf)?;
+        }
         if adopted {
             info!(
                 "adopting the pinned maps of a previous agent: conntrack, weights and counters carry on"
@@ -234,6 +248,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             links: BTreeMap::new(),
+            socket: None,
             pins: opts.pins,
             adopted,
             sizes,
@@ -442,6 +457,26 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the socket path to `cgroup` (adopting a pinned one there),
+    /// or detaches it (`None`).
+    pub fn attach_socket(&mut self, cgroup: Option<&std::path::Path>) -> Result<()> {
+        if self.socket.as_ref().map(|s| s.cgroup.as_path()) == cgroup {
+            return Ok(());
+        }
+        if let Some(old) = self.socket.take() {
+            socket::detach(old, self.pins.as_ref())?;
+        }
+        if let Some(c) = cgroup {
+            self.socket = Some(socket::attach(&mut self.ebpf, self.pins.as_ref(), c)?);
+        }
+        Ok(())
+    }
+
+    /// The cgroup the socket path is attached to.
+    pub fn socket_cgroup(&self) -> Option<&std::path::Path> {
+        self.socket.as_ref().map(|s| s.cgroup.as_path())
+    }
+
     /// Detaches every interface and removes every pin: nothing of kanari is
     /// left in the kernel once this agent's handles close.
     pub fn uninstall(&mut self) -> Result<()> {
@@ -449,6 +484,7 @@ impl Datapath {
         for n in names {
             self.detach(&n)?;
         }
+        self.attach_socket(None)?;
         if let Some(pins) = &self.pins {
             pins.remove_all()?;
         }
