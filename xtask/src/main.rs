@@ -20,8 +20,9 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use clap::{Parser, Subcommand};
 
 /// Debian packages every build needs: the etcd client (agent/src/fleet/etcd)
-/// compiles etcd's .proto files with `protoc`.
-const BUILD_PACKAGES: &[&str] = &["protobuf-compiler"];
+/// compiles etcd's .proto files with `protoc`, which needs the well-known
+/// types (`google/protobuf/descriptor.proto`) from `libprotobuf-dev`.
+const BUILD_PACKAGES: &[&str] = &["protobuf-compiler", "libprotobuf-dev"];
 
 /// Debian packages the end-to-end tests (and the demo) use. `prometheus` brings
 /// the server the observer and deploy tests scrape with, and `promtool`;
