@@ -262,16 +262,20 @@ pub fn families(view: &Snapshot) -> Vec<MetricFamily> {
     let mut tcp_errors = Vec::new();
     let mut bytes = Vec::new();
     let mut packets = Vec::new();
-    for (_, key, tot) in t.backends() {
+    // By the path that counted (packet: the XDP/TC programs; socket: the
+    // socket path's cgroup programs); the judges see their sum.
+    for (key, path, tot) in t.backends_by_path() {
+        let tot = &tot;
         let backend = key.addr.to_string();
         let base = [
             ("service", &*key.service),
             ("version", key.group.0.name()),
             ("backend", backend.as_str()),
+            ("path", path),
         ];
+        let with = |k: &'static str, v: &'static str| [base[0], base[1], base[2], base[3], (k, v)];
         for (class, name) in CLASS_NAMES.iter().enumerate().take(CLASSES) {
-            let l = [base[0], base[1], base[2], ("class", *name)];
-            requests.push(counter(&l, tot.requests[class]));
+            requests.push(counter(&with("class", name), tot.requests[class]));
         }
         durations.push(histogram(&base, &tot.ttfb, tot.ttfb_sum_ns));
         connections.push(counter(&base, tot.connections));
@@ -283,17 +287,11 @@ pub fn families(view: &Snapshot) -> Vec<MetricFamily> {
             ("timeout", tot.timeouts),
             ("connect_timeout", tot.connect_timeouts),
         ] {
-            tcp_errors.push(counter(&[base[0], base[1], base[2], ("kind", kind)], v));
+            tcp_errors.push(counter(&with("kind", kind), v));
         }
         for (dir, i) in [("to_backend", TO_BACKEND), ("from_backend", FROM_BACKEND)] {
-            bytes.push(counter(
-                &[base[0], base[1], base[2], ("direction", dir)],
-                tot.bytes[i],
-            ));
-            packets.push(counter(
-                &[base[0], base[1], base[2], ("direction", dir)],
-                tot.packets[i],
-            ));
+            bytes.push(counter(&with("direction", dir), tot.bytes[i]));
+            packets.push(counter(&with("direction", dir), tot.packets[i]));
         }
     }
     let datapath: Vec<Metric> = view
@@ -476,13 +474,13 @@ mod tests {
             );
             assert!(text.contains(&format!("# TYPE {fam} ")), "{fam} TYPE");
         }
-        assert!(text.contains(r#"kanari_requests_total{service="web",version="canary",backend="10.0.3.1:80",class="5xx"} 3"#), "{text}");
+        assert!(text.contains(r#"kanari_requests_total{service="web",version="canary",backend="10.0.3.1:80",path="packet",class="5xx"} 3"#), "{text}");
         assert!(text.contains(r#"kanari_canary_weight_ratio{service="web"} 0.125"#));
         assert!(text.contains(
             r#"kanari_datapath_packets_total{interface="eth0",action="xdp_steered"} 42"#
         ));
-        assert!(text.contains(r#"kanari_request_duration_seconds_count{service="web",version="canary",backend="10.0.3.1:80"} 10"#));
-        assert!(text.contains(r#"kanari_request_duration_seconds_sum{service="web",version="canary",backend="10.0.3.1:80"} 0.2"#));
+        assert!(text.contains(r#"kanari_request_duration_seconds_count{service="web",version="canary",backend="10.0.3.1:80",path="packet"} 10"#));
+        assert!(text.contains(r#"kanari_request_duration_seconds_sum{service="web",version="canary",backend="10.0.3.1:80",path="packet"} 0.2"#));
         assert!(
             text.contains("kanari_tick_duration_seconds_bucket{le=\"0.0025\"} 0"),
             "{text}"

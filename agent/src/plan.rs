@@ -261,7 +261,11 @@ pub fn plan(
                 id
             }
         };
-        let key = ServiceKey::tcp(wire::addr(*svc.vip.ip()), wire::port(svc.vip.port()));
+        let (addr, port) = (wire::addr(*svc.vip.ip()), wire::port(svc.vip.port()));
+        let key = match svc.protocol {
+            Protocol::Udp => ServiceKey::udp(addr, port),
+            Protocol::Http | Protocol::Tcp => ServiceKey::tcp(addr, port),
+        };
 
         let mut backends: [Vec<(SocketAddrV4, u32)>; 2] = [Vec::new(), Vec::new()];
         let mut generation = old.map_or([0, 0], |o| o.generation);

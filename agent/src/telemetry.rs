@@ -286,43 +286,67 @@ impl Accumulator {
 
     /// The increase since the last read.
     pub fn update(&mut self, cur: &[BackendStats]) -> Totals {
+        self.update_split(cur, None).0
+    }
+
+    /// The increase since the last read, and the part of it in the slots
+    /// from `socket_from` on (the socket path's; nothing without).
+    pub fn update_split(
+        &mut self,
+        cur: &[BackendStats],
+        socket_from: Option<usize>,
+    ) -> (Totals, Totals) {
         let mut d = Totals::default();
-        for (cpu, c) in cur.iter().enumerate() {
-            let p = self.prev.get(cpu).copied().unwrap_or(BackendStats::ZERO);
-            d.connections += grow(c.connections, p.connections);
-            d.connects += grow(c.connects, p.connects);
-            d.connect_sum_ns += grow(c.connect_sum_ns, p.connect_sum_ns);
-            d.resets += grow(c.resets, p.resets);
-            d.refused += grow(c.refused, p.refused);
-            d.unanswered += grow(c.unanswered, p.unanswered);
-            for i in 0..CLASSES {
-                d.requests[i] += grow(c.requests[i], p.requests[i]);
+        let mut socket = Totals::default();
+        for (slot, c) in cur.iter().enumerate() {
+            let p = self.prev.get(slot).copied().unwrap_or(BackendStats::ZERO);
+            let one = grown(c, &p);
+            if socket_from.is_some_and(|from| slot >= from) {
+                socket += &one;
             }
-            d.ttfb_sum_ns += grow(c.ttfb_sum_ns, p.ttfb_sum_ns);
-            for i in [TO_BACKEND, FROM_BACKEND] {
-                d.bytes[i] += grow(c.bytes[i], p.bytes[i]);
-                d.packets[i] += grow(c.packets[i], p.packets[i]);
-            }
-            for (d, (c, p)) in d
-                .ttfb
-                .0
-                .iter_mut()
-                .zip(c.ttfb_hist.iter().zip(&p.ttfb_hist))
-            {
-                *d += c.wrapping_sub(*p) as u64;
-            }
-            for (d, (c, p)) in d
-                .connect
-                .0
-                .iter_mut()
-                .zip(c.connect_hist.iter().zip(&p.connect_hist))
-            {
-                *d += c.wrapping_sub(*p) as u64;
-            }
+            d += &one;
         }
         self.prev = cur.to_vec();
-        d
+        (d, socket)
     }
+}
+
+/// What one slot counted since `p`.
+fn grown(c: &BackendStats, p: &BackendStats) -> Totals {
+    let mut d = Totals {
+        connections: grow(c.connections, p.connections),
+        connects: grow(c.connects, p.connects),
+        connect_sum_ns: grow(c.connect_sum_ns, p.connect_sum_ns),
+        resets: grow(c.resets, p.resets),
+        refused: grow(c.refused, p.refused),
+        unanswered: grow(c.unanswered, p.unanswered),
+        ttfb_sum_ns: grow(c.ttfb_sum_ns, p.ttfb_sum_ns),
+        ..Totals::default()
+    };
+    for i in 0..CLASSES {
+        d.requests[i] = grow(c.requests[i], p.requests[i]);
+    }
+    for i in [TO_BACKEND, FROM_BACKEND] {
+        d.bytes[i] = grow(c.bytes[i], p.bytes[i]);
+        d.packets[i] = grow(c.packets[i], p.packets[i]);
+    }
+    for (d, (c, p)) in d
+        .ttfb
+        .0
+        .iter_mut()
+        .zip(c.ttfb_hist.iter().zip(&p.ttfb_hist))
+    {
+        *d = c.wrapping_sub(*p) as u64;
+    }
+    for (d, (c, p)) in d
+        .connect
+        .0
+        .iter_mut()
+        .zip(c.connect_hist.iter().zip(&p.connect_hist))
+    {
+        *d = c.wrapping_sub(*p) as u64;
+    }
+    d
 }
 
 /// Who a backend id belongs to.
@@ -350,6 +374,8 @@ struct BackendTotals {
     key: BackendKey,
     /// Shared with the snapshots published since it last changed.
     totals: Arc<Totals>,
+    /// The part of `totals` the socket path counted.
+    socket: Arc<Totals>,
 }
 
 #[derive(Clone, Default)]
@@ -404,6 +430,8 @@ pub struct TelemetryView {
     /// Longest window kept, in seconds.
     horizon_s: u64,
     now_ns: u64,
+    /// The socket path runs: backends' counts are also shown by path.
+    socket_path: bool,
 }
 
 /// Turns the kernel's reads into [`TelemetryView`]s: per-backend
@@ -419,6 +447,8 @@ pub struct Telemetry {
     ticks: BTreeMap<Arc<str>, [VecDeque<(u64, Recent)>; 2]>,
     /// How long ticks are kept for the critical path (its longest window).
     recent_ns: u64,
+    /// Where the socket path's slots start in a read (None: no socket path).
+    socket_from: Option<usize>,
 }
 
 impl std::ops::Deref for Telemetry {
@@ -469,12 +499,21 @@ impl Telemetry {
                 groups: BTreeMap::new(),
                 horizon_s: horizon_s.max(1),
                 now_ns: 0,
+                socket_path: false,
             }),
             accumulators: BTreeMap::new(),
             adopted: Default::default(),
             ticks: BTreeMap::new(),
             recent_ns: 10_000_000_000,
+            socket_from: None,
         }
+    }
+
+    /// Reads hold the socket path's slots from `from` on (see
+    /// `Datapath::backend_stats`): their counts are told apart by path.
+    pub fn socket_slots_from(&mut self, from: Option<usize>) {
+        self.socket_from = from;
+        Arc::make_mut(&mut self.view).socket_path = from.is_some();
     }
 
     /// Keeps the ticks of the last `ns` for the critical path.
@@ -499,34 +538,50 @@ impl Telemetry {
             let (service, g) = (key.service.clone(), key.group.0 as usize);
             let known = v.backends.remove(&id);
             let acc = self.accumulators.remove(&id);
-            let (acc, totals) = match (known, acc) {
+            let socket_from = self.socket_from;
+            let (acc, totals, socket) = match (known, acc) {
                 (Some(b), Some(mut acc)) if b.key == key => {
-                    let d = acc.update(&cur);
+                    let (d, ds) = acc.update_split(&cur, socket_from);
                     let mut totals = b.totals;
+                    let mut socket = b.socket;
+                    if ds != Totals::default() {
+                        *Arc::make_mut(&mut socket) += &ds;
+                    }
                     if d != Totals::default() {
                         *Arc::make_mut(&mut totals) += &d;
                         tick.entry(service.clone()).or_default()[g].add(&Recent::of(&d));
                         let gs = &mut v.groups.entry(service).or_default()[g];
                         *Arc::make_mut(&mut gs.totals) += &d;
                     }
-                    (acc, totals)
+                    (acc, totals, socket)
                 }
                 // Adopted from an earlier agent: everything in the slot is this backend's.
                 _ if self.adopted.remove(&id) => {
                     let mut acc = Accumulator::new(&[]);
-                    let d = acc.update(&cur);
+                    let (d, ds) = acc.update_split(&cur, socket_from);
                     let gs = &mut v.groups.entry(service).or_default()[g];
                     *Arc::make_mut(&mut gs.totals) += &d;
-                    (acc, Arc::new(d))
+                    (acc, Arc::new(d), Arc::new(ds))
                 }
                 // New, or the id now names another backend: start from here.
                 _ => {
                     v.groups.entry(service).or_default();
-                    (Accumulator::new(&cur), Arc::new(Totals::default()))
+                    (
+                        Accumulator::new(&cur),
+                        Arc::new(Totals::default()),
+                        Arc::new(Totals::default()),
+                    )
                 }
             };
             accumulators.insert(id, acc);
-            backends.insert(id, BackendTotals { key, totals });
+            backends.insert(
+                id,
+                BackendTotals {
+                    key,
+                    totals,
+                    socket,
+                },
+            );
         }
         v.backends = backends;
         self.accumulators = accumulators;
@@ -575,6 +630,7 @@ impl Telemetry {
             BackendTotals {
                 key,
                 totals: Arc::new(Totals::default()),
+                socket: Arc::new(Totals::default()),
             },
         );
     }
@@ -678,6 +734,21 @@ impl TelemetryView {
         self.backends
             .iter()
             .map(|(id, b)| (*id, &b.key, b.totals.as_ref()))
+    }
+
+    /// Each backend's totals by the path that counted them: `packet` (the
+    /// XDP/TC programs), and `socket` when the socket path runs.
+    pub fn backends_by_path(&self) -> Vec<(&BackendKey, &'static str, Totals)> {
+        let mut out = Vec::new();
+        for b in self.backends.values() {
+            if self.socket_path {
+                out.push((&b.key, "packet", b.totals.as_ref() - b.socket.as_ref()));
+                out.push((&b.key, "socket", (*b.socket).clone()));
+            } else {
+                out.push((&b.key, "packet", (*b.totals).clone()));
+            }
+        }
+        out
     }
 
     pub fn group(&self, service: &str, group: Group) -> Option<&Totals> {
@@ -840,6 +911,43 @@ mod tests {
             t.group("web", Group::Canary).unwrap().requests[CLASS_5XX],
             12
         );
+    }
+
+    #[test]
+    fn the_socket_paths_slots_are_told_apart_and_judged_with_the_rest() {
+        let mut t = Telemetry::new(10);
+        // Two CPUs of the packet path's slots, then two of the socket path's.
+        t.socket_slots_from(Some(2));
+        let k = key("web", Group::Canary, 1);
+        let zero = vec![BackendStats::ZERO; 4];
+        t.update(0, vec![(0, k.clone(), zero)]);
+        let read = vec![
+            stats(|s| s.requests[CLASS_5XX] = 1),
+            stats(|s| s.requests[CLASS_5XX] = 2),
+            stats(|s| s.requests[CLASS_5XX] = 4),
+            stats(|s| s.connections = 8),
+        ];
+        t.update(1_000_000_000, vec![(0, k.clone(), read)]);
+        // The judges see the sum...
+        let g = t.group("web", Group::Canary).unwrap();
+        assert_eq!((g.requests[CLASS_5XX], g.connections), (7, 8));
+        // ...the metrics each path's part.
+        let by: Vec<(&str, u64, u64)> = t
+            .backends_by_path()
+            .iter()
+            .map(|(_, p, tot)| (*p, tot.requests[CLASS_5XX], tot.connections))
+            .collect();
+        assert_eq!(by, [("packet", 3, 0), ("socket", 4, 8)]);
+        // Without the socket path, one series: the packet path's.
+        let mut plain = Telemetry::new(10);
+        plain.update(0, vec![(0, k.clone(), vec![BackendStats::ZERO])]);
+        plain.update(1, vec![(0, k, vec![stats(|s| s.requests[CLASS_5XX] = 5)])]);
+        let by: Vec<&str> = plain
+            .backends_by_path()
+            .iter()
+            .map(|(_, p, _)| *p)
+            .collect();
+        assert_eq!(by, ["packet"]);
     }
 
     #[test]

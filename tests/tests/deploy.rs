@@ -37,11 +37,13 @@ use kanari::status::{RolloutStatus, StatusReport};
 use kanari_common::maps::Group;
 use kanari_tests::{
     agent::{Agent, kanari_bin},
+    cgroup::{CgroupMount, TestCgroup},
     client::{get_once, http_get, run_bounded, runtime},
     load::Load,
     netns::{Netns, require_root, unique_tag},
     prometheus::Prometheus,
     python::python_tool,
+    socket_client::run_client,
     topology::{Topology, TopologyOptions, VIP, client_addr},
 };
 use serde_json::Value;
@@ -445,12 +447,28 @@ fn the_kubernetes_manifests_render_and_validate() {
     for path in ["/sys/fs/bpf", "/run/kanari", "/var/lib/kanari"] {
         assert_eq!(mounted(path)["hostPath"]["path"], path);
     }
+    // The socket path attaches to the host's cgroup hierarchy, not to the
+    // container's cgroup namespace.
+    assert_eq!(
+        mounted("/host/sys/fs/cgroup")["hostPath"]["path"],
+        "/sys/fs/cgroup"
+    );
     // The generated ConfigMap (its name has kustomize's hash) is the one mounted
     // where the agent reads its configuration.
     let config_map = one(&kinds, "ConfigMap");
     assert_eq!(
         mounted("/etc/kanari")["configMap"]["name"],
         config_map["metadata"]["name"]
+    );
+    let agent_config: Value = serde_yaml_ng::from_str(
+        config_map["data"]["kanari.yaml"]
+            .as_str()
+            .expect("kanari.yaml"),
+    )
+    .expect("kanari.yaml is YAML");
+    assert_eq!(
+        agent_config["socket_lb"]["cgroup"], "/host/sys/fs/cgroup",
+        "the socket path's cgroup is the host's mount"
     );
     assert!(config_map["data"]["kanari.yaml"].is_string());
     let args: Vec<&str> = c["args"]
@@ -1012,8 +1030,16 @@ fn the_agent_runs_with_exactly_its_three_capabilities() {
         ..Default::default()
     })
     .expect("topology");
-    // XDP in the driver, with TC ingress beside it and TC egress: every attach kind.
-    let yaml = topo.config(50.0, "", "xdp");
+    // XDP in the driver, with TC ingress beside it and TC egress, and the
+    // socket path's cgroup programs (on a test cgroup): every attach kind.
+    let cgroup = TestCgroup::new(&topo.tag).expect("a test cgroup");
+    let mount = CgroupMount::new(&topo.tag).expect("the hierarchy where the agent sees it");
+    let socket_lb = format!(
+        "socket_lb:\n  enabled: true\n  cgroup: {}\n",
+        mount.path_of(&cgroup).expect("the cgroup's path").display()
+    );
+    let with_socket_lb = |percent: f64| format!("{}{socket_lb}", topo.config(percent, "", "xdp"));
+    let yaml = with_socket_lb(50.0);
 
     // Without any one of them it stops at once, with the kernel's refusal. (These
     // run first: nothing of theirs is loaded, so nothing is left to adopt.)
@@ -1066,6 +1092,18 @@ fn the_agent_runs_with_exactly_its_three_capabilities() {
         "{attached:?}"
     );
 
+    // A process in the cgroup dialling the VIP is steered at connect().
+    let steered = run_client(
+        &topo.node,
+        Some(&cgroup),
+        &["tcp", "--to", &VIP.to_string(), "--count", "20"],
+    )
+    .expect("the client runs");
+    assert!(
+        steered.len() == 20 && steered.iter().all(|l| l["ok"] == true),
+        "requests through the socket path: {steered:?}"
+    );
+
     // It steers, serves its control socket, and applies a reload (map writes).
     let before = groups_answering(&topo, 0, 200);
     assert!(
@@ -1084,9 +1122,7 @@ fn the_agent_runs_with_exactly_its_three_capabilities() {
         status.contains("service web at 10.0.0.100:80: canary weight 50%"),
         "{status}"
     );
-    agent
-        .reload(&topo.config(100.0, "", "xdp"))
-        .expect("reloads");
+    agent.reload(&with_socket_lb(100.0)).expect("reloads");
     let after = groups_answering(&topo, 1000, 50);
     assert_eq!(
         after.get(&Group::Canary),
@@ -1105,12 +1141,7 @@ fn the_agent_runs_with_exactly_its_three_capabilities() {
         Some(&50),
         "without an agent: {alone:?}"
     );
-    let mut next = CappedAgent::spawn(
-        &topo.node,
-        &topo.config(100.0, "", "xdp"),
-        &CAPABILITIES,
-        &[],
-    );
+    let mut next = CappedAgent::spawn(&topo.node, &with_socket_lb(100.0), &CAPABILITIES, &[]);
     next.wait_ready(&topo.node)
         .expect("the next agent adopts the data path with its three capabilities");
     assert!(

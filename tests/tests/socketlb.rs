@@ -35,7 +35,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    setup_with(&TopologyOptions::default())
+}
+
+fn setup_with(opts: &TopologyOptions) -> Setup {
+    let topo = Topology::new(opts).expect("topology");
     let cgroup = TestCgroup::new(&topo.tag).expect("a test cgroup");
     let mount = CgroupMount::new(&topo.tag).expect("the hierarchy where the agent sees it");
     Setup {
@@ -147,6 +151,15 @@ fn a_process_in_the_cgroup_reaches_the_split_sees_the_vip_and_one_outside_is_unt
     );
     let answered = sum(&text, "kanari_requests_total", &[("service", "web")]);
     assert_eq!(answered, n, "every request's answer counted: {answered}");
+    // Labelled by the path that counted them.
+    for (path, want) in [("socket", n), ("packet", 0.0)] {
+        let v = sum(
+            &text,
+            "kanari_requests_total",
+            &[("service", "web"), ("path", path)],
+        );
+        assert_eq!(v, want, "requests counted by the {path} path");
+    }
     let served: u64 = s
         .topo
         .backends
@@ -314,4 +327,114 @@ fn with_the_agent_killed_the_pinned_programs_keep_steering() {
     );
     let lines = s.requests(20);
     assert!(lines.iter().all(|l| l["ok"] == true), "{lines:?}");
+}
+
+#[test]
+fn udp_datagrams_are_split_answered_from_the_vip_and_measured() {
+    if !require_root() {
+        return;
+    }
+    let s = setup_with(&TopologyOptions {
+        udp_echo: true,
+        ..Default::default()
+    });
+    let list = |g| {
+        s.topo
+            .backends_of(g)
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // The same VIP:port for TCP (web) and UDP (echo), as DNS has.
+    let echo = format!(
+        "  - name: echo\n    vip: {VIP}\n    protocol: udp\n    affinity: connection\n    canary_weight: 10\n    salt: 7\n    stable:\n      backends: [{}]\n    canary:\n      backends: [{}]\n",
+        list(Group::Stable),
+        list(Group::Canary)
+    );
+    let agent = Agent::start(&s.topo.node, &s.config(10.0, &echo)).expect("kanari starts");
+    let udp = |cgroup: Option<&TestCgroup>, count: usize, each: bool| {
+        let n = count.to_string();
+        let mut args = vec!["udp", "--to", "", "--count", &n];
+        let to = VIP.to_string();
+        args[2] = &to;
+        if each {
+            args.push("--new-socket-each");
+        }
+        run_client(&s.topo.node, cgroup, &args).expect("the client runs")
+    };
+    // sendmsg4 picks a backend per socket; recvmsg4 answers the VIP.
+    let n = 2000;
+    let lines = udp(Some(&s.cgroup), n, true);
+    let failed: Vec<&Value> = lines.iter().filter(|l| l["ok"] != true).collect();
+    assert!(failed.is_empty() && lines.len() == n, "{failed:?}");
+    for l in &lines {
+        assert_eq!(l["from"], VIP.to_string(), "{l}");
+    }
+    let canary = lines
+        .iter()
+        .filter(|l| s.group(l) == Some(Group::Canary))
+        .count() as f64;
+    let share = canary / n as f64;
+    let bound = 3.29 * (0.1 * 0.9 / n as f64).sqrt();
+    eprintln!(
+        "socket path, UDP: canary share {:.2} % of {n} sockets (bound ±{:.2} points)",
+        share * 100.0,
+        bound * 100.0
+    );
+    assert!((share - 0.1).abs() <= bound, "{share} of {n}");
+
+    // One socket's datagrams stay on one backend.
+    let one = udp(Some(&s.cgroup), 50, false);
+    let backends: std::collections::BTreeSet<&str> =
+        one.iter().filter_map(|l| l["backend"].as_str()).collect();
+    assert!(
+        one.iter().all(|l| l["ok"] == true) && backends.len() == 1,
+        "one socket reached {backends:?}: {one:?}"
+    );
+
+    // The kernel timed every exchange, per backend, on the socket path.
+    let want = (n + one.len()) as f64;
+    let text = until(5, "the exchanges counted", || {
+        let text = scrape(&s.topo.node);
+        let answered = sum(&text, "kanari_requests_total", &[("service", "echo")]);
+        (answered >= want)
+            .then_some(text.clone())
+            .ok_or(format!("{answered} of {want}"))
+    });
+    let canary_counted = sum(
+        &text,
+        "kanari_requests_total",
+        &[("service", "echo"), ("version", "canary")],
+    );
+    let canary_sent = canary
+        + if one.iter().any(|l| s.group(l) == Some(Group::Canary)) {
+            one.len() as f64
+        } else {
+            0.0
+        };
+    assert_eq!(canary_counted, canary_sent, "the canary's exchanges");
+    assert_eq!(
+        sum(
+            &text,
+            "kanari_requests_total",
+            &[("service", "echo"), ("path", "socket")]
+        ),
+        want,
+        "counted by the socket path"
+    );
+    assert_eq!(
+        sum(&text, "kanari_requests_total", &[("service", "web")]),
+        0.0,
+        "the TCP service on the same VIP:port saw none"
+    );
+
+    // Outside the cgroup a datagram to the VIP is not steered: nothing
+    // answers it.
+    let outside = udp(None, 2, false);
+    assert!(
+        outside.iter().all(|l| l["ok"] == false),
+        "a process outside the cgroup was steered: {outside:?}"
+    );
+    drop(agent);
 }

@@ -24,7 +24,7 @@
 //!   - name: web
 //!     vip: 10.0.0.100:80    # virtual IPv4 address and TCP port
 //!     affinity: client      # client | connection
-//!     protocol: http        # http (status classes) | tcp (timing only)
+//!     protocol: http        # http (status classes) | tcp (timing only) | udp (socket path)
 //!     canary_weight: 10     # percent of new clients sent to the canary
 //!     stable:
 //!       backends: [10.0.2.1:8080, 10.0.2.2:8080]

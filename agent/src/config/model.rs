@@ -207,6 +207,9 @@ pub enum Protocol {
     Http,
     /// Any TCP protocol: exchanges are timed, without a class.
     Tcp,
+    /// UDP, through the socket path only (`socket_lb:`): each datagram
+    /// answered is an exchange, timed from the datagram that asked.
+    Udp,
 }
 
 #[derive(Clone, Debug, PartialEq)]

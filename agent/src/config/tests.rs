@@ -706,3 +706,25 @@ fn the_socket_path_finds_the_unified_hierarchy_in_mountinfo() {
     .unwrap();
     assert_eq!(off.socket_lb, None);
 }
+
+#[test]
+fn a_udp_service_needs_the_socket_path_and_may_share_a_tcp_services_vip() {
+    let services = "services:\n  - name: dns\n    vip: 10.0.0.53:53\n    protocol: udp\n    stable: {backends: [10.0.2.1:53]}\n  - name: dns-tcp\n    vip: 10.0.0.53:53\n    protocol: tcp\n    stable: {backends: [10.0.2.1:53]}\n";
+    let e = parse_err(&format!("interfaces: [{{name: eth0}}]\n{services}"));
+    assert_eq!(e.field, "services[0].protocol");
+    assert!(e.message.contains("socket_lb"), "{}", e.message);
+    let c = parse(
+        "k.yaml",
+        &format!("interfaces: [{{name: eth0}}]\nsocket_lb: {{enabled: true}}\n{services}"),
+        &exists,
+    )
+    .unwrap();
+    assert_eq!(c.services[0].protocol, Protocol::Udp);
+    assert_eq!(c.services[1].protocol, Protocol::Tcp);
+    // Two UDP services on one VIP:port are still one too many.
+    let twice = services.replace("protocol: tcp", "protocol: udp");
+    let e = parse_err(&format!(
+        "interfaces: [{{name: eth0}}]\nsocket_lb: {{enabled: true}}\n{twice}"
+    ));
+    assert_eq!(e.field, "services[1].vip");
+}

@@ -12,7 +12,7 @@ use super::{
     DEFAULT_LEASE_NAME, DEFAULT_RECORD_MAX_MB, DEFAULT_STATE_DIR, FieldError, Interface,
     MAX_CONNTRACK_CONNECTIONS, MAX_ETCD_TTL, MAX_LEASE_DURATION, MAX_LIMIT_BACKENDS,
     MAX_RECORD_MAX_MB, MAX_TICK, MIN_CONNTRACK_CONNECTIONS, MIN_ETCD_TTL, MIN_LEASE_DURATION,
-    MIN_TICK, RecordTo, RolloutSpec, SegmentRule, Service, err, raw::RawConfig, rollout,
+    MIN_TICK, Protocol, RecordTo, RolloutSpec, SegmentRule, Service, err, raw::RawConfig, rollout,
 };
 
 /// The salt of a service without one in the file: FNV-1a of its name, so a
@@ -49,6 +49,7 @@ pub(super) fn validate(
     interface_exists: &dyn Fn(&str) -> bool,
 ) -> Result<Config, FieldError> {
     let has_kubernetes = raw.kubernetes.is_some();
+    let socket_lb_on = raw.socket_lb.as_ref().is_some_and(|s| s.enabled);
     if raw.interfaces.is_empty() {
         return err(
             "interfaces",
@@ -226,10 +227,19 @@ pub(super) fn validate(
             );
         }
         let vip = s.vip.0;
-        if let Some(j) = vips.insert(vip, i) {
+        let udp = s.protocol == Protocol::Udp;
+        if let Some(j) = vips.insert((vip, udp), i) {
             return err(
                 at("vip"),
-                format!("{vip} is also the VIP of services[{j}]; each VIP:port is one service"),
+                format!(
+                    "{vip} is also the VIP of services[{j}]; each VIP:port is one service (one for TCP, one for UDP)"
+                ),
+            );
+        }
+        if udp && !socket_lb_on {
+            return err(
+                at("protocol"),
+                "a udp service is steered by the socket path only (the packet path passes UDP untouched): set `socket_lb: {enabled: true}`, or use tcp",
             );
         }
         let stable: Vec<_> = s.stable.backends.iter().map(|e| e.0).collect();
@@ -410,7 +420,8 @@ pub(super) fn validate(
     for (i, s) in services.iter().enumerate() {
         for (group, list) in [("stable", &s.stable), ("canary", &s.canary)] {
             for (k, b) in list.iter().enumerate() {
-                if let Some(&j) = vips.get(b) {
+                let udp = s.protocol == Protocol::Udp;
+                if let Some(&j) = vips.get(&(*b, udp)) {
                     return err(
                         format!("services[{i}].{group}.backends[{k}]"),
                         format!(

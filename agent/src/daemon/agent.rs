@@ -272,6 +272,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     };
     let mut telemetry = Telemetry::new(crate::status::WINDOW_SECONDS);
     telemetry.adopt(adopted_ids());
+    telemetry.socket_slots_from(datapath.socket_slots_from()?);
     // With a fleet, the judges read another telemetry: this node's counters
     // and the others' (the leader's). Metrics and status stay this node's.
     let fleet_telemetry = (config.kubernetes.is_some() || config.fleet.is_some()).then(|| {

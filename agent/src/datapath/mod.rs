@@ -43,7 +43,7 @@ use crate::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kanari"));
 
 /// Every map, with the key and value sizes this build expects of it.
-const MAPS: [(&str, usize, usize); 9] = [
+const MAPS: [(&str, usize, usize); 10] = [
     (
         names::SERVICES,
         size_of::<ServiceKey>(),
@@ -59,6 +59,11 @@ const MAPS: [(&str, usize, usize); 9] = [
     ),
     (names::COUNTERS, size_of::<CounterKey>(), size_of::<u64>()),
     (names::STATS, size_of::<u32>(), size_of::<BackendStats>()),
+    (
+        names::SOCK_STATS,
+        size_of::<u32>(),
+        size_of::<BackendStats>(),
+    ),
     (names::SETTINGS, size_of::<u32>(), size_of::<Settings>()),
     (names::GUARD, size_of::<u32>(), size_of::<Bucket>()),
     (
@@ -117,6 +122,8 @@ pub struct Datapath {
     links: BTreeMap<String, Links>,
     /// The socket path's attachment (`socket_lb:`).
     socket: Option<socket::SocketLinks>,
+    /// The socket path's programs are loaded (its statistics are read).
+    socket_lb: bool,
     pins: Option<Pins>,
     /// The maps were pinned by an earlier agent and are reused.
     pub adopted: bool,
@@ -217,6 +224,8 @@ impl Datapath {
             }
             None => Vec::new(),
         };
+        // The socket path's statistics take the ids the adopted ones do.
+        loader.map_max_entries(names::SOCK_STATS, sizes.max_backends);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -249,6 +258,7 @@ impl Datapath {
             ebpf,
             links: BTreeMap::new(),
             socket: None,
+            socket_lb: opts.socket_lb,
             pins: opts.pins,
             adopted,
             sizes,
@@ -677,14 +687,33 @@ impl Datapath {
             .collect())
     }
 
-    /// One backend's statistics, per CPU.
+    /// One backend's statistics, per CPU: the packet path's, then (with
+    /// the socket path loaded) the socket path's — [`Self::socket_slots_from`]
+    /// says where those start. Summed, they are the backend's.
     pub fn backend_stats(&self, id: u32) -> Result<Vec<BackendStats>> {
+        let read = |name| -> Result<Vec<BackendStats>> {
+            let m: PerCpuArray<&MapData, BackendStats> = map(&self.ebpf, name)?;
+            Ok(m.get(&id, 0)
+                .with_context(|| format!("reading the statistics of backend {id} ({name})"))?
+                .iter()
+                .copied()
+                .collect())
+        };
+        let mut all = read(names::STATS)?;
+        if self.socket_lb {
+            all.extend(read(names::SOCK_STATS)?);
+        }
+        Ok(all)
+    }
+
+    /// Where the socket path's slots start in [`Self::backend_stats`]'s
+    /// reads (None without the socket path).
+    pub fn socket_slots_from(&self) -> Result<Option<usize>> {
+        if !self.socket_lb {
+            return Ok(None);
+        }
         let m: PerCpuArray<&MapData, BackendStats> = map(&self.ebpf, names::STATS)?;
-        Ok(m.get(&id, 0)
-            .with_context(|| format!("reading the statistics of backend {id}"))?
-            .iter()
-            .copied()
-            .collect())
+        Ok(Some(m.get(&0, 0).context("reading the statistics")?.len()))
     }
 
     /// Reads the conntrack table in batches (see [`scan_lru`]).

@@ -28,8 +28,10 @@ use crate::pins::Pins;
 
 /// The hooks, with their programs: the steering (`sock_addr`), then the
 /// observer (`cgroup_skb`, every packet of a steered socket).
-pub const HOOKS: [(&str, &str); 4] = [
+pub const HOOKS: [(&str, &str); 6] = [
     ("connect4", programs::SOCK_CONNECT4),
+    ("sendmsg4", programs::SOCK_SENDMSG4),
+    ("recvmsg4", programs::SOCK_RECVMSG4),
     ("getpeername4", programs::SOCK_GETPEERNAME4),
     ("egress", programs::SOCK_EGRESS),
     ("ingress", programs::SOCK_INGRESS),

@@ -15,6 +15,9 @@ pub mod names {
     pub const SEGMENTS: &str = "KN_SEGMENTS_V1";
     pub const COUNTERS: &str = "KN_COUNTERS_V2";
     pub const STATS: &str = "KN_STATS_V2";
+    /// The socket path's per-backend statistics (same layout and ids as
+    /// `STATS`): kept apart so they can be told apart (`path` label).
+    pub const SOCK_STATS: &str = "KN_SOCKSTATS_V1";
     pub const SETTINGS: &str = "KN_SETTINGS_V1";
     pub const GUARD: &str = "KN_GUARD_V1";
     pub const SOCKETS: &str = "KN_SOCKETS_V1";
@@ -27,6 +30,8 @@ pub mod programs {
     pub const TC_EGRESS: &str = "kanari_tc_egress";
     /// The socket path (cgroup v2 `sock_addr` hooks, `socket_lb:`).
     pub const SOCK_CONNECT4: &str = "kanari_sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "kanari_sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "kanari_sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "kanari_sock_getpeername4";
     pub const SOCK_EGRESS: &str = "kanari_sock_egress";
     pub const SOCK_INGRESS: &str = "kanari_sock_ingress";
@@ -107,13 +112,25 @@ pub struct ServiceKey {
 
 impl ServiceKey {
     #[inline(always)]
-    pub const fn tcp(addr: u32, port: u16) -> Self {
+    pub const fn new(addr: u32, port: u16, proto: u8) -> Self {
         Self {
             addr,
             port,
-            proto: crate::wire::IPPROTO_TCP,
+            proto,
             _pad: 0,
         }
+    }
+
+    #[inline(always)]
+    pub const fn tcp(addr: u32, port: u16) -> Self {
+        Self::new(addr, port, crate::wire::IPPROTO_TCP)
+    }
+
+    /// A UDP service: steered by the socket path only (the packet path
+    /// passes UDP untouched).
+    #[inline(always)]
+    pub const fn udp(addr: u32, port: u16) -> Self {
+        Self::new(addr, port, crate::wire::IPPROTO_UDP)
     }
 }
 
@@ -547,7 +564,9 @@ pub struct SockEntry {
     /// A status line split across segments: its digits so far.
     pub status_code: u16,
     pub group: u8,
-    pub _pad: [u8; 7],
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub _pad: [u8; 6],
     /// When the SYN left (0: not connecting).
     pub syn_ns: u64,
     /// When a pending request's first byte left (0: none).

@@ -12,6 +12,7 @@ pub const ETH_HLEN: usize = 14;
 /// EtherType of IPv4, as read from the wire with `from_ne_bytes`.
 pub const ETH_P_IP_WIRE: u16 = u16::from_ne_bytes(0x0800u16.to_be_bytes());
 pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 /// Offset of the IPv4 header checksum from the start of the frame.
 pub const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 /// Offset of the IPv4 source address from the start of the frame.

@@ -27,8 +27,10 @@
 //! The socket path (`socket_lb:`): `kanari_sock_connect4` (cgroup v2
 //! `connect4`) sends a connect() to a service VIP straight to a backend,
 //! chosen by the same weights, so the connection is a plain one to the
-//! backend and no packet of it is translated; `kanari_sock_getpeername4`
-//! answers the VIP to the application that dialled it.
+//! backend and no packet of it is translated; `kanari_sock_sendmsg4` does
+//! the same for the datagrams of unconnected UDP sockets;
+//! `kanari_sock_getpeername4` and `kanari_sock_recvmsg4` answer the VIP to
+//! the application that dialled it.
 #![no_std]
 #![no_main]
 // Inline assembly for bounds the verifier must see (see `in_range`).
@@ -85,6 +87,11 @@ static COUNTERS: PerCpuHashMap<CounterKey, u64> =
 /// Sized by the agent from the configuration (`limits.backends`).
 #[map(name = "KN_STATS_V2")]
 static STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// The socket path's statistics, by the same backend ids (sized alike).
+#[map(name = "KN_SOCKSTATS_V1")]
+static SOCK_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "KN_SETTINGS_V1")]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -156,6 +163,14 @@ fn count(ifindex: u32, c: Counter) {
 fn stats(backend_id: u32) -> Option<&'static mut BackendStats> {
     // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it while we run.
     STATS.get_ptr_mut(backend_id).map(|s| unsafe { &mut *s })
+}
+
+#[inline(always)]
+fn sock_stats(backend_id: u32) -> Option<&'static mut BackendStats> {
+    // SAFETY: as in `stats`.
+    SOCK_STATS
+        .get_ptr_mut(backend_id)
+        .map(|s| unsafe { &mut *s })
 }
 
 #[inline(always)]
@@ -763,37 +778,60 @@ const fn fold(c: u64) -> u32 {
     (c ^ (c >> 32)) as u32
 }
 
-/// connect() of a TCP socket in the cgroup: a service VIP becomes one of
-/// its backends, chosen as the packet path chooses (weights; a group with
-/// no backend sends its share to the other). With client affinity the
-/// group follows the caller's network namespace (a pod, or the host): the
-/// source address is not chosen yet at connect(), so client segments do
-/// not apply here. Never refuses the call.
+/// connect() of a socket in the cgroup: a TCP or UDP service's VIP
+/// becomes one of its backends, chosen as the packet path chooses
+/// (weights; a group with no backend sends its share to the other). With
+/// client affinity the group follows the caller's network namespace (a
+/// pod, or the host): the source address is not chosen yet at connect(),
+/// so client segments do not apply here. Never refuses the call.
 #[cgroup_sock_addr(connect4)]
 pub fn kanari_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock_connect4(&ctx);
+    sock_steer(&ctx, false);
+    SOCK_ALLOW
+}
+
+/// sendmsg() of an unconnected UDP socket to a UDP service's VIP: the
+/// datagram goes to the backend the socket was given by its first datagram
+/// to that VIP (a socket's datagrams stay on one backend, as conntrack
+/// keeps a source port on one), else to one chosen as connect() chooses.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kanari_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_steer(&ctx, true);
     SOCK_ALLOW
 }
 
 #[inline(always)]
-fn sock_connect4(ctx: &SockAddrContext) {
+fn sock_steer(ctx: &SockAddrContext, sendmsg: bool) {
     let sa = ctx.sock_addr;
     // SAFETY: the context the kernel passed; these fields are readable by
-    // connect4 programs.
+    // connect4 and sendmsg4 programs.
     let (proto, vip, vport) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
-    if proto != wire::IPPROTO_TCP as u32 {
+    let proto = proto as u8;
+    if proto != wire::IPPROTO_TCP && proto != wire::IPPROTO_UDP {
         return;
     }
     let vport = vport as u16;
+    // SAFETY: helpers valid in sock_addr programs, given their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if sendmsg && let Some(e) = SOCKETS.get_ptr(cookie) {
+        // SAFETY: a value pointer from a successful lookup; copied at once.
+        let e = unsafe { *e };
+        if e.vip == vip && e.vport == vport {
+            // SAFETY: sendmsg4 programs may write the destination.
+            unsafe {
+                (*sa).user_ip4 = e.baddr;
+                (*sa).user_port = e.bport as u32;
+            }
+            return;
+        }
+    }
     // SAFETY: a value pointer from a successful lookup; copied at once.
     let Some(svc) = SERVICES
-        .get_ptr(ServiceKey::tcp(vip, vport))
+        .get_ptr(ServiceKey::new(vip, vport, proto))
         .map(|s| unsafe { *s })
     else {
         return;
     };
-    // SAFETY: helpers valid in sock_addr programs, given their context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let flow = hash::client_hash(fold(cookie), svc.salt);
     let group_hash = if svc.flags & SERVICE_F_CONNECTION_AFFINITY != 0 {
         flow
@@ -838,14 +876,15 @@ fn sock_connect4(ctx: &SockAddrContext) {
             0
         },
         group: group as u8,
+        proto,
         ..SockEntry::default()
     };
-    // Remembered first: a connect() that getpeername() could not answer
-    // with the VIP is not made.
+    // Remembered first: a socket that getpeername() or recvmsg() could not
+    // answer with the VIP is not steered.
     if SOCKETS.insert(cookie, entry, 0).is_err() {
         return;
     }
-    // SAFETY: connect4 programs may write the destination.
+    // SAFETY: connect4 and sendmsg4 programs may write the destination.
     unsafe {
         (*sa).user_ip4 = b.addr;
         (*sa).user_port = b.port as u32;
@@ -856,12 +895,27 @@ fn sock_connect4(ctx: &SockAddrContext) {
 /// getpeername() of a socket the socket path steered: the VIP it dialled.
 #[cgroup_sock_addr(getpeername4)]
 pub fn kanari_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock_unsteer(&ctx);
+    SOCK_ALLOW
+}
+
+/// recvmsg() of a UDP socket the socket path steered: a datagram from its
+/// backend comes from the VIP it was sent to.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn kanari_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock_unsteer(&ctx);
+    SOCK_ALLOW
+}
+
+#[inline(always)]
+fn sock_unsteer(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: as in connect4.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(e) = SOCKETS.get_ptr(cookie) {
         // SAFETY: a value pointer from a successful lookup; the context's
-        // address fields are readable and writable by getpeername4.
+        // address fields are readable and writable by getpeername4 and
+        // recvmsg4.
         unsafe {
             let e = *e;
             if (*sa).user_ip4 == e.baddr && (*sa).user_port as u16 == e.bport {
@@ -870,7 +924,6 @@ pub fn kanari_sock_getpeername4(ctx: SockAddrContext) -> i32 {
             }
         }
     }
-    SOCK_ALLOW
 }
 
 /// The observer of the socket path: every packet of a steered socket, as
@@ -909,14 +962,17 @@ fn sock_observe(ctx: &SkBuffContext, egress: bool) -> Option<()> {
     let ihl = ((vihl & 0x0f) as usize) * 4;
     let total = u16::from_be(ctx.load::<u16>(2).ok()?) as usize;
     let proto: u8 = ctx.load(9).ok()?;
-    if proto != wire::IPPROTO_TCP || !(20..=60).contains(&ihl) {
+    if !(20..=60).contains(&ihl) || proto != e.proto {
         return None;
+    }
+    if proto == wire::IPPROTO_UDP {
+        return udp_observe(ctx, e, egress, ihl, total);
     }
     let word = u16::from_be(ctx.load::<u16>(ihl + 12).ok()?);
     let doff = ((word >> 12) as usize) * 4;
     let flags = word & 0x3f;
     let payload = total.checked_sub(ihl + doff)?;
-    let s = stats(e.backend_id)?;
+    let s = sock_stats(e.backend_id)?;
     let syn = flags & TCP_SYN != 0;
     let ack = flags & TCP_ACK != 0;
     if egress {
@@ -963,6 +1019,47 @@ fn sock_observe(ctx: &SkBuffContext, egress: bool) -> Option<()> {
         };
         if r == 0 { n as usize } else { 0 }
     });
+    Some(())
+}
+
+/// A datagram of a UDP socket the socket path steered, to or from its
+/// backend: one sent while none is pending starts an exchange, the first
+/// one back answers it (time to first byte; no class). Datagrams to or
+/// from other addresses are not the backend's.
+#[inline(always)]
+fn udp_observe(
+    ctx: &SkBuffContext,
+    e: &mut SockEntry,
+    egress: bool,
+    ihl: usize,
+    total: usize,
+) -> Option<()> {
+    let (addr_at, port_at) = if egress { (16, ihl + 2) } else { (12, ihl) };
+    let addr: u32 = ctx.load(addr_at).ok()?;
+    let port: u16 = ctx.load(port_at).ok()?;
+    if addr != e.baddr || port != e.bport {
+        return None;
+    }
+    let payload = total.checked_sub(ihl + 8)?;
+    let s = sock_stats(e.backend_id)?;
+    if egress {
+        s.packets[TO_BACKEND] += 1;
+        s.bytes[TO_BACKEND] += total as u64;
+        if payload > 0 && e.req_ns == 0 {
+            e.req_ns = now_ns();
+        }
+        return Some(());
+    }
+    s.packets[FROM_BACKEND] += 1;
+    s.bytes[FROM_BACKEND] += total as u64;
+    let w = Watch {
+        syn_ns: &mut e.syn_ns,
+        req_ns: &mut e.req_ns,
+        status_pos: &mut e.status_pos,
+        status_code: &mut e.status_code,
+        http: false,
+    };
+    from_backend(s, w, false, false, payload, |_| 0);
     Some(())
 }
 

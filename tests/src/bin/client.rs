@@ -80,6 +80,14 @@ enum Mode {
         #[arg(long, default_value_t = Ipv4Addr::UNSPECIFIED)]
         bind: Ipv4Addr,
     },
+    /// COUNT connect() calls, timed (the socket path's cost per call).
+    Connect {
+        /// The address to dial.
+        #[arg(long)]
+        to: SocketAddrV4,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
     /// COUNT datagrams from one unconnected UDP socket (`send_to`), each
     /// followed by a `recv_from` that waits up to 1 s.
     Udp {
@@ -92,6 +100,9 @@ enum Mode {
         /// Source address (the port is the kernel's choice).
         #[arg(long, default_value_t = Ipv4Addr::UNSPECIFIED)]
         bind: Ipv4Addr,
+        /// A new socket for each datagram (else one socket sends them all).
+        #[arg(long)]
+        new_socket_each: bool,
     },
 }
 
@@ -130,9 +141,61 @@ fn main() -> Result<()> {
             Duration::from_millis(requests_every_ms.max(1)),
             Duration::from_millis(for_ms),
         )),
-        Mode::Udp { to, count, bind } => udp(bind, to, count)?,
+        Mode::Udp {
+            to,
+            count,
+            bind,
+            new_socket_each,
+        } => udp(bind, to, count, new_socket_each)?,
+        Mode::Connect { to, count } => connects(to, count),
     }
     Ok(())
+}
+
+/// COUNT blocking connect() calls, each closed at once with a RST (no
+/// TIME_WAIT to run the ports out); one line: the median and the mean time
+/// of a connect() call, in ns. The median is the call's cost: a SYN the
+/// server's full accept queue dropped costs one call a second, and the mean.
+fn connects(to: SocketAddrV4, count: usize) {
+    let mut failed = 0usize;
+    let mut took: Vec<u64> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = std::time::Instant::now();
+        match std::net::TcpStream::connect(to) {
+            Ok(c) => {
+                took.push(t.elapsed().as_nanos() as u64);
+                let l = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: a valid socket and a linger value of the size given.
+                unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&c),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&l as *const libc::linger).cast(),
+                        size_of::<libc::linger>() as u32,
+                    );
+                }
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let ok = took.len();
+    let mean = if ok > 0 {
+        took.iter().sum::<u64>() as f64 / ok as f64
+    } else {
+        0.0
+    };
+    took.sort_unstable();
+    print(json!({
+        "ok": failed == 0,
+        "connects": ok,
+        "failed": failed,
+        "ns_per_connect": mean,
+        "median_ns": took.get(ok / 2).copied().unwrap_or(0),
+    }));
 }
 
 /// Rust's stdout is line-buffered: a reader sees each line as it is printed.
@@ -194,11 +257,18 @@ async fn hold(bind: Ipv4Addr, to: SocketAddrV4, every: Duration, total: Duration
     }
 }
 
-fn udp(bind: Ipv4Addr, to: SocketAddrV4, count: usize) -> Result<()> {
-    let socket = UdpSocket::bind(SocketAddrV4::new(bind, 0))
-        .with_context(|| format!("binding udp {bind}"))?;
-    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+fn udp(bind: Ipv4Addr, to: SocketAddrV4, count: usize, new_socket_each: bool) -> Result<()> {
+    let open = || -> Result<UdpSocket> {
+        let socket = UdpSocket::bind(SocketAddrV4::new(bind, 0))
+            .with_context(|| format!("binding udp {bind}"))?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        Ok(socket)
+    };
+    let mut socket = open()?;
     for i in 0..count {
+        if new_socket_each && i > 0 {
+            socket = open()?;
+        }
         print(match exchange(&socket, to, i) {
             Ok((from, reply)) => {
                 let (version, backend) = reply.split_once(' ').unwrap_or_default();
