@@ -56,6 +56,27 @@ impl Conn {
     /// Connects from `src` (port chosen by the kernel) to `dst`.
     pub async fn open(src: Ipv4Addr, dst: SocketAddrV4) -> Result<Conn> {
         let socket = TcpSocket::new_v4()?;
+        // The port is chosen at connect(), unique per destination, as for
+        // a socket never bound: bind() alone would pick one unique on the
+        // host, and with tens of thousands of closed connections waiting in
+        // TIME_WAIT its search slows to a crawl (the socketlb bench).
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket, an int option of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            bail!(
+                "setting IP_BIND_ADDRESS_NO_PORT: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         socket
             .bind(SocketAddr::V4(SocketAddrV4::new(src, 0)))
             .with_context(|| format!("binding {src}"))?;

@@ -13,7 +13,7 @@
 //! measures queueing. Every run checks its split from the backends' own
 //! counters and fails the suite when a contender errs or does not split.
 
-mod contenders;
+pub(crate) mod contenders;
 mod drivers;
 mod sys;
 

@@ -17,6 +17,7 @@ pub mod perpacket;
 pub mod report;
 pub mod rollback;
 pub mod scale;
+pub mod socketlb;
 pub mod tools;
 
 use std::path::PathBuf;

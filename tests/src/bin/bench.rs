@@ -25,6 +25,8 @@ enum Suite {
     Scale,
     /// Simulated rollouts: the judge's wrong decisions and detection times beside others'.
     Judge,
+    /// The socket path's connect() cost and same-node requests/s beside iptables DNAT.
+    Socketlb,
 }
 
 #[derive(Parser)]
@@ -99,6 +101,7 @@ fn main() -> ExitCode {
             Suite::Footprint => kanari_tests::bench::footprint::run(&ctx),
             Suite::Scale => kanari_tests::bench::scale::run(&ctx),
             Suite::Judge => kanari_tests::bench::judge::run(&ctx),
+            Suite::Socketlb => kanari_tests::bench::socketlb::run(&ctx),
         };
         match result {
             Ok(r) => {

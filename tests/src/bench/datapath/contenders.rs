@@ -277,7 +277,7 @@ fn exited(pid: u32) -> bool {
 }
 
 /// iptables rules in the node namespace, deleted when dropped.
-struct IptablesRules {
+pub(crate) struct IptablesRules {
     ns: String,
     removed: bool,
 }
@@ -293,7 +293,7 @@ impl IptablesRules {
         .map(|_| ())
     }
 
-    fn install(ns: &Netns, rules: &[Vec<String>]) -> Result<Self> {
+    pub(crate) fn install(ns: &Netns, rules: &[Vec<String>]) -> Result<Self> {
         let guard = IptablesRules {
             ns: ns.name().to_string(),
             removed: false,
