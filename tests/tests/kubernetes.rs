@@ -16,11 +16,13 @@ use std::{
 use kanari_common::maps::Group;
 use kanari_tests::{
     agent::Agent,
-    control::{cli, report, until},
+    cgroup::{CgroupMount, TestCgroup},
+    control::{cli, report, scrape, sum, until},
     kubeapi::{ApiServer, canary_release_crd},
     load::{Load, unix_ms},
     netns::require_root,
     python::python_tool,
+    socket_client::run_client,
     topology::{NODE_IFACE, Topology, TopologyOptions, VIP},
 };
 use serde_json::{Value, json};
@@ -690,4 +692,67 @@ fn an_external_ip_of_the_service_takes_the_cluster_ip_s_weight() {
         (on_canary / n - 0.4).abs() <= bound,
         "{on_canary} of {n} at the canary through the external IP"
     );
+}
+
+#[test]
+fn a_process_on_the_node_dialling_the_cluster_ip_follows_the_release_through_the_socket_path() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let (api, config) = cluster(&topo);
+    pods_and_release(
+        &api,
+        &topo,
+        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
+    );
+    // A pod's (or a host process's) connect() to the ClusterIP, as the
+    // DaemonSet's socket_lb sees it: from a cgroup under the one configured.
+    let cgroup = TestCgroup::new(&topo.tag).expect("a test cgroup");
+    let mount = CgroupMount::new(&topo.tag).expect("the hierarchy where the agent sees it");
+    let config = format!(
+        "{config}socket_lb:\n  enabled: true\n  cgroup: {}\n",
+        mount.path_of(&cgroup).expect("the cgroup's path").display()
+    );
+    let agent = Agent::start(&topo.node, &config).expect("kanari starts");
+    let groups_at = |percent: &str| {
+        let (ok, out) = cli(&agent.socket, &["set-weight", SERVICE, percent]);
+        assert!(ok, "{out}");
+        let lines = run_client(
+            &topo.node,
+            Some(&cgroup),
+            &["tcp", "--to", &VIP.to_string(), "--count", "50"],
+        )
+        .expect("the client runs");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["ok"] == true && l["peer"] == VIP.to_string()),
+            "{lines:?}"
+        );
+        lines
+            .iter()
+            .map(|l| {
+                let b: SocketAddrV4 = l["backend"]
+                    .as_str()
+                    .expect("backend")
+                    .parse()
+                    .expect("an address");
+                topo.group_of(b).expect("one of the release's pods")
+            })
+            .collect::<std::collections::BTreeSet<Group>>()
+    };
+    assert_eq!(groups_at("100"), [Group::Canary].into());
+    assert_eq!(groups_at("0"), [Group::Stable].into());
+    // Counted by the socket path (read on the agent's next tick).
+    until(5, "the release's requests on the socket path", || {
+        let counted = sum(
+            &scrape(&topo.node),
+            "kanari_requests_total",
+            &[("service", SERVICE), ("path", "socket")],
+        );
+        (counted == 100.0)
+            .then_some(())
+            .ok_or(format!("{counted} of 100"))
+    });
 }
