@@ -300,35 +300,31 @@ impl Accumulator {
         let mut socket = Totals::default();
         for (slot, c) in cur.iter().enumerate() {
             let p = self.prev.get(slot).copied().unwrap_or(BackendStats::ZERO);
-            let one = grown(c, &p);
+            add_grown(&mut d, c, &p);
             if socket_from.is_some_and(|from| slot >= from) {
-                socket += &one;
+                add_grown(&mut socket, c, &p);
             }
-            d += &one;
         }
         self.prev = cur.to_vec();
         (d, socket)
     }
 }
 
-/// What one slot counted since `p`.
-fn grown(c: &BackendStats, p: &BackendStats) -> Totals {
-    let mut d = Totals {
-        connections: grow(c.connections, p.connections),
-        connects: grow(c.connects, p.connects),
-        connect_sum_ns: grow(c.connect_sum_ns, p.connect_sum_ns),
-        resets: grow(c.resets, p.resets),
-        refused: grow(c.refused, p.refused),
-        unanswered: grow(c.unanswered, p.unanswered),
-        ttfb_sum_ns: grow(c.ttfb_sum_ns, p.ttfb_sum_ns),
-        ..Totals::default()
-    };
+/// Adds to `d` what one slot counted since `p`.
+fn add_grown(d: &mut Totals, c: &BackendStats, p: &BackendStats) {
+    d.connections += grow(c.connections, p.connections);
+    d.connects += grow(c.connects, p.connects);
+    d.connect_sum_ns += grow(c.connect_sum_ns, p.connect_sum_ns);
+    d.resets += grow(c.resets, p.resets);
+    d.refused += grow(c.refused, p.refused);
+    d.unanswered += grow(c.unanswered, p.unanswered);
     for i in 0..CLASSES {
-        d.requests[i] = grow(c.requests[i], p.requests[i]);
+        d.requests[i] += grow(c.requests[i], p.requests[i]);
     }
+    d.ttfb_sum_ns += grow(c.ttfb_sum_ns, p.ttfb_sum_ns);
     for i in [TO_BACKEND, FROM_BACKEND] {
-        d.bytes[i] = grow(c.bytes[i], p.bytes[i]);
-        d.packets[i] = grow(c.packets[i], p.packets[i]);
+        d.bytes[i] += grow(c.bytes[i], p.bytes[i]);
+        d.packets[i] += grow(c.packets[i], p.packets[i]);
     }
     for (d, (c, p)) in d
         .ttfb
@@ -336,7 +332,7 @@ fn grown(c: &BackendStats, p: &BackendStats) -> Totals {
         .iter_mut()
         .zip(c.ttfb_hist.iter().zip(&p.ttfb_hist))
     {
-        *d = c.wrapping_sub(*p) as u64;
+        *d += c.wrapping_sub(*p) as u64;
     }
     for (d, (c, p)) in d
         .connect
@@ -344,9 +340,8 @@ fn grown(c: &BackendStats, p: &BackendStats) -> Totals {
         .iter_mut()
         .zip(c.connect_hist.iter().zip(&p.connect_hist))
     {
-        *d = c.wrapping_sub(*p) as u64;
+        *d += c.wrapping_sub(*p) as u64;
     }
-    d
 }
 
 /// Who a backend id belongs to.

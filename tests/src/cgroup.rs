@@ -178,3 +178,28 @@ impl Drop for TestCgroup {
         }
     }
 }
+
+/// A test cgroup for the socket path, and the hierarchy mounted where an
+/// agent under `ip netns exec` sees it (the cgroup is removed first).
+#[derive(Debug)]
+pub struct SocketLbCgroup {
+    pub cgroup: TestCgroup,
+    pub mount: CgroupMount,
+}
+
+impl SocketLbCgroup {
+    pub fn new(tag: &str) -> Result<SocketLbCgroup> {
+        Ok(SocketLbCgroup {
+            cgroup: TestCgroup::new(tag)?,
+            mount: CgroupMount::new(tag)?,
+        })
+    }
+
+    /// The `socket_lb:` section that puts the socket path on the cgroup.
+    pub fn config(&self) -> Result<String> {
+        Ok(format!(
+            "socket_lb:\n  enabled: true\n  cgroup: {}\n",
+            self.mount.path_of(&self.cgroup)?.display()
+        ))
+    }
+}

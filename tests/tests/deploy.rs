@@ -37,7 +37,7 @@ use kanari::status::{RolloutStatus, StatusReport};
 use kanari_common::maps::Group;
 use kanari_tests::{
     agent::{Agent, kanari_bin},
-    cgroup::{CgroupMount, TestCgroup},
+    cgroup::SocketLbCgroup,
     client::{get_once, http_get, run_bounded, runtime},
     load::Load,
     netns::{Netns, require_root, unique_tag},
@@ -1032,12 +1032,9 @@ fn the_agent_runs_with_exactly_its_three_capabilities() {
     .expect("topology");
     // XDP in the driver, with TC ingress beside it and TC egress, and the
     // socket path's cgroup programs (on a test cgroup): every attach kind.
-    let cgroup = TestCgroup::new(&topo.tag).expect("a test cgroup");
-    let mount = CgroupMount::new(&topo.tag).expect("the hierarchy where the agent sees it");
-    let socket_lb = format!(
-        "socket_lb:\n  enabled: true\n  cgroup: {}\n",
-        mount.path_of(&cgroup).expect("the cgroup's path").display()
-    );
+    let sock = SocketLbCgroup::new(&topo.tag).expect("a test cgroup");
+    let socket_lb = sock.config().expect("its path");
+    let cgroup = &sock.cgroup;
     let with_socket_lb = |percent: f64| format!("{}{socket_lb}", topo.config(percent, "", "xdp"));
     let yaml = with_socket_lb(50.0);
 
@@ -1095,7 +1092,7 @@ fn the_agent_runs_with_exactly_its_three_capabilities() {
     // A process in the cgroup dialling the VIP is steered at connect().
     let steered = run_client(
         &topo.node,
-        Some(&cgroup),
+        Some(cgroup),
         &["tcp", "--to", &VIP.to_string(), "--count", "20"],
     )
     .expect("the client runs");

@@ -16,7 +16,7 @@ use std::{
 use kanari_common::maps::Group;
 use kanari_tests::{
     agent::Agent,
-    cgroup::{CgroupMount, TestCgroup},
+    cgroup::SocketLbCgroup,
     control::{cli, report, scrape, sum, until},
     kubeapi::{ApiServer, canary_release_crd},
     load::{Load, unix_ms},
@@ -121,6 +121,17 @@ fn cluster(topo: &Topology) -> (ApiServer, String) {
     (api, config)
 }
 
+/// [`cluster`] with the pods and a release held at its first step, 10 %.
+fn cluster_at_10(topo: &Topology) -> (ApiServer, String) {
+    let (api, config) = cluster(topo);
+    pods_and_release(
+        &api,
+        topo,
+        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
+    );
+    (api, config)
+}
+
 /// Milliseconds from `since_ms` until the first request sent after it that
 /// `backend` answered, polling the load's outcomes for `secs`.
 fn first_answer_from(load: &Load, backend: SocketAddrV4, since_ms: u64, secs: u64) -> u64 {
@@ -148,12 +159,7 @@ fn endpoints_added_and_removed_under_load_reach_the_kernel_within_a_second_witho
     .expect("topology");
     let stable = topo.backends_of(Group::Stable);
     let canary = topo.backends_of(Group::Canary);
-    let (api, config) = cluster(&topo);
-    pods_and_release(
-        &api,
-        &topo,
-        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
-    );
+    let (api, config) = cluster_at_10(&topo);
 
     let agent = Agent::start(&topo.node, &config).expect("kanari starts");
     let s = until(10, "the release steered at 10 %", || {
@@ -700,27 +706,19 @@ fn a_process_on_the_node_dialling_the_cluster_ip_follows_the_release_through_the
         return;
     }
     let topo = Topology::new(&TopologyOptions::default()).expect("topology");
-    let (api, config) = cluster(&topo);
-    pods_and_release(
-        &api,
-        &topo,
-        json!({"steps": [10, 100], "interval": "1h", "progress_deadline": "2h"}),
-    );
+    let (_api, config) = cluster_at_10(&topo);
     // A pod's (or a host process's) connect() to the ClusterIP, as the
     // DaemonSet's socket_lb sees it: from a cgroup under the one configured.
-    let cgroup = TestCgroup::new(&topo.tag).expect("a test cgroup");
-    let mount = CgroupMount::new(&topo.tag).expect("the hierarchy where the agent sees it");
-    let config = format!(
-        "{config}socket_lb:\n  enabled: true\n  cgroup: {}\n",
-        mount.path_of(&cgroup).expect("the cgroup's path").display()
-    );
+    let sock = SocketLbCgroup::new(&topo.tag).expect("a test cgroup");
+    let config = format!("{config}{}", sock.config().expect("its path"));
+    let cgroup = &sock.cgroup;
     let agent = Agent::start(&topo.node, &config).expect("kanari starts");
     let groups_at = |percent: &str| {
         let (ok, out) = cli(&agent.socket, &["set-weight", SERVICE, percent]);
         assert!(ok, "{out}");
         let lines = run_client(
             &topo.node,
-            Some(&cgroup),
+            Some(cgroup),
             &["tcp", "--to", &VIP.to_string(), "--count", "50"],
         )
         .expect("the client runs");

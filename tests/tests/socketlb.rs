@@ -19,7 +19,7 @@ use std::{
 use kanari_common::maps::Group;
 use kanari_tests::{
     agent::Agent,
-    cgroup::{CgroupMount, TestCgroup},
+    cgroup::{SocketLbCgroup, TestCgroup},
     control::{report, scrape, sum, until},
     netns::require_root,
     socket_client::{run_client, spawn_client},
@@ -30,8 +30,7 @@ use serde_json::Value;
 /// The topology, a test cgroup, and what the agent sees of it.
 struct Setup {
     topo: Topology,
-    cgroup: TestCgroup,
-    mount: CgroupMount,
+    sock: SocketLbCgroup,
 }
 
 fn setup() -> Setup {
@@ -40,25 +39,17 @@ fn setup() -> Setup {
 
 fn setup_with(opts: &TopologyOptions) -> Setup {
     let topo = Topology::new(opts).expect("topology");
-    let cgroup = TestCgroup::new(&topo.tag).expect("a test cgroup");
-    let mount = CgroupMount::new(&topo.tag).expect("the hierarchy where the agent sees it");
-    Setup {
-        topo,
-        cgroup,
-        mount,
-    }
+    let sock = SocketLbCgroup::new(&topo.tag).expect("a test cgroup");
+    Setup { topo, sock }
 }
 
 impl Setup {
     /// A configuration with the socket path on the test cgroup.
     fn config(&self, canary_percent: f64, service: &str) -> String {
         format!(
-            "{}socket_lb:\n  enabled: true\n  cgroup: {}\n",
+            "{}{}",
             self.topo.config(canary_percent, service, "tc"),
-            self.mount
-                .path_of(&self.cgroup)
-                .expect("the cgroup's path")
-                .display()
+            self.sock.config().expect("the cgroup's path")
         )
     }
 
@@ -68,7 +59,7 @@ impl Setup {
         let n = count.to_string();
         run_client(
             &self.topo.node,
-            Some(&self.cgroup),
+            Some(&self.sock.cgroup),
             &[
                 "tcp",
                 "--to",
@@ -208,7 +199,7 @@ fn a_pod_sees_one_version_and_an_established_socket_stays_through_a_weight_chang
     // A keep-alive connection, and the weight moved away from its group.
     let mut hold = spawn_client(
         &s.topo.node,
-        Some(&s.cgroup),
+        Some(&s.sock.cgroup),
         &[
             "hold",
             "--to",
@@ -264,7 +255,7 @@ fn a_failing_canary_reached_only_through_the_socket_path_is_rolled_back_within_a
     });
     let _load = spawn_client(
         &s.topo.node,
-        Some(&s.cgroup),
+        Some(&s.sock.cgroup),
         &[
             "tcp",
             "--to",
@@ -365,7 +356,7 @@ fn udp_datagrams_are_split_answered_from_the_vip_and_measured() {
     };
     // sendmsg4 picks a backend per socket; recvmsg4 answers the VIP.
     let n = 2000;
-    let lines = udp(Some(&s.cgroup), n, true);
+    let lines = udp(Some(&s.sock.cgroup), n, true);
     let failed: Vec<&Value> = lines.iter().filter(|l| l["ok"] != true).collect();
     assert!(failed.is_empty() && lines.len() == n, "{failed:?}");
     for l in &lines {
@@ -385,7 +376,7 @@ fn udp_datagrams_are_split_answered_from_the_vip_and_measured() {
     assert!((share - 0.1).abs() <= bound, "{share} of {n}");
 
     // One socket's datagrams stay on one backend.
-    let one = udp(Some(&s.cgroup), 50, false);
+    let one = udp(Some(&s.sock.cgroup), 50, false);
     let backends: std::collections::BTreeSet<&str> =
         one.iter().filter_map(|l| l["backend"].as_str()).collect();
     assert!(

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::{Ctx, SuiteReport, Target, datapath::contenders, report::median};
 use crate::{
     agent::Agent,
-    cgroup::{CgroupMount, TestCgroup},
+    cgroup::SocketLbCgroup,
     socket_client::run_client,
     topology::{Topology, TopologyOptions, VIP},
 };
@@ -39,7 +39,7 @@ impl Way {
 
 struct Bench {
     topo: Topology,
-    cgroup: TestCgroup,
+    sock: SocketLbCgroup,
 }
 
 impl Bench {
@@ -52,7 +52,7 @@ impl Bench {
         };
         let mut all = vec![args[0], "--to", &to];
         all.extend_from_slice(&args[1..]);
-        let cgroup = (way == Way::SocketLb).then_some(&self.cgroup);
+        let cgroup = (way == Way::SocketLb).then_some(&self.sock.cgroup);
         run_client(&self.topo.node, cgroup, &all)
     }
 
@@ -96,12 +96,11 @@ pub fn run(ctx: &Ctx) -> Result<SuiteReport> {
     topo.node.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     topo.node
         .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-    let cgroup = TestCgroup::new(&topo.tag)?;
-    let mount = CgroupMount::new(&topo.tag)?;
+    let sock = SocketLbCgroup::new(&topo.tag)?;
     let config = format!(
-        "{}socket_lb:\n  enabled: true\n  cgroup: {}\n",
+        "{}{}",
         topo.config(10.0, "    affinity: connection\n", "tc"),
-        mount.path_of(&cgroup)?.display()
+        sock.config()?
     );
     let backends: Vec<_> = topo
         .backends_of(Group::Stable)
@@ -124,7 +123,7 @@ pub fn run(ctx: &Ctx) -> Result<SuiteReport> {
             .to_vec(),
     );
     let agent = Agent::start(&topo.node, &config)?;
-    let b = Bench { topo, cgroup };
+    let b = Bench { topo, sock };
     let ways = [Way::Direct, Way::SocketLb, Way::Iptables];
     let mut connect: Vec<(Way, f64)> = Vec::new();
     // Each round's connect() cost over that round's direct one.
