@@ -120,6 +120,14 @@ impl Hook {
     }
 
     /// What the hook counts for the first packet of a new connection.
+    /// The verdict of a dropped packet (XDP_DROP, TC_ACT_SHOT).
+    pub fn drop(self) -> u32 {
+        match self {
+            Hook::Xdp => 1,
+            Hook::TcIngress | Hook::TcEgress => 2,
+        }
+    }
+
     pub fn new_counter(self) -> Counter {
         match self {
             Hook::Xdp => Counter::XdpSteeredNew,
@@ -261,6 +269,8 @@ pub struct Tcp4 {
     pub more_fragments: bool,
     pub fragment_offset: u16,
     pub vlan: Option<u16>,
+    /// The sequence number (a SYN's: the connection's initial one).
+    pub seq: u32,
 }
 
 impl Tcp4 {
@@ -275,6 +285,7 @@ impl Tcp4 {
             more_fragments: false,
             fragment_offset: 0,
             vlan: None,
+            seq: SEQ,
         }
     }
 
@@ -309,6 +320,11 @@ impl Tcp4 {
         self
     }
 
+    pub fn seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
     pub fn build(&self) -> Vec<u8> {
         let mut ip = Ipv4Header::new(
             0,
@@ -333,7 +349,7 @@ impl Tcp4 {
                 .ip(ip),
             None => eth.ip(ip),
         };
-        let mut b = l3.tcp(self.src.port(), self.dst.port(), 0x1234_5678, 64240);
+        let mut b = l3.tcp(self.src.port(), self.dst.port(), self.seq, 64240);
         if self.flags & TCP_SYN != 0 {
             b = b.syn();
         }
@@ -356,6 +372,9 @@ impl Tcp4 {
         frame
     }
 }
+
+/// The sequence number of a frame that sets none.
+pub const SEQ: u32 = 0x1234_5678;
 
 /// The reply of `backend` to `client` (what the backend sends before reverse NAT).
 pub fn reply(backend: SocketAddrV4, client: SocketAddrV4, flags: u8) -> Tcp4 {

@@ -655,6 +655,7 @@ fn assert_conntrack_has(k: &Kanari, client: SocketAddrV4, backend: SocketAddrV4)
             req_ns: f.req_ns,
             status_pos: f.status_pos,
             status_code: f.status_code,
+            isn: f.isn,
             ..expected(b, CT_FORWARD)
         }
     );
@@ -1248,7 +1249,8 @@ fn a_syn_with_fin_is_dropped(hook: Hook) {
 /// A SYN sent again before any SYN-ACK counts as unanswered once per
 /// connection attempt, however often it is sent again; it keeps the backend
 /// (even across a weight change) and the first SYN's time; once answered, a
-/// SYN on the same tuple is a new connection, chosen again.
+/// SYN with another sequence number on the same tuple is a new connection,
+/// chosen again.
 fn a_retransmitted_syn_is_unanswered_and_keeps_its_backend(hook: Hook) {
     let mut k = Kanari::load(web(0, ""));
     let (group, backend) = k.predict(CLIENT);
@@ -1302,12 +1304,14 @@ fn a_retransmitted_syn_is_unanswered_and_keeps_its_backend(hook: Hook) {
         )
         .one_connect_sample(since);
 
-    // An answered tuple used again: a new connection, steered at today's weight.
+    // An answered tuple used again (a new sequence number): a new
+    // connection, steered at today's weight.
     let since = Instant::now();
-    k.send(hook, &syn, CANARY[0]).expect(
+    let reuse = Tcp4::syn(CLIENT, VIP).seq(0x5eed_0001).build();
+    k.send(hook, &reuse, CANARY[0]).expect(
         Seen {
             connections: 1,
-            ..sent(&syn)
+            ..sent(&reuse)
         },
         "a SYN reusing an answered tuple",
     );
@@ -1331,6 +1335,81 @@ fn a_retransmitted_syn_is_unanswered_and_keeps_its_backend(hook: Hook) {
         (1, 1, 1),
         "one attempt, sent three times, is one unanswered"
     );
+}
+
+/// The SYN-ACK lost on its way to the client: the client sends its SYN
+/// again, with the same sequence number. It is the same connection: on its
+/// backend even after a weight change, no new connection and no unanswered
+/// attempt counted, and the SYN-ACK sent again is still the VIP's.
+fn a_syn_sent_again_after_its_syn_ack_is_the_same_connection(hook: Hook) {
+    let mut k = Kanari::load(web(0, ""));
+    let (_, backend) = k.predict(CLIENT);
+    let syn = Tcp4::syn(CLIENT, VIP).build();
+    k.send(hook, &syn, backend);
+    k.answer(&syn_ack(backend, CLIENT), backend);
+    k.reconfigure(web(100, ""));
+    assert_eq!(
+        k.forward(CLIENT).isn,
+        u32::from_ne_bytes(frames::SEQ.to_be_bytes()),
+        "the entry keeps the SYN's sequence number"
+    );
+    k.send(hook, &syn, backend)
+        .expect(sent(&syn), "the same SYN after its SYN-ACK");
+    assert_eq!(k.conntrack().len(), 2, "the same two entries");
+    let s = k.stats(backend);
+    assert_eq!((s.connections, s.unanswered), (1, 0), "one connection");
+    let sa = syn_ack(backend, CLIENT);
+    let (verdict, out) = run_tc(&mut k.dp, programs::TC_EGRESS, &sa);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_reverse_translated(&sa, &out, VIP);
+}
+
+/// Runs the calling thread on one CPU: the guard's tokens are per CPU, and
+/// a test run uses the caller's.
+fn on_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// A client reusing the ports of an answered connection (a SYN with another
+/// sequence number) while the guard sheds new connections: the SYN is
+/// dropped and the connection there keeps both entries — its backend's
+/// replies are still the VIP's. (The reverse entry used to go before the
+/// guard decided: an off-path sender could unhook live connections.)
+fn a_shed_syn_on_a_live_tuple_leaves_its_connection(hook: Hook) {
+    on_one_cpu();
+    let mut k = Kanari::load(web(10, ""));
+    // One new connection a second (per CPU), a burst of one.
+    k.dp.set_guard(1).expect("the guard");
+    let (_, backend) = k.predict(CLIENT);
+    let syn = Tcp4::syn(CLIENT, VIP).build();
+    k.send(hook, &syn, backend);
+    k.answer(&syn_ack(backend, CLIENT), backend);
+    let before = k.counters();
+    let reuse = Tcp4::syn(CLIENT, VIP).seq(0x5eed_0001).build();
+    let (verdict, _) = k.run(hook, &reuse);
+    assert_eq!(
+        counter_delta(&before, &k.counters()),
+        vec![(Counter::Shed, 1)],
+        "the guard sheds the new SYN"
+    );
+    assert_eq!(verdict, hook.drop(), "{hook:?} verdict for a shed SYN");
+    assert_eq!(k.conntrack().len(), 2, "both entries stay");
+    let data = reply(backend, CLIENT, TCP_ACK | TCP_PSH)
+        .payload(b"HTTP/1.1 200 OK\r\n")
+        .build();
+    let (verdict, out) = run_tc(&mut k.dp, programs::TC_EGRESS, &data);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_reverse_translated(&data, &out, VIP);
 }
 
 // ---- 14: the observer: refusals and resets --------------------------------------------------
@@ -1776,6 +1855,8 @@ through_each_ingress!(
     connection_affinity_splits_by_flow_hash,
     a_syn_ack_times_the_connect,
     a_retransmitted_syn_is_unanswered_and_keeps_its_backend,
+    a_syn_sent_again_after_its_syn_ack_is_the_same_connection,
+    a_shed_syn_on_a_live_tuple_leaves_its_connection,
     a_syn_with_fin_is_dropped,
     backend_rsts_count_as_refused_or_reset,
     http_exchanges_on_keep_alive_are_counted_one_by_one,
@@ -1808,10 +1889,11 @@ mod tc_egress {
         k.send(hook, &syn, old);
         k.answer(&syn_ack(old, CLIENT), old);
         k.reconfigure(web(100, ""));
-        k.send(hook, &syn, CANARY[0]).expect(
+        let reuse = Tcp4::syn(CLIENT, VIP).seq(0x5eed_0001).build();
+        k.send(hook, &reuse, CANARY[0]).expect(
             Seen {
                 connections: 1,
-                ..sent(&syn)
+                ..sent(&reuse)
             },
             "a SYN reusing the answered tuple",
         );

@@ -255,7 +255,10 @@ pub struct CtEntry {
     pub flags: u8,
     /// Status digits read so far.
     pub status_code: u16,
-    pub _pad: u32,
+    /// Forward entries opened by a SYN: its sequence number (wire order),
+    /// which a retransmission of it repeats and a new connection on the
+    /// same ports does not.
+    pub isn: u32,
 }
 
 impl CtEntry {
@@ -281,7 +284,7 @@ impl CtEntry {
             status_pos: 0,
             flags: 0,
             status_code: 0,
-            _pad: 0,
+            isn: 0,
         }
     }
 }

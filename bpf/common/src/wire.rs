@@ -101,6 +101,9 @@ pub struct Tcp4 {
     pub tcp_hlen: u16,
     /// The TCP checksum field as found.
     pub check: u16,
+    /// The sequence number as found (wire order, read natively: compared
+    /// only — a SYN's is the connection's initial sequence number).
+    pub seq: u32,
 }
 
 impl Tcp4 {
@@ -219,6 +222,7 @@ pub unsafe fn parse_tcp4(start: usize, end: usize, frame_len: usize) -> Result<T
         l4_len: (tot_len - ihl) as u16,
         tcp_hlen: doff as u16,
         check: u16::from_ne_bytes(tcp.check),
+        seq: u32::from_ne_bytes(tcp.seq),
     })
 }
 

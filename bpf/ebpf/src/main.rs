@@ -262,19 +262,25 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
     }
     let key = FlowKey::new(p.saddr, p.daddr, p.sport, p.dport);
     let syn = p.is_new_connection();
+    // The reverse entry of a connection a new one on the same ports replaces.
+    let mut replaced = None;
     if let Some(e) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: a value pointer from a successful lookup; the fields are
         // plain integers another CPU may write at the same time (see CtEntry).
         let e = unsafe { &mut *e };
-        // A SYN on the tuple of a connection that got its SYN-ACK is a new
-        // connection reusing the ports: it is chosen again below, and the old
-        // backend's replies must no longer be translated onto it.
-        if e.kind == CT_FORWARD && syn && e.syn_ns == 0 {
-            let _ = CONNTRACK.remove(FlowKey::new(e.addr, p.saddr, e.port, p.sport));
+        // The connection's own SYN again (its sequence number): before the
+        // SYN-ACK an unanswered attempt, after it a SYN-ACK lost on the way
+        // to the client; either way the same connection on its backend.
+        let same = !syn || e.syn_ns != 0 || e.isn == p.seq;
+        if e.kind == CT_FORWARD && !same {
+            // Another SYN on an answered tuple: a new connection reusing the
+            // ports, chosen again below once the guard admits it; the old
+            // backend's replies must then no longer be translated onto it.
+            replaced = Some(FlowKey::new(e.addr, p.saddr, e.port, p.sport));
         }
-        if e.kind == CT_FORWARD && (!syn || e.syn_ns != 0) {
+        if e.kind == CT_FORWARD && same {
             // A SYN again before any SYN-ACK: one unanswered attempt, counted once.
-            let retried = syn && e.flags & CT_F_RETRIED == 0;
+            let retried = syn && e.syn_ns != 0 && e.flags & CT_F_RETRIED == 0;
             if retried {
                 e.flags |= CT_F_RETRIED;
             }
@@ -296,6 +302,9 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
     // past the guard's rate, new connections are shed (dropped; clients retry).
     if syn && !admit_new() {
         return Err(Counter::Shed);
+    }
+    if let Some(old) = replaced {
+        let _ = CONNTRACK.remove(old);
     }
     let flow = hash::flow_hash(&key, svc.salt);
     let group_hash = if svc.flags & SERVICE_F_CONNECTION_AFFINITY != 0 {
@@ -354,6 +363,7 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
     }
     if syn {
         forward.syn_ns = now_ns();
+        forward.isn = p.seq;
     } else if p.payload_len() > 0 {
         forward.req_ns = now_ns();
     }
