@@ -574,12 +574,11 @@ impl Datapath {
     }
 
     /// Sets the new-connection rate guard: `per_second` over the node (0: no
-    /// limit), split evenly over the CPUs, each allowed a second's burst.
+    /// limit), split evenly over the CPUs online, each allowed a second's
+    /// burst. (Not over the possible CPUs, which size the per-CPU maps: a
+    /// host may count 64 possible with 8 online, and would admit an eighth.)
     pub fn set_guard(&mut self, per_second: u32) -> Result<()> {
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .context("counting CPUs")?
-            .max(1) as u64;
+        let cpus = online_cpus()?;
         let per_cpu = (per_second as u64).div_ceil(cpus);
         let mut m: Array<&mut MapData, Settings> = map_mut(&mut self.ebpf, names::SETTINGS)?;
         m.set(
@@ -779,6 +778,31 @@ impl Datapath {
         let m: HashMap<&MapData, FlowKey, CtEntry> = map(&self.ebpf, names::CONNTRACK)?;
         m.iter().map(|r| r.context("reading conntrack")).collect()
     }
+}
+
+const ONLINE_CPUS: &str = "/sys/devices/system/cpu/online";
+
+/// How many CPUs are online now.
+fn online_cpus() -> Result<u64> {
+    let list =
+        std::fs::read_to_string(ONLINE_CPUS).with_context(|| format!("reading {ONLINE_CPUS}"))?;
+    count_cpu_list(&list)
+        .with_context(|| format!("{ONLINE_CPUS}: `{}` is not a CPU list", list.trim()))
+}
+
+/// The CPUs in a kernel CPU list (`0-3,6,8-9`), at least one.
+fn count_cpu_list(list: &str) -> Option<u64> {
+    let mut n = 0;
+    for part in list.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+                b.checked_sub(a)? + 1
+            }
+            None => part.parse::<u64>().map(|_| 1).ok()?,
+        };
+    }
+    (n > 0).then_some(n)
 }
 
 /// `union bpf_attr`'s member for the `BPF_MAP_*_BATCH` commands.
@@ -994,4 +1018,21 @@ fn check_layout(
         );
     }
     Ok(Some(info.max_entries()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_cpu_list;
+
+    #[test]
+    fn cpu_lists_count_ranges_and_single_cpus() {
+        assert_eq!(count_cpu_list("0-1\n"), Some(2));
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0-3,6,8-9\n"), Some(7));
+        for bad in ["", "\n", "3-1", "a-b", "0,,1", "0-"] {
+            assert_eq!(count_cpu_list(bad), None, "{bad:?}");
+        }
+        // The list this machine's kernel gives.
+        assert!(super::online_cpus().expect("online CPUs") >= 1);
+    }
 }
