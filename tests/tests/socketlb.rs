@@ -420,6 +420,71 @@ fn udp_datagrams_are_split_answered_from_the_vip_and_measured() {
         "the TCP service on the same VIP:port saw none"
     );
 
+    // A socket's backend removed from the service: its next datagrams go to
+    // one that is still there (a UDP socket has no connection to drain).
+    let mut socket = spawn_client(
+        &s.topo.node,
+        Some(&s.sock.cgroup),
+        &[
+            "udp",
+            "--to",
+            &VIP.to_string(),
+            "--count",
+            "60",
+            "--every-ms",
+            "50",
+        ],
+    )
+    .expect("the client runs");
+    let early = socket
+        .wait_for_lines(3, Duration::from_secs(10))
+        .expect("the socket's first answers");
+    let gone: SocketAddrV4 = early[0]["backend"]
+        .as_str()
+        .and_then(|b| b.parse().ok())
+        .expect("a backend");
+    let keep = |g| {
+        s.topo
+            .backends_of(g)
+            .iter()
+            .filter(|b| **b != gone)
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let canary_weight = if s.topo.backends_of(Group::Canary).contains(&gone) {
+        0
+    } else {
+        10
+    };
+    let without = format!(
+        "  - name: echo\n    vip: {VIP}\n    protocol: udp\n    affinity: connection\n    canary_weight: {canary_weight}\n    salt: 7\n    stable:\n      backends: [{}]\n    canary:\n      backends: [{}]\n",
+        keep(Group::Stable),
+        keep(Group::Canary)
+    );
+    agent
+        .reload(&s.config(10.0, &without))
+        .expect("SIGHUP without the socket's backend");
+    let lines = socket.wait().expect("the socket's datagrams");
+    assert!(
+        lines.len() == 60
+            && lines
+                .iter()
+                .all(|l| l["ok"] == true && l["from"] == VIP.to_string()),
+        "{lines:?}"
+    );
+    let last: Vec<&str> = lines[50..]
+        .iter()
+        .filter_map(|l| l["backend"].as_str())
+        .collect();
+    assert!(
+        last.iter().all(|b| *b != gone.to_string()),
+        "datagrams still reach the removed {gone}: {last:?}"
+    );
+    eprintln!(
+        "socket path, UDP: a socket's backend {gone} removed; its last datagrams reached {last:?}"
+    );
+
     // Outside the cgroup a datagram to the VIP is not steered: nothing
     // answers it.
     let outside = udp(None, 2, false);

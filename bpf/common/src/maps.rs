@@ -569,7 +569,10 @@ pub struct SockEntry {
     pub group: u8,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
-    pub _pad: [u8; 6],
+    /// The backend-set slot the backend was chosen from: a UDP socket
+    /// chooses again once its service's set for the group is another.
+    pub slot: u16,
+    pub _pad: [u8; 4],
     /// When the SYN left (0: not connecting).
     pub syn_ns: u64,
     /// When a pending request's first byte left (0: none).

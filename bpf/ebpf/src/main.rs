@@ -228,6 +228,16 @@ struct Target {
     retried: bool,
 }
 
+/// The backend-set slot of `group` (as u8) in `svc`.
+#[inline(always)]
+fn slot_of(svc: &Service, group: u8) -> u32 {
+    if group == Group::Canary as u8 {
+        svc.backend_sets[1]
+    } else {
+        svc.backend_sets[0]
+    }
+}
+
 #[inline(always)]
 fn backend_set(svc: &Service, group: Group) -> Option<&'static BackendSet> {
     let slot = match group {
@@ -823,10 +833,19 @@ fn sock_steer(ctx: &SockAddrContext, sendmsg: bool) {
     let vport = vport as u16;
     // SAFETY: helpers valid in sock_addr programs, given their context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: a value pointer from a successful lookup; copied at once.
+    let Some(svc) = SERVICES
+        .get_ptr(ServiceKey::new(vip, vport, proto))
+        .map(|s| unsafe { *s })
+    else {
+        return;
+    };
     if sendmsg && let Some(e) = SOCKETS.get_ptr(cookie) {
         // SAFETY: a value pointer from a successful lookup; copied at once.
         let e = unsafe { *e };
-        if e.vip == vip && e.vport == vport {
+        // The socket's backend, while its group's backend set is the one it
+        // was chosen from (a removed backend gets no more datagrams).
+        if e.vip == vip && e.vport == vport && slot_of(&svc, e.group) == e.slot as u32 {
             // SAFETY: sendmsg4 programs may write the destination.
             unsafe {
                 (*sa).user_ip4 = e.baddr;
@@ -835,13 +854,6 @@ fn sock_steer(ctx: &SockAddrContext, sendmsg: bool) {
             return;
         }
     }
-    // SAFETY: a value pointer from a successful lookup; copied at once.
-    let Some(svc) = SERVICES
-        .get_ptr(ServiceKey::new(vip, vport, proto))
-        .map(|s| unsafe { *s })
-    else {
-        return;
-    };
     let flow = hash::client_hash(fold(cookie), svc.salt);
     let group_hash = if svc.flags & SERVICE_F_CONNECTION_AFFINITY != 0 {
         flow
@@ -887,6 +899,7 @@ fn sock_steer(ctx: &SockAddrContext, sendmsg: bool) {
         },
         group: group as u8,
         proto,
+        slot: slot_of(&svc, group as u8) as u16,
         ..SockEntry::default()
     };
     // Remembered first: a socket that getpeername() or recvmsg() could not

@@ -103,6 +103,9 @@ enum Mode {
         /// A new socket for each datagram (else one socket sends them all).
         #[arg(long)]
         new_socket_each: bool,
+        /// Milliseconds between datagrams.
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        every_ms: u64,
     },
 }
 
@@ -146,7 +149,14 @@ fn main() -> Result<()> {
             count,
             bind,
             new_socket_each,
-        } => udp(bind, to, count, new_socket_each)?,
+            every_ms,
+        } => udp(
+            bind,
+            to,
+            count,
+            new_socket_each,
+            Duration::from_millis(every_ms),
+        )?,
         Mode::Connect { to, count } => connects(to, count),
     }
     Ok(())
@@ -257,7 +267,13 @@ async fn hold(bind: Ipv4Addr, to: SocketAddrV4, every: Duration, total: Duration
     }
 }
 
-fn udp(bind: Ipv4Addr, to: SocketAddrV4, count: usize, new_socket_each: bool) -> Result<()> {
+fn udp(
+    bind: Ipv4Addr,
+    to: SocketAddrV4,
+    count: usize,
+    new_socket_each: bool,
+    every: Duration,
+) -> Result<()> {
     let open = || -> Result<UdpSocket> {
         let socket = UdpSocket::bind(SocketAddrV4::new(bind, 0))
             .with_context(|| format!("binding udp {bind}"))?;
@@ -266,8 +282,11 @@ fn udp(bind: Ipv4Addr, to: SocketAddrV4, count: usize, new_socket_each: bool) ->
     };
     let mut socket = open()?;
     for i in 0..count {
-        if new_socket_each && i > 0 {
-            socket = open()?;
+        if i > 0 {
+            std::thread::sleep(every);
+            if new_socket_each {
+                socket = open()?;
+            }
         }
         print(match exchange(&socket, to, i) {
             Ok((from, reply)) => {
