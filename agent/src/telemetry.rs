@@ -286,28 +286,59 @@ impl Accumulator {
 
     /// The increase since the last read.
     pub fn update(&mut self, cur: &[BackendStats]) -> Totals {
-        self.update_split(cur, None).0
+        self.update_split(cur.to_vec(), None)
+            .map(|(d, _)| d)
+            .unwrap_or_default()
     }
 
     /// The increase since the last read, and the part of it in the slots
-    /// from `socket_from` on (the socket path's; nothing without).
+    /// from `socket_from` on (the socket path's; nothing without); `None`
+    /// when no slot moved — most of them on a node with many idle backends,
+    /// which then cost a comparison of counters and nothing else. The read
+    /// is kept as the next one's start.
     pub fn update_split(
         &mut self,
-        cur: &[BackendStats],
+        cur: Vec<BackendStats>,
         socket_from: Option<usize>,
-    ) -> (Totals, Totals) {
+    ) -> Option<(Totals, Totals)> {
+        let moved = |prev: &[BackendStats], slot: usize, c: &BackendStats| {
+            prev.get(slot).is_none_or(|p| !same_counts(c, p))
+        };
+        if !cur.iter().enumerate().any(|(i, c)| moved(&self.prev, i, c)) {
+            self.prev = cur;
+            return None;
+        }
         let mut d = Totals::default();
         let mut socket = Totals::default();
         for (slot, c) in cur.iter().enumerate() {
-            let p = self.prev.get(slot).copied().unwrap_or(BackendStats::ZERO);
-            add_grown(&mut d, c, &p);
+            if !moved(&self.prev, slot, c) {
+                continue;
+            }
+            let p = self.prev.get(slot).unwrap_or(&BackendStats::ZERO);
+            add_grown(&mut d, c, p);
             if socket_from.is_some_and(|from| slot >= from) {
-                add_grown(&mut socket, c, &p);
+                add_grown(&mut socket, c, p);
             }
         }
-        self.prev = cur.to_vec();
-        (d, socket)
+        self.prev = cur;
+        Some((d, socket))
     }
+}
+
+/// Whether a slot counted nothing since `p`. Its histograms are not
+/// compared: the kernel records a sample only beside its sum and count
+/// (and a packet), so counters that did not move mean buckets that did not.
+fn same_counts(c: &BackendStats, p: &BackendStats) -> bool {
+    c.packets == p.packets
+        && c.bytes == p.bytes
+        && c.requests == p.requests
+        && c.connections == p.connections
+        && c.connects == p.connects
+        && c.connect_sum_ns == p.connect_sum_ns
+        && c.ttfb_sum_ns == p.ttfb_sum_ns
+        && c.resets == p.resets
+        && c.refused == p.refused
+        && c.unanswered == p.unanswered
 }
 
 /// Adds to `d` what one slot counted since `p`.
@@ -536,13 +567,12 @@ impl Telemetry {
             let socket_from = self.socket_from;
             let (acc, totals, socket) = match (known, acc) {
                 (Some(b), Some(mut acc)) if b.key == key => {
-                    let (d, ds) = acc.update_split(&cur, socket_from);
                     let mut totals = b.totals;
                     let mut socket = b.socket;
-                    if ds != Totals::default() {
-                        *Arc::make_mut(&mut socket) += &ds;
-                    }
-                    if d != Totals::default() {
+                    if let Some((d, ds)) = acc.update_split(cur, socket_from) {
+                        if socket_from.is_some() {
+                            *Arc::make_mut(&mut socket) += &ds;
+                        }
                         *Arc::make_mut(&mut totals) += &d;
                         tick.entry(service.clone()).or_default()[g].add(&Recent::of(&d));
                         let gs = &mut v.groups.entry(service).or_default()[g];
@@ -553,7 +583,7 @@ impl Telemetry {
                 // Adopted from an earlier agent: everything in the slot is this backend's.
                 _ if self.adopted.remove(&id) => {
                     let mut acc = Accumulator::new(&[]);
-                    let (d, ds) = acc.update_split(&cur, socket_from);
+                    let (d, ds) = acc.update_split(cur, socket_from).unwrap_or_default();
                     let gs = &mut v.groups.entry(service).or_default()[g];
                     *Arc::make_mut(&mut gs.totals) += &d;
                     (acc, Arc::new(d), Arc::new(ds))
@@ -858,9 +888,34 @@ mod tests {
 
     #[test]
     fn histogram_buckets_wrap_per_cpu() {
-        let mut acc = Accumulator::new(&[stats(|s| s.ttfb_hist[5] = u32::MAX - 1)]);
-        let d = acc.update(&[stats(|s| s.ttfb_hist[5] = 3)]);
+        let mut acc = Accumulator::new(&[stats(|s| {
+            s.ttfb_hist[5] = u32::MAX - 1;
+            s.ttfb_sum_ns = 1_000;
+        })]);
+        // Five samples; each moves the sum too, as the kernel records them.
+        let d = acc.update(&[stats(|s| {
+            s.ttfb_hist[5] = 3;
+            s.ttfb_sum_ns = 6_000;
+        })]);
         assert_eq!(d.ttfb.0[5], 5, "u32::MAX - 1 -> 3 is 5 more");
+    }
+
+    #[test]
+    fn a_slot_that_counted_nothing_costs_no_totals() {
+        let busy = stats(|s| {
+            s.packets[FROM_BACKEND] = 3;
+            s.requests[CLASS_5XX] = 1;
+        });
+        let mut acc = Accumulator::new(&[BackendStats::ZERO, busy]);
+        assert_eq!(acc.update_split(vec![BackendStats::ZERO, busy], None), None);
+        let more = stats(|s| {
+            s.packets[FROM_BACKEND] = 5;
+            s.requests[CLASS_5XX] = 2;
+        });
+        let (d, _) = acc
+            .update_split(vec![BackendStats::ZERO, more], None)
+            .expect("one slot moved");
+        assert_eq!((d.packets[FROM_BACKEND], d.requests[CLASS_5XX]), (2, 1));
     }
 
     #[test]
