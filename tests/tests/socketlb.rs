@@ -119,9 +119,12 @@ fn a_process_in_the_cgroup_reaches_the_split_sees_the_vip_and_one_outside_is_unt
             "kanari_datapath_packets_total",
             &[("action", "socket_steered")],
         );
-        (steered >= n)
+        // Both: a tick during the run may have read every connect() but
+        // not yet the last answers.
+        let answered = sum(&text, "kanari_requests_total", &[("service", "web")]);
+        (steered >= n && answered >= n)
             .then_some(text.clone())
-            .ok_or(format!("{steered}"))
+            .ok_or(format!("{steered} steered, {answered} answered"))
     });
     for action in ["tc_steered_new", "tc_steered", "xdp_steered_new"] {
         let v = sum(
