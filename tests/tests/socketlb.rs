@@ -433,7 +433,7 @@ fn udp_datagrams_are_split_answered_from_the_vip_and_measured() {
             "--to",
             &VIP.to_string(),
             "--count",
-            "60",
+            "100",
             "--every-ms",
             "50",
         ],
@@ -468,15 +468,31 @@ fn udp_datagrams_are_split_answered_from_the_vip_and_measured() {
     agent
         .reload(&s.config(10.0, &without))
         .expect("SIGHUP without the socket's backend");
+    until(5, "the service without the backend", || {
+        let r = report(&agent.socket);
+        let n: usize = r
+            .services
+            .iter()
+            .filter(|x| x.name == "echo")
+            .flat_map(|x| x.versions.iter().map(|v| v.backends))
+            .sum();
+        (n == 2).then_some(()).ok_or(format!("{n} backends"))
+    });
+    // Datagrams sent from here on (one may be on its way) avoid it.
+    let applied_at = socket.lines().expect("the socket's lines").len() + 1;
+    assert!(
+        applied_at < 95,
+        "the reload took most of the client's 5 s ({applied_at} datagrams)"
+    );
     let lines = socket.wait().expect("the socket's datagrams");
     assert!(
-        lines.len() == 60
+        lines.len() == 100
             && lines
                 .iter()
                 .all(|l| l["ok"] == true && l["from"] == VIP.to_string()),
         "{lines:?}"
     );
-    let last: Vec<&str> = lines[50..]
+    let last: Vec<&str> = lines[applied_at..]
         .iter()
         .filter_map(|l| l["backend"].as_str())
         .collect();
@@ -484,8 +500,11 @@ fn udp_datagrams_are_split_answered_from_the_vip_and_measured() {
         last.iter().all(|b| *b != gone.to_string()),
         "datagrams still reach the removed {gone}: {last:?}"
     );
+    let reached: std::collections::BTreeSet<&&str> = last.iter().collect();
     eprintln!(
-        "socket path, UDP: a socket's backend {gone} removed; its last datagrams reached {last:?}"
+        "socket path, UDP: a socket's backend {gone} removed (applied after {} datagrams); its {} datagrams after reached {reached:?}",
+        applied_at - 1,
+        last.len()
     );
 
     // Outside the cgroup a datagram to the VIP is not steered: nothing
