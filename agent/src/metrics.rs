@@ -265,7 +265,7 @@ pub fn families(view: &Snapshot) -> Vec<MetricFamily> {
     // By the path that counted (packet: the XDP/TC programs; socket: the
     // socket path's cgroup programs); the judges see their sum.
     for (key, path, tot) in t.backends_by_path() {
-        let tot = &tot;
+        let tot = tot.as_ref();
         let backend = key.addr.to_string();
         let base = [
             ("service", &*key.service),

@@ -16,6 +16,7 @@
 //!   keep growing when a backend leaves the configuration.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, VecDeque},
     net::SocketAddrV4,
     ops::{AddAssign, Sub},
@@ -301,27 +302,22 @@ impl Accumulator {
         cur: Vec<BackendStats>,
         socket_from: Option<usize>,
     ) -> Option<(Totals, Totals)> {
-        let moved = |prev: &[BackendStats], slot: usize, c: &BackendStats| {
-            prev.get(slot).is_none_or(|p| !same_counts(c, p))
-        };
-        if !cur.iter().enumerate().any(|(i, c)| moved(&self.prev, i, c)) {
-            self.prev = cur;
-            return None;
-        }
-        let mut d = Totals::default();
-        let mut socket = Totals::default();
+        // Made at the first slot that moved: none is made for an idle backend.
+        let mut grown: Option<(Totals, Totals)> = None;
         for (slot, c) in cur.iter().enumerate() {
-            if !moved(&self.prev, slot, c) {
+            let p = self.prev.get(slot);
+            if p.is_some_and(|p| same_counts(c, p)) {
                 continue;
             }
-            let p = self.prev.get(slot).unwrap_or(&BackendStats::ZERO);
-            add_grown(&mut d, c, p);
+            let p = p.unwrap_or(&BackendStats::ZERO);
+            let (d, socket) = grown.get_or_insert_with(Default::default);
+            add_grown(d, c, p);
             if socket_from.is_some_and(|from| slot >= from) {
-                add_grown(&mut socket, c, p);
+                add_grown(socket, c, p);
             }
         }
         self.prev = cur;
-        Some((d, socket))
+        grown
     }
 }
 
@@ -763,14 +759,16 @@ impl TelemetryView {
 
     /// Each backend's totals by the path that counted them: `packet` (the
     /// XDP/TC programs), and `socket` when the socket path runs.
-    pub fn backends_by_path(&self) -> Vec<(&BackendKey, &'static str, Totals)> {
+    /// Without the socket path every total is borrowed as it is.
+    pub fn backends_by_path(&self) -> Vec<(&BackendKey, &'static str, Cow<'_, Totals>)> {
         let mut out = Vec::new();
         for b in self.backends.values() {
             if self.socket_path {
-                out.push((&b.key, "packet", b.totals.as_ref() - b.socket.as_ref()));
-                out.push((&b.key, "socket", (*b.socket).clone()));
+                let packet = b.totals.as_ref() - b.socket.as_ref();
+                out.push((&b.key, "packet", Cow::Owned(packet)));
+                out.push((&b.key, "socket", Cow::Borrowed(b.socket.as_ref())));
             } else {
-                out.push((&b.key, "packet", (*b.totals).clone()));
+                out.push((&b.key, "packet", Cow::Borrowed(b.totals.as_ref())));
             }
         }
         out

@@ -418,9 +418,9 @@ pub(super) fn validate(
     // A backend that is another service's VIP would be translated twice
     // (once to it, once again to one of its backends) and its replies once.
     for (i, s) in services.iter().enumerate() {
+        let udp = s.protocol == Protocol::Udp;
         for (group, list) in [("stable", &s.stable), ("canary", &s.canary)] {
             for (k, b) in list.iter().enumerate() {
-                let udp = s.protocol == Protocol::Udp;
                 if let Some(&j) = vips.get(&(*b, udp)) {
                     return err(
                         format!("services[{i}].{group}.backends[{k}]"),

@@ -240,11 +240,7 @@ fn slot_of(svc: &Service, group: u8) -> u32 {
 
 #[inline(always)]
 fn backend_set(svc: &Service, group: Group) -> Option<&'static BackendSet> {
-    let slot = match group {
-        Group::Stable => svc.backend_sets[0],
-        Group::Canary => svc.backend_sets[1],
-    };
-    let set = BACKENDS.get(slot)?;
+    let set = BACKENDS.get(slot_of(svc, group as u8))?;
     if set.len == 0 { None } else { Some(set) }
 }
 
@@ -831,8 +827,6 @@ fn sock_steer(ctx: &SockAddrContext, sendmsg: bool) {
         return;
     }
     let vport = vport as u16;
-    // SAFETY: helpers valid in sock_addr programs, given their context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: a value pointer from a successful lookup; copied at once.
     let Some(svc) = SERVICES
         .get_ptr(ServiceKey::new(vip, vport, proto))
@@ -840,6 +834,8 @@ fn sock_steer(ctx: &SockAddrContext, sendmsg: bool) {
     else {
         return;
     };
+    // SAFETY: helpers valid in sock_addr programs, given their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if sendmsg && let Some(e) = SOCKETS.get_ptr(cookie) {
         // SAFETY: a value pointer from a successful lookup; copied at once.
         let e = unsafe { *e };
