@@ -10,6 +10,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
+    net::SocketAddrV4,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -56,7 +57,33 @@ pub fn run_client(ns: &Netns, cgroup: Option<&TestCgroup>, args: &[&str]) -> Res
     spawn_client(ns, cgroup, args)?.wait()
 }
 
-/// Same, started in the background; `wait()` returns the lines. Drop kills it by PID.
+/// `kanari-test-client tcp`: `count` HTTP requests to `to`, each on a new
+/// connection, `concurrency` at a time, from `ns` (inside `cgroup` unless
+/// None); a parsed line per request.
+pub fn tcp_requests(
+    ns: &Netns,
+    cgroup: Option<&TestCgroup>,
+    to: SocketAddrV4,
+    count: usize,
+    concurrency: usize,
+) -> Result<Vec<Value>> {
+    let (to, count, concurrency) = (to.to_string(), count.to_string(), concurrency.to_string());
+    run_client(
+        ns,
+        cgroup,
+        &[
+            "tcp",
+            "--to",
+            &to,
+            "--count",
+            &count,
+            "--concurrency",
+            &concurrency,
+        ],
+    )
+}
+
+/// Same as [`run_client`], started in the background; `wait()` returns the lines. Drop kills it by PID.
 pub fn spawn_client(ns: &Netns, cgroup: Option<&TestCgroup>, args: &[&str]) -> Result<ClientRun> {
     let bin = client_bin()?;
     let mut cmd = Command::new(&bin);

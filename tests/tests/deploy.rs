@@ -43,7 +43,7 @@ use kanari_tests::{
     netns::{Netns, require_root, unique_tag},
     prometheus::Prometheus,
     python::python_tool,
-    socket_client::run_client,
+    socket_client::tcp_requests,
     topology::{Topology, TopologyOptions, VIP, client_addr},
 };
 use serde_json::Value;
@@ -1090,12 +1090,7 @@ fn the_agent_runs_with_exactly_its_three_capabilities() {
     );
 
     // A process in the cgroup dialling the VIP is steered at connect().
-    let steered = run_client(
-        &topo.node,
-        Some(cgroup),
-        &["tcp", "--to", &VIP.to_string(), "--count", "20"],
-    )
-    .expect("the client runs");
+    let steered = tcp_requests(&topo.node, Some(cgroup), VIP, 20, 1).expect("the client runs");
     assert!(
         steered.len() == 20 && steered.iter().all(|l| l["ok"] == true),
         "requests through the socket path: {steered:?}"

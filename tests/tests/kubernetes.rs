@@ -22,7 +22,7 @@ use kanari_tests::{
     load::{Load, unix_ms},
     netns::require_root,
     python::python_tool,
-    socket_client::run_client,
+    socket_client::tcp_requests,
     topology::{NODE_IFACE, Topology, TopologyOptions, VIP},
 };
 use serde_json::{Value, json};
@@ -716,12 +716,7 @@ fn a_process_on_the_node_dialling_the_cluster_ip_follows_the_release_through_the
     let groups_at = |percent: &str| {
         let (ok, out) = cli(&agent.socket, &["set-weight", SERVICE, percent]);
         assert!(ok, "{out}");
-        let lines = run_client(
-            &topo.node,
-            Some(cgroup),
-            &["tcp", "--to", &VIP.to_string(), "--count", "50"],
-        )
-        .expect("the client runs");
+        let lines = tcp_requests(&topo.node, Some(cgroup), VIP, 50, 1).expect("the client runs");
         assert!(
             lines
                 .iter()
