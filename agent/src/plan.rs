@@ -302,16 +302,16 @@ pub fn plan(
                 if old.is_some() {
                     generation[g as usize] ^= 1;
                 }
-                let mut set = BackendSet::EMPTY;
-                set.len = backends[g as usize].len() as u32;
-                for (slot, (b, bid)) in set.backends.iter_mut().zip(&backends[g as usize]) {
-                    *slot = Backend {
+                let list: Vec<Backend> = backends[g as usize]
+                    .iter()
+                    .map(|(b, bid)| Backend {
                         addr: wire::addr(*b.ip()),
                         port: wire::port(b.port()),
                         _pad: 0,
                         id: *bid,
-                    };
-                }
+                    })
+                    .collect();
+                let set = BackendSet::of(&list);
                 ops.push(MapOp::WriteBackendSet {
                     slot: backend_set_slot(id, g, generation[g as usize]),
                     set: Box::new(set),

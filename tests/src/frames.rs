@@ -25,8 +25,8 @@ use kanari::{
 };
 use kanari_common::{
     hash::{backend_hash, client_hash, flow_hash},
-    maps::{Counter, FlowKey, Group, programs},
-    select::{backend_index, bucket, choose_group},
+    maps::{Backend, BackendSet, Counter, FlowKey, Group, programs},
+    select::{bucket, choose_group},
     wire::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -239,8 +239,27 @@ pub fn predict(svc: &config::Service, client: SocketAddrV4) -> (Group, SocketAdd
         Group::Stable => &svc.stable,
         Group::Canary => &svc.canary,
     };
-    let idx = backend_index(backend_hash(flow), list.len() as u32) as usize;
-    (group, list[idx])
+    (group, pick(list, flow))
+}
+
+/// The backend of `flow` (its flow hash) among `list`, by the set's Maglev
+/// table, as the kernel looks it up (the table is built as the agent builds it).
+pub fn pick(list: &[SocketAddrV4], flow: u32) -> SocketAddrV4 {
+    let backends: Vec<Backend> = list
+        .iter()
+        .zip(0..)
+        .map(|(b, i)| Backend {
+            addr: wire::addr(*b.ip()),
+            port: wire::port(b.port()),
+            _pad: 0,
+            id: i,
+        })
+        .collect();
+    let id = BackendSet::of(&backends)
+        .pick(backend_hash(flow))
+        .expect("a set with backends names one in every slot")
+        .id;
+    list[id as usize]
 }
 
 // ---- Frames ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ use kanari_tests::{
     agent::{Agent, Stopped, kanari_bin},
     backend::{BackendHandle, Behavior},
     client::{Conn, Reply, get_once, run_bounded, runtime},
+    frames,
     netns::require_root,
     topology::{NODE_ADDR, Topology, TopologyOptions, VIP, client_addr},
 };
@@ -43,12 +44,7 @@ fn predicted_backend(topo: &Topology, local: SocketAddrV4, group: Group) -> Sock
         wire::port(local.port()),
         wire::port(VIP.port()),
     );
-    let backends = topo.backends_of(group);
-    let i = select::backend_index(
-        hash::backend_hash(hash::flow_hash(&key, SALT)),
-        backends.len() as u32,
-    );
-    backends[i as usize]
+    frames::pick(&topo.backends_of(group), hash::flow_hash(&key, SALT))
 }
 
 /// One request per client address, `concurrency` at a time, from the client namespace.

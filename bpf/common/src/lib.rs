@@ -1,7 +1,8 @@
 //! What the kernel programs and the agent must agree on, and the pure logic
 //! both sides run: map keys and values (`maps`), packet parsing (`wire`),
-//! checksum arithmetic (`csum`), hashing (`hash`), the choice of group and
-//! backend (`select`), latency buckets (`hist`) and the HTTP status line (`http`).
+//! checksum arithmetic (`csum`), hashing (`hash`), the choice of group
+//! (`select`) and of a backend in it (`maglev`), latency buckets (`hist`) and
+//! the HTTP status line (`http`).
 //!
 //! The crate is `no_std` so the eBPF programs compile it for `bpfel-unknown-none`,
 //! and every function here is also unit-tested on the host. Functions the eBPF
@@ -18,6 +19,7 @@ pub mod csum;
 pub mod hash;
 pub mod hist;
 pub mod http;
+pub mod maglev;
 pub mod maps;
 pub mod select;
 pub mod wire;

@@ -10,7 +10,7 @@ use core::mem::size_of;
 /// Map names as the kernel shows them (at most 15 characters).
 pub mod names {
     pub const SERVICES: &str = "KN_SERVICES_V1";
-    pub const BACKENDS: &str = "KN_BACKENDS_V1";
+    pub const BACKENDS: &str = "KN_BACKENDS_V2";
     pub const CONNTRACK: &str = "KN_CT_V1";
     pub const SEGMENTS: &str = "KN_SEGMENTS_V1";
     pub const COUNTERS: &str = "KN_COUNTERS_V2";
@@ -171,12 +171,17 @@ pub struct Backend {
     pub id: u32,
 }
 
-/// Value of `KN_BACKENDS_V1`: the backends of one group of one service.
+/// Value of `KN_BACKENDS_V2`: the backends of one group of one service, and
+/// the Maglev table a connection's backend is looked up in (see
+/// [`crate::maglev`]), written together in one update.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BackendSet {
     pub len: u32,
     pub backends: [Backend; MAX_BACKENDS_PER_GROUP],
+    /// Indexes into `backends`, by [`crate::maglev::slot`].
+    pub table: [u8; crate::maglev::SIZE],
+    pub _pad: [u8; 1],
 }
 
 impl BackendSet {
@@ -188,7 +193,30 @@ impl BackendSet {
             _pad: 0,
             id: 0,
         }; MAX_BACKENDS_PER_GROUP],
+        table: [crate::maglev::NONE; crate::maglev::SIZE],
+        _pad: [0; 1],
     };
+
+    /// The set of `backends` (at most [`MAX_BACKENDS_PER_GROUP`]) with its table.
+    pub fn of(backends: &[Backend]) -> BackendSet {
+        let mut set = BackendSet::EMPTY;
+        let n = backends.len().min(MAX_BACKENDS_PER_GROUP);
+        set.len = n as u32;
+        set.backends[..n].copy_from_slice(&backends[..n]);
+        crate::maglev::fill(&set.backends[..n], &mut set.table);
+        set
+    }
+
+    /// The backend a connection with `backend_hash` takes (the host's
+    /// mirror of the kernel's lookup).
+    pub fn pick(&self, backend_hash: u32) -> Option<&Backend> {
+        let i = self.table[crate::maglev::slot(backend_hash)] as usize;
+        if i < self.len as usize {
+            self.backends.get(i)
+        } else {
+            None
+        }
+    }
 }
 
 /// Key of `KN_CT_V1`: a connection as seen in one direction.
@@ -587,7 +615,9 @@ const _: () = assert!(size_of::<SockEntry>() == 48);
 const _: () = assert!(size_of::<ServiceKey>() == 8);
 const _: () = assert!(size_of::<Service>() == 24);
 const _: () = assert!(size_of::<Backend>() == 12);
-const _: () = assert!(size_of::<BackendSet>() == 4 + 12 * MAX_BACKENDS_PER_GROUP);
+const _: () =
+    assert!(size_of::<BackendSet>() == 4 + 12 * MAX_BACKENDS_PER_GROUP + crate::maglev::SIZE + 1);
+const _: () = assert!(size_of::<BackendSet>().is_multiple_of(4));
 const _: () = assert!(size_of::<FlowKey>() == 16);
 const _: () = assert!(size_of::<CtEntry>() == 40);
 const _: () = assert!(

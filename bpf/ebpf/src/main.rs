@@ -49,9 +49,10 @@ use aya_ebpf::{
 use kanari_common::{
     csum, hash, hist,
     http::{self, STATUS_LINE_LEN, StatusParse},
+    maglev,
     maps::{
-        BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, CT_F_HTTP, CT_F_RETRIED, CT_FORWARD,
-        CT_REVERSE, Counter, CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS,
+        BACKEND_SET_SLOTS, Backend, BackendSet, BackendStats, Bucket, CT_F_HTTP, CT_F_RETRIED,
+        CT_FORWARD, CT_REVERSE, Counter, CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS,
         DEFAULT_MAX_BACKENDS, DEFAULT_SOCKETS, FROM_BACKEND, FlowKey, Group,
         MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES,
         SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS, SOCKET_IFINDEX, Segment,
@@ -68,7 +69,7 @@ use kanari_common::{
 #[map(name = "KN_SERVICES_V1")]
 static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
-#[map(name = "KN_BACKENDS_V1")]
+#[map(name = "KN_BACKENDS_V2")]
 static BACKENDS: Array<BackendSet> = Array::with_max_entries(BACKEND_SET_SLOTS, 0);
 
 /// Sized by the agent from the configuration (two entries per connection).
@@ -244,6 +245,20 @@ fn backend_set(svc: &Service, group: Group) -> Option<&'static BackendSet> {
     if set.len == 0 { None } else { Some(set) }
 }
 
+/// The backend of a new connection with `flow` hash in `set`: the set's
+/// Maglev table names it (see `kanari_common::maglev`).
+#[inline(always)]
+fn pick(set: &BackendSet, flow: u32) -> Option<&Backend> {
+    let slot =
+        in_range::<0, { maglev::SIZE as u64 - 1 }>(maglev::slot(hash::backend_hash(flow)) as u64)?;
+    let i = *set.table.get(slot as usize)? as u32;
+    if i >= set.len {
+        return None;
+    }
+    let i = in_range::<0, { MAX_BACKENDS_PER_GROUP as u64 - 1 }>(i as u64)?;
+    set.backends.get(i as usize)
+}
+
 #[inline(always)]
 fn segment_of(svc: &Service, client: u32) -> Option<Group> {
     if svc.flags & SERVICE_F_SEGMENTS == 0 {
@@ -330,13 +345,7 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
             None => return Err(Counter::NoBackend),
         },
     };
-    let len = if set.len as usize > MAX_BACKENDS_PER_GROUP {
-        MAX_BACKENDS_PER_GROUP as u32
-    } else {
-        set.len
-    };
-    let idx = select::backend_index(hash::backend_hash(flow), len) as usize;
-    let Some(b) = set.backends.get(idx) else {
+    let Some(b) = pick(set, flow) else {
         return Err(Counter::NoBackend);
     };
     let (addr, port, backend_id) = (b.addr, b.port, b.id);
@@ -871,13 +880,7 @@ fn sock_steer(ctx: &SockAddrContext, sendmsg: bool) {
             }
         },
     };
-    let len = if set.len as usize > MAX_BACKENDS_PER_GROUP {
-        MAX_BACKENDS_PER_GROUP as u32
-    } else {
-        set.len
-    };
-    let idx = select::backend_index(hash::backend_hash(flow), len) as usize;
-    let Some(b) = set.backends.get(idx) else {
+    let Some(b) = pick(set, flow) else {
         count(SOCKET_IFINDEX, Counter::SocketNoBackend);
         return;
     };
