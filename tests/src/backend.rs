@@ -157,8 +157,15 @@ pub async fn serve(
             continue;
         }
         tokio::spawn(async move {
-            let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (b, stats) = (behavior.clone(), stats.clone());
+                // `/bytes/N`: a body of N bytes (at most 16 MiB), for transfers.
+                let size = req
+                    .uri()
+                    .path()
+                    .strip_prefix("/bytes/")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .map(|n| n.min(16 << 20));
                 async move {
                     let n = stats.requests.fetch_add(1, Ordering::SeqCst);
                     let delay = b.delay();
@@ -177,7 +184,10 @@ pub async fn serve(
                         .status(if fail { 500 } else { 200 })
                         .header("x-kanari-version", b.version.as_str())
                         .header("x-kanari-backend", addr.to_string())
-                        .body(Full::new(Bytes::from(body(&b.version, addr))))
+                        .body(Full::new(match size {
+                            Some(n) => Bytes::from(vec![b'x'; n]),
+                            None => Bytes::from(body(&b.version, addr)),
+                        }))
                         .expect("a valid response");
                     Ok::<_, Infallible>(resp)
                 }

@@ -48,6 +48,10 @@ pub struct TopologyOptions {
     pub complete_client_checksums: bool,
     /// Backends also answer UDP on their port (the backend's UDP echo).
     pub udp_echo: bool,
+    /// A router between the client and the node whose link to the client
+    /// has this MTU (the client's own link keeps 1500, so it announces an
+    /// MSS the path cannot carry): replies need path MTU discovery.
+    pub narrow_hop_mtu: Option<u32>,
 }
 
 impl Default for TopologyOptions {
@@ -57,6 +61,7 @@ impl Default for TopologyOptions {
             canary: 1,
             complete_client_checksums: false,
             udp_echo: false,
+            narrow_hop_mtu: None,
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct Topology {
     // Field order is drop order: backends (servers, then their namespaces) first.
     pub backends: Vec<Backend>,
     pub client: Netns,
+    /// The router of [`TopologyOptions::narrow_hop_mtu`].
+    pub router: Option<Netns>,
     pub node: Netns,
 }
 
@@ -147,14 +154,38 @@ impl Topology {
             tag: tag.clone(),
             backends: Vec::new(),
             client,
+            router: None,
             node,
         };
 
-        veth((&topo.node, NODE_IFACE), (&topo.client, "c0"))?;
+        if let Some(mtu) = opts.narrow_hop_mtu {
+            // client c0 192.168.1.2 ── r0 192.168.1.1 (MTU) router r1 192.168.0.2 ── n0
+            let r = Netns::new(&tag, "rt")?;
+            veth((&topo.node, NODE_IFACE), (&r, "r1"))?;
+            veth((&r, "r0"), (&topo.client, "c0"))?;
+            r.ip(&["addr", "add", "192.168.0.2/24", "dev", "r1"])?;
+            r.ip(&["addr", "add", "192.168.1.1/24", "dev", "r0"])?;
+            r.ip(&["link", "set", "r0", "mtu", &mtu.to_string()])?;
+            for link in ["r0", "r1"] {
+                r.ip(&["link", "set", link, "up"])?;
+                ethtool_tx(&r, link, false)?;
+            }
+            r.ip(&["route", "add", "10.1.0.0/16", "via", "192.168.1.2"])?;
+            r.ip(&["route", "add", "default", "via", "192.168.0.1"])?;
+            r.sysctl("net.ipv4.ip_forward", "1")?;
+            let c = &topo.client;
+            c.ip(&["addr", "add", "192.168.1.2/24", "dev", "c0"])?;
+            c.ip(&["link", "set", "c0", "up"])?;
+            c.ip(&["route", "add", "default", "via", "192.168.1.1"])?;
+            topo.router = Some(r);
+        } else {
+            veth((&topo.node, NODE_IFACE), (&topo.client, "c0"))?;
+            let c = &topo.client;
+            c.ip(&["addr", "add", "192.168.0.2/24", "dev", "c0"])?;
+            c.ip(&["link", "set", "c0", "up"])?;
+            c.ip(&["route", "add", "default", "via", "192.168.0.1"])?;
+        }
         let (c, n) = (&topo.client, &topo.node);
-        c.ip(&["addr", "add", "192.168.0.2/24", "dev", "c0"])?;
-        c.ip(&["link", "set", "c0", "up"])?;
-        c.ip(&["route", "add", "default", "via", "192.168.0.1"])?;
         // Any address of 10.1.0.0/16 is the client's: one namespace, many clients.
         c.ip(&["route", "add", "local", "10.1.0.0/16", "dev", "lo"])?;
         ethtool_tx(c, "c0", !opts.complete_client_checksums)?;

@@ -1192,6 +1192,125 @@ fn one_backend_added_to_eight_moves_about_a_ninth_of_the_flows(hook: Hook) {
     );
 }
 
+// ---- 12c: ICMP errors about a connection ----------------------------------------------------
+
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
+
+/// An ICMP "fragmentation needed" (next-hop MTU 1280) from `router` to
+/// `to`, quoting the first `quote` bytes of the IPv4 packet in `segment`
+/// (a frame), as a router on the path sends it.
+fn frag_needed(router: Ipv4Addr, to: Ipv4Addr, segment: &[u8], quote: usize) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let quoted = &segment[14..][..quote];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(ROUTER_MAC, CLIENT_MAC)
+        .ipv4(router.octets(), to.octets(), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1280 },
+        ))
+        .write(&mut out, quoted)
+        .expect("an ICMP frame");
+    out
+}
+
+/// `out` is the ICMP error `input` sent to `outer_dst`, its quoted
+/// segment's `end` rewritten to `to`; the outer IPv4, ICMP and quoted IPv4
+/// checksums valid (and the quoted TCP one, when the whole segment is
+/// quoted), recomputed by etherparse; every other quoted byte unchanged.
+fn assert_icmp_translated(
+    input: &[u8],
+    out: &[u8],
+    outer_dst: Ipv4Addr,
+    end: End,
+    to: SocketAddrV4,
+) {
+    use etherparse::Icmpv4Header;
+    assert_eq!(out.len(), input.len(), "the frame changed length");
+    assert_eq!(out[..14], input[..14], "the Ethernet header changed");
+    let (ip, rest) = Ipv4Header::from_slice(&out[14..]).expect("an IPv4 header");
+    assert_eq!(
+        ip.header_checksum,
+        ip.calc_header_checksum(),
+        "outer IPv4 checksum"
+    );
+    assert_eq!(
+        Ipv4Addr::from(ip.destination),
+        outer_dst,
+        "outer destination"
+    );
+    let (icmp, quoted) = Icmpv4Header::from_slice(rest).expect("an ICMP header");
+    assert_eq!(
+        icmp.checksum,
+        icmp.icmp_type.calc_checksum(quoted),
+        "ICMP checksum"
+    );
+    let (qip, qtcp) = Ipv4Header::from_slice(quoted).expect("a quoted IPv4 header");
+    assert_eq!(
+        qip.header_checksum,
+        qip.calc_header_checksum(),
+        "quoted IPv4 checksum"
+    );
+    let port = |o: usize| u16::from_be_bytes([qtcp[o], qtcp[o + 1]]);
+    let got = match end {
+        End::Source => SocketAddrV4::new(qip.source.into(), port(0)),
+        End::Destination => SocketAddrV4::new(qip.destination.into(), port(2)),
+    };
+    assert_eq!(got, to, "the quoted segment's {end:?}");
+    let in_quoted = &input[input.len() - quoted.len()..];
+    let in_tcp = &in_quoted[in_quoted.len() - qtcp.len()..];
+    assert_eq!(qtcp[4..qtcp.len().min(16)], in_tcp[4..in_tcp.len().min(16)]);
+    if qtcp.len() as u16 + qip.header_len() as u16 == qip.total_len {
+        let (tcp, payload) = TcpHeader::from_slice(qtcp).expect("a quoted TCP header");
+        assert_eq!(
+            tcp.checksum,
+            tcp.calc_checksum_ipv4(&qip, payload).unwrap(),
+            "quoted TCP checksum"
+        );
+        assert_eq!(qtcp[18..], in_tcp[18..], "the quoted options and payload");
+    }
+}
+
+/// A router between the node and the client cannot forward a reply of the
+/// VIP (its next hop's MTU is smaller) and tells the VIP: the error must
+/// reach the connection's backend, which alone can send smaller segments
+/// (path MTU discovery), as if it had been sent to it.
+fn an_icmp_error_about_a_reply_reaches_its_backend(hook: Hook) {
+    let mut k = Kanari::load(web(0, ""));
+    let backend = handshake(&mut k, hook, CLIENT);
+    // The reply as it left the node (reverse-translated): from the VIP.
+    let segment = Tcp4::new(VIP, CLIENT, TCP_ACK | TCP_PSH)
+        .payload(RESPONSE_200)
+        .build();
+    // The whole segment quoted (Linux), and only its first 8 TCP bytes (RFC 792).
+    for quote in [segment.len() - 14, 28] {
+        let icmp = frag_needed(ROUTER, *VIP.ip(), &segment, quote);
+        let (counters, stats) = (k.counters(), k.all_stats());
+        let (verdict, out) = k.run(hook, &icmp);
+        assert_eq!(verdict, hook.pass(), "{hook:?} verdict");
+        assert_icmp_translated(&icmp, &out, *backend.ip(), End::Source, backend);
+        assert_eq!(
+            counter_delta(&counters, &k.counters()),
+            vec![(Counter::IcmpTranslated, 1)]
+        );
+        assert_eq!(k.all_stats(), stats, "an ICMP error is no request");
+    }
+    // About no connection, or sent elsewhere than the VIP it quotes: untouched.
+    let stranger = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 99), 40000);
+    let other = Tcp4::new(VIP, stranger, TCP_ACK).build();
+    k.expect_untouched(
+        hook,
+        &frag_needed(ROUTER, *VIP.ip(), &other, 40),
+        "an ICMP error about no connection",
+        hook.passed_counter(),
+    );
+    k.expect_untouched(
+        hook,
+        &frag_needed(ROUTER, Ipv4Addr::new(10, 0, 0, 101), &segment, 40),
+        "an ICMP error to another address",
+        hook.passed_counter(),
+    );
+}
+
 // ---- 13: the observer: connect time ---------------------------------------------------------
 
 /// A data segment (ACK|PSH) of `client` to the VIP.
@@ -1940,6 +2059,7 @@ through_each_ingress!(
     a_client_segment_wins_over_the_weight,
     connection_affinity_splits_by_flow_hash,
     one_backend_added_to_eight_moves_about_a_ninth_of_the_flows,
+    an_icmp_error_about_a_reply_reaches_its_backend,
     a_syn_ack_times_the_connect,
     a_retransmitted_syn_is_unanswered_and_keeps_its_backend,
     a_syn_sent_again_after_its_syn_ack_is_the_same_connection,
@@ -1960,6 +2080,43 @@ mod tc_egress {
     #[test]
     fn unrelated_frames_pass_byte_identical() {
         super::unrelated_frames_pass_byte_identical(Hook::TcEgress);
+    }
+
+    /// A router between the node and the backend cannot forward a client's
+    /// segment (DNATed to the backend) and tells the client: the client must
+    /// hear it about the VIP it dialled, or its stack matches no socket.
+    #[test]
+    fn an_icmp_error_about_a_clients_segment_reaches_it_about_the_vip() {
+        let hook = Hook::TcIngress;
+        let mut k = Kanari::load(web(0, ""));
+        let backend = handshake(&mut k, hook, CLIENT);
+        // The client's segment as it left the node: to the backend.
+        let segment = Tcp4::new(CLIENT, backend, TCP_ACK | TCP_PSH)
+            .payload(HTTP_GET)
+            .build();
+        for quote in [segment.len() - 14, 28] {
+            let icmp = frag_needed(Ipv4Addr::new(10, 8, 0, 1), *CLIENT.ip(), &segment, quote);
+            let counters = k.counters();
+            let (verdict, out) = k.run(Hook::TcEgress, &icmp);
+            assert_eq!(verdict, TC_ACT_UNSPEC, "egress verdict");
+            assert_icmp_translated(&icmp, &out, *CLIENT.ip(), End::Destination, VIP);
+            assert_eq!(
+                counter_delta(&counters, &k.counters()),
+                vec![(Counter::IcmpTranslated, 1)]
+            );
+        }
+        let stranger = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 99), 40000);
+        k.expect_untouched(
+            Hook::TcEgress,
+            &frag_needed(
+                Ipv4Addr::new(10, 8, 0, 1),
+                *stranger.ip(),
+                &Tcp4::new(stranger, backend, TCP_ACK).build(),
+                40,
+            ),
+            "an ICMP error about no connection",
+            Counter::EgressPassed,
+        );
     }
 
     /// A client reuses an answered tuple and the new connection lands on

@@ -9,8 +9,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
 };
 
+use anyhow::{Context as _, Result};
 use kanari_common::{
     hash,
     maps::{FlowKey, Group},
@@ -446,6 +448,70 @@ fn untouched_xdp() {
 #[test]
 fn untouched_tc() {
     untouched("tc");
+}
+
+/// `GET /bytes/{size}` from `src` to `dst` on a connection of its own;
+/// the body's length, or an error when it does not all come within `within`.
+async fn fetch(src: Ipv4Addr, dst: SocketAddrV4, size: usize, within: Duration) -> Result<usize> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddrV4::new(src, 0).into())?;
+    let mut stream = socket.connect(dst.into()).await?;
+    let request = format!("GET /bytes/{size} HTTP/1.1\r\nHost: {dst}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut got = Vec::new();
+    match tokio::time::timeout(within, stream.read_to_end(&mut got)).await {
+        Ok(r) => r?,
+        Err(_) => anyhow::bail!("{} bytes of the response within {within:?}", got.len()),
+    };
+    let head = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of the response head")?;
+    Ok(got.len() - head - 4)
+}
+
+/// A router on the client's side has a smaller MTU than the client's own
+/// link, so the backend's full-size replies need path MTU discovery, whose
+/// "fragmentation needed" is addressed to the VIP they came from. kanari
+/// sends it on to the backend, which then sends smaller segments: the
+/// transfer completes. Without it the backend sends its full-size segments
+/// again and again into the narrow hop (a path MTU black hole).
+fn path_mtu_discovery(mode: &str) {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions {
+        stable: 1,
+        canary: 1,
+        narrow_hop_mtu: Some(1280),
+        ..Default::default()
+    })
+    .expect("topology");
+    let agent = Agent::start(&topo.node, &topo.config(0.0, "", mode)).expect("kanari starts");
+    const SIZE: usize = 256 * 1024;
+    let got = topo
+        .client
+        .run_in(|| runtime().block_on(fetch(client_addr(7), VIP, SIZE, Duration::from_secs(10))))
+        .expect("client thread");
+    let stopped = stop(agent, &topo);
+    assert_eq!(
+        got.expect("the transfer over the narrow hop completes"),
+        SIZE
+    );
+    let translated = count(&stopped, "icmp_translated");
+    eprintln!("{mode}: {SIZE} bytes over a 1280-byte hop; {translated} ICMP errors sent on");
+    assert!(translated >= 1);
+}
+
+#[test]
+fn path_mtu_discovery_xdp() {
+    path_mtu_discovery("xdp");
+}
+
+#[test]
+fn path_mtu_discovery_tc() {
+    path_mtu_discovery("tc");
 }
 
 /// Broken configurations: `check-config` and `run` exit 2 with an error that

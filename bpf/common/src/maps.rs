@@ -514,13 +514,17 @@ pub enum Counter {
     /// A connect() to a service none of whose groups has a backend: left
     /// to the VIP (kube-proxy's rules, where there are some).
     SocketNoBackend = 16,
+    /// An ICMP error about a connection's reply (fragmentation needed,
+    /// unreachable, time exceeded), addressed to the VIP, sent on to the
+    /// connection's backend with the quoted segment translated back.
+    IcmpTranslated = 17,
 }
 
 /// The `ifindex` of [`CounterKey`] under which the socket path counts.
 pub const SOCKET_IFINDEX: u32 = 0;
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::XdpSteered,
         Counter::XdpSteeredNew,
@@ -539,6 +543,7 @@ impl Counter {
         Counter::Invalid,
         Counter::SocketSteered,
         Counter::SocketNoBackend,
+        Counter::IcmpTranslated,
     ];
 
     #[inline(always)]
@@ -569,6 +574,7 @@ impl Counter {
             Counter::Invalid => "invalid",
             Counter::SocketSteered => "socket_steered",
             Counter::SocketNoBackend => "socket_no_backend",
+            Counter::IcmpTranslated => "icmp_translated",
         }
     }
 }

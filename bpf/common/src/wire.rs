@@ -13,6 +13,14 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP_WIRE: u16 = u16::from_ne_bytes(0x0800u16.to_be_bytes());
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+/// ICMP errors that quote the datagram they are about (RFC 792): the
+/// destination was unreachable (type 3; code 4 is "fragmentation needed",
+/// path MTU discovery's signal) and the time to live ran out (type 11).
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+/// The ICMP header: type, code, checksum, 4 bytes of rest-of-header.
+pub const ICMP_HLEN: usize = 8;
 /// Offset of the IPv4 header checksum from the start of the frame.
 pub const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 /// Offset of the IPv4 source address from the start of the frame.
@@ -226,6 +234,116 @@ pub unsafe fn parse_tcp4(start: usize, end: usize, frame_len: usize) -> Result<T
     })
 }
 
+/// An ICMP error about a TCP segment, as far as translating it needs: the
+/// quoted segment's addresses and ports, and the checksums an edit must keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpError4 {
+    /// The outer destination (the quoted segment's sender).
+    pub daddr: u32,
+    /// Offsets from the start of the frame: the ICMP header, the quoted
+    /// IPv4 header, the quoted TCP header.
+    pub icmp_off: usize,
+    pub inner_off: usize,
+    pub inner_l4_off: usize,
+    /// The quoted segment's source and destination.
+    pub inner_saddr: u32,
+    pub inner_daddr: u32,
+    pub inner_sport: u16,
+    pub inner_dport: u16,
+    /// The ICMP checksum and the quoted IPv4 header's checksum.
+    pub icmp_check: u16,
+    pub inner_ip_check: u16,
+    /// The quoted TCP checksum, when the quote reaches it (RFC 792 asks for
+    /// only 8 bytes of the segment; Linux quotes up to 576 bytes in all).
+    pub inner_tcp_check: Option<u16>,
+}
+
+/// Parses Ethernet / IPv4 / ICMP destination-unreachable or time-exceeded
+/// quoting an IPv4 / TCP segment (at least its ports). Anything else is
+/// `NotTcp` (not ours to translate), or `Malformed`/`Truncated`/`Fragment`
+/// as for [`parse_tcp4`].
+///
+/// # Safety
+/// As for [`parse_tcp4`].
+#[inline(always)]
+pub unsafe fn parse_icmp4_error(
+    start: usize,
+    end: usize,
+    frame_len: usize,
+) -> Result<IcmpError4, Skip> {
+    let ethertype: *const [u8; 2] = ptr_at(start, end, 12)?;
+    // SAFETY: bounds checked by ptr_at, alignment 1.
+    if u16::from_ne_bytes(unsafe { *ethertype }) != ETH_P_IP_WIRE {
+        return Err(Skip::NotIpv4);
+    }
+    let ip: *const Ipv4Header = ptr_at(start, end, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at, alignment 1.
+    let ip = unsafe { *ip };
+    let ihl = (ip.version_ihl & 0x0f) as usize * 4;
+    if ip.version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Header>() {
+        return Err(Skip::Malformed);
+    }
+    if u16::from_be_bytes(ip.frag) & 0x3fff != 0 {
+        return Err(Skip::Fragment);
+    }
+    if ip.proto != IPPROTO_ICMP {
+        return Err(Skip::NotTcp);
+    }
+    let icmp_off = ETH_HLEN + ihl;
+    let icmp: *const [u8; ICMP_HLEN] = ptr_at(start, end, icmp_off)?;
+    // SAFETY: bounds checked by ptr_at, alignment 1.
+    let icmp = unsafe { *icmp };
+    if icmp[0] != ICMP_DEST_UNREACH && icmp[0] != ICMP_TIME_EXCEEDED {
+        return Err(Skip::NotTcp);
+    }
+    let inner_off = icmp_off + ICMP_HLEN;
+    let inner: *const Ipv4Header = ptr_at(start, end, inner_off)?;
+    // SAFETY: bounds checked by ptr_at, alignment 1.
+    let inner = unsafe { *inner };
+    let inner_ihl = (inner.version_ihl & 0x0f) as usize * 4;
+    if inner.version_ihl >> 4 != 4 || inner_ihl < size_of::<Ipv4Header>() {
+        return Err(Skip::Malformed);
+    }
+    // Only a first fragment (or a whole datagram) carries the ports.
+    if inner.proto != IPPROTO_TCP || u16::from_be_bytes(inner.frag) & 0x1fff != 0 {
+        return Err(Skip::NotTcp);
+    }
+    let inner_l4_off = inner_off + inner_ihl;
+    let ports: *const [u8; 8] = ptr_at(start, end, inner_l4_off)?;
+    // SAFETY: bounds checked by ptr_at, alignment 1.
+    let ports = unsafe { *ports };
+    // Read before the length checks below on purpose (see `parse_tcp4`):
+    // after them the compiler could drop this pointer check, which the
+    // verifier cannot follow from them.
+    let check_off = inner_l4_off + TCP_CHECK_OFF;
+    let tcp_check = match ptr_at::<[u8; 2]>(start, end, check_off) {
+        // SAFETY: bounds checked by ptr_at, alignment 1.
+        Ok(c) => Some(u16::from_ne_bytes(unsafe { *c })),
+        Err(_) => None,
+    };
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if tot_len < ihl + ICMP_HLEN + inner_ihl + 8 {
+        return Err(Skip::Malformed);
+    }
+    if ETH_HLEN + tot_len > frame_len {
+        return Err(Skip::Truncated);
+    }
+    let inner_tcp_check = tcp_check.filter(|_| check_off + 2 <= ETH_HLEN + tot_len);
+    Ok(IcmpError4 {
+        daddr: u32::from_ne_bytes(ip.daddr),
+        icmp_off,
+        inner_off,
+        inner_l4_off,
+        inner_saddr: u32::from_ne_bytes(inner.saddr),
+        inner_daddr: u32::from_ne_bytes(inner.daddr),
+        inner_sport: u16::from_ne_bytes([ports[0], ports[1]]),
+        inner_dport: u16::from_ne_bytes([ports[2], ports[3]]),
+        icmp_check: u16::from_ne_bytes([icmp[2], icmp[3]]),
+        inner_ip_check: u16::from_ne_bytes(inner.check),
+        inner_tcp_check,
+    })
+}
+
 /// An address as stored in maps: the four octets in wire order, read natively.
 #[inline(always)]
 pub const fn addr(ip: Ipv4Addr) -> u32 {
@@ -406,6 +524,62 @@ mod tests {
         let mut short_doff = frame(&[], TCP_SYN, &[]);
         short_doff[34 + 12] = 4 << 4;
         assert_eq!(parse(&short_doff), Err(Skip::Malformed));
+    }
+
+    /// An ICMP error of `kind` from 10.9.0.1 to 10.0.0.100 quoting the
+    /// first `quoted` bytes of the SYN-ACK 10.0.0.100:80 -> 10.0.0.1:40000.
+    fn icmp_error(kind: u8, quoted: usize) -> Vec<u8> {
+        let segment = frame(&[], TCP_SYN | TCP_ACK, &[]);
+        let mut q = segment[14..].to_vec();
+        q[12..16].copy_from_slice(&[10, 0, 0, 100]);
+        q[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        q[20..24].copy_from_slice(&[0, 80, 0x9c, 0x40]);
+        q.truncate(quoted);
+        let tot = 20 + 8 + q.len();
+        let mut f = Vec::new();
+        f.extend_from_slice(&[0xaa; 6]);
+        f.extend_from_slice(&[0xbb; 6]);
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+        f.extend_from_slice(&(tot as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 1, 0, 0, 64, IPPROTO_ICMP, 0, 0]);
+        f.extend_from_slice(&[10, 9, 0, 1, 10, 0, 0, 100]);
+        f.extend_from_slice(&[kind, 4, 0x12, 0x34, 0, 0, 0x05, 0x00]);
+        f.extend_from_slice(&q);
+        f
+    }
+
+    fn parse_icmp(f: &[u8]) -> Result<IcmpError4, Skip> {
+        let start = f.as_ptr() as usize;
+        unsafe { parse_icmp4_error(start, start + f.len(), f.len()) }
+    }
+
+    #[test]
+    fn an_icmp_error_quoting_a_tcp_segment_is_parsed() {
+        let e = parse_icmp(&icmp_error(ICMP_DEST_UNREACH, 40)).unwrap();
+        assert_eq!(ipv4(e.daddr), Ipv4Addr::new(10, 0, 0, 100));
+        assert_eq!((e.icmp_off, e.inner_off, e.inner_l4_off), (34, 42, 62));
+        assert_eq!(ipv4(e.inner_saddr), Ipv4Addr::new(10, 0, 0, 100));
+        assert_eq!(ipv4(e.inner_daddr), Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(
+            (host_port(e.inner_sport), host_port(e.inner_dport)),
+            (80, 40000)
+        );
+        assert_eq!(e.icmp_check, u16::from_ne_bytes([0x12, 0x34]));
+        assert_eq!(e.inner_tcp_check, Some(u16::from_ne_bytes([0x12, 0x34])));
+        // RFC 792's minimum quote: the ports, no TCP checksum.
+        let e = parse_icmp(&icmp_error(ICMP_TIME_EXCEEDED, 28)).unwrap();
+        assert_eq!(e.inner_tcp_check, None);
+        assert_eq!(
+            parse_icmp(&icmp_error(ICMP_DEST_UNREACH, 27)),
+            Err(Skip::Truncated)
+        );
+        // Echo requests and errors about UDP are not ours.
+        assert_eq!(parse_icmp(&icmp_error(8, 40)), Err(Skip::NotTcp));
+        let mut udp = icmp_error(ICMP_DEST_UNREACH, 40);
+        udp[42 + 9] = IPPROTO_UDP;
+        assert_eq!(parse_icmp(&udp), Err(Skip::NotTcp));
+        // A TCP frame is not an ICMP error.
+        assert_eq!(parse_icmp(&frame(&[], TCP_SYN, &[])), Err(Skip::NotTcp));
     }
 
     #[test]

@@ -21,7 +21,11 @@
 //! response -> the backend's first payload) and, for HTTP, the status class
 //! of that answer. Its per-connection state is in the forward conntrack entry.
 //!
-//! Everything else — other addresses and ports, ARP, IPv6, UDP, ICMP,
+//! ICMP errors about a connection (destination unreachable, time exceeded)
+//! are translated for the side they go to: toward the backend on ingress
+//! (path MTU discovery for its replies), toward the client on egress.
+//!
+//! Everything else — other addresses and ports, ARP, IPv6, UDP, other ICMP,
 //! fragments, truncated or malformed frames — passes untouched.
 //!
 //! The socket path (`socket_lb:`): `kanari_sock_connect4` (cgroup v2
@@ -60,8 +64,8 @@ use kanari_common::{
     },
     select,
     wire::{
-        self, ETH_HLEN, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Header, MAX_PARSE_LEN, Skip,
-        TCP_CHECK_OFF, TCP_DPORT_OFF, TCP_SPORT_OFF, Tcp4, TcpHeader,
+        self, ETH_HLEN, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IcmpError4, Ipv4Header,
+        MAX_PARSE_LEN, Skip, TCP_CHECK_OFF, TCP_DPORT_OFF, TCP_SPORT_OFF, Tcp4, TcpHeader,
     },
 };
 
@@ -446,6 +450,20 @@ fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
     // SAFETY: data..data_end is the packet.
     let p = match unsafe { wire::parse_tcp4(start, end, end - start) } {
         Ok(p) => p,
+        Err(Skip::NotTcp) => {
+            // SAFETY: as above.
+            let e = unsafe { wire::parse_icmp4_error(start, end, end - start) };
+            let translated = e.is_ok_and(|e| icmp_translate(start, end, &e, Toward::Backend));
+            count(
+                ifindex,
+                if translated {
+                    Counter::IcmpTranslated
+                } else {
+                    Counter::XdpPassed
+                },
+            );
+            return None;
+        }
         Err(s) => {
             count_skip(ifindex, s, Counter::XdpPassed);
             return None;
@@ -518,6 +536,120 @@ fn parse_tc(ctx: &TcContext) -> Result<Tcp4, Skip> {
     }
 }
 
+/// Which way an ICMP error about a connection travels.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Toward {
+    /// From the client's side to the VIP, about a reply the VIP sent (a
+    /// router there needs a smaller MTU): it is the backend's to hear.
+    Backend,
+    /// From the backend's side to the client, about a segment the client
+    /// sent (translated to the backend): it is the client's to hear, about
+    /// the VIP it dialled.
+    Client,
+}
+
+/// Translates an ICMP error about a connection for the side it goes to:
+/// the quoted segment gets back the addresses its sender used (and, toward
+/// the backend, the outer destination becomes the backend), with every
+/// checksum it carries kept right (the outer IPv4 header's, the ICMP
+/// message's, the quoted IPv4 header's and, when quoted, the TCP one).
+/// `false` when it is not about a connection kanari translates.
+///
+/// Direct writes only, each change offset by its checksum's, so the packet's
+/// ones'-complement sum is unchanged (a `CHECKSUM_COMPLETE` skb stays right).
+#[inline(always)]
+fn icmp_translate(start: usize, end: usize, e: &IcmpError4, toward: Toward) -> bool {
+    // The quoted segment went one way; its connection's entry in the other
+    // direction (keyed by the quote reversed) holds what to write back.
+    let key = FlowKey::new(e.inner_daddr, e.inner_saddr, e.inner_dport, e.inner_sport);
+    let Some(c) = CONNTRACK.get_ptr(key) else {
+        return false;
+    };
+    // SAFETY: a value pointer from a successful lookup; copied at once.
+    let c = unsafe { *c };
+    let (kind, old_addr, old_port) = match toward {
+        Toward::Backend => (CT_FORWARD, e.inner_saddr, e.inner_sport),
+        Toward::Client => (CT_REVERSE, e.inner_daddr, e.inner_dport),
+    };
+    // Toward the backend, the error must be addressed to the VIP it quotes.
+    if c.kind != kind || (toward == Toward::Backend && e.daddr != e.inner_saddr) {
+        return false;
+    }
+    let (new_addr, new_port) = (c.addr, c.port);
+    let (Ok(ip), Ok(inner), Ok(ports), Ok(icmp)) = (
+        wire::ptr_at_mut::<Ipv4Header>(start, end, ETH_HLEN),
+        wire::ptr_at_mut::<Ipv4Header>(start, end, e.inner_off),
+        wire::ptr_at_mut::<[u8; 4]>(start, end, e.inner_l4_off),
+        wire::ptr_at_mut::<[u8; 4]>(start, end, e.icmp_off),
+    ) else {
+        return false;
+    };
+    let tcp_check = match e.inner_tcp_check {
+        Some(_) => match wire::ptr_at_mut::<[u8; 2]>(start, end, e.inner_l4_off + TCP_CHECK_OFF) {
+            Ok(p) => Some(p),
+            Err(_) => return false,
+        },
+        None => None,
+    };
+    let inner_ip_check = csum::replace4(e.inner_ip_check, old_addr, new_addr);
+    let mut icmp_check = csum::replace4(e.icmp_check, old_addr, new_addr);
+    icmp_check = csum::replace2(icmp_check, e.inner_ip_check, inner_ip_check);
+    icmp_check = csum::replace2(icmp_check, old_port, new_port);
+    // SAFETY: every pointer was bounds-checked above; alignment 1.
+    unsafe {
+        if toward == Toward::Backend {
+            (*ip).daddr = new_addr.to_ne_bytes();
+            let check = u16::from_ne_bytes((*ip).check);
+            (*ip).check = csum::replace4(check, e.daddr, new_addr).to_ne_bytes();
+            (*inner).saddr = new_addr.to_ne_bytes();
+            let [a, b] = new_port.to_ne_bytes();
+            (*ports)[0] = a;
+            (*ports)[1] = b;
+        } else {
+            (*inner).daddr = new_addr.to_ne_bytes();
+            let [a, b] = new_port.to_ne_bytes();
+            (*ports)[2] = a;
+            (*ports)[3] = b;
+        }
+        (*inner).check = inner_ip_check.to_ne_bytes();
+        if let (Some(p), Some(old)) = (tcp_check, e.inner_tcp_check) {
+            let new = csum::replace4(csum::replace2(old, old_port, new_port), old_addr, new_addr);
+            *p = new.to_ne_bytes();
+            icmp_check = csum::replace2(icmp_check, old, new);
+        }
+        let [a, b] = icmp_check.to_ne_bytes();
+        (*icmp)[2] = a;
+        (*icmp)[3] = b;
+    }
+    true
+}
+
+/// The most bytes an ICMP error's translation reads: Ethernet, IPv4 with
+/// options, ICMP, the quoted IPv4 header with options, the quoted TCP
+/// header up to its checksum.
+const MAX_ICMP_PARSE_LEN: usize = ETH_HLEN + 60 + wire::ICMP_HLEN + 60 + TCP_CHECK_OFF + 2;
+
+/// An ICMP error in TC: pulled into the linear area as far as it is read,
+/// then translated by [`icmp_translate`].
+#[inline(always)]
+fn tc_icmp(ctx: &TcContext, toward: Toward) -> bool {
+    let len = ctx.len() as usize;
+    let want = if len > MAX_ICMP_PARSE_LEN {
+        MAX_ICMP_PARSE_LEN
+    } else {
+        len
+    };
+    if ctx.data_end() - ctx.data() < want && ctx.pull_data(want as u32).is_err() {
+        return false;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // SAFETY: data..data_end is the packet's linear area.
+    match unsafe { wire::parse_icmp4_error(start, end, len) } {
+        Ok(e) => icmp_translate(start, end, &e, toward),
+        Err(_) => false,
+    }
+}
+
 /// Rewrites an address and a port with the kernel's checksum helpers, which
 /// update a complete checksum or an offload seed as the skb requires.
 #[inline(always)]
@@ -562,6 +694,18 @@ fn tc_ingress(ctx: &TcContext) -> Option<Counter> {
     let ifindex = ifindex_of(ctx);
     let p = match parse_tc(ctx) {
         Ok(p) => p,
+        Err(Skip::NotTcp) => {
+            let translated = tc_icmp(ctx, Toward::Backend);
+            count(
+                ifindex,
+                if translated {
+                    Counter::IcmpTranslated
+                } else {
+                    Counter::TcPassed
+                },
+            );
+            return None;
+        }
         Err(s) => {
             count_skip(ifindex, s, Counter::TcPassed);
             return None;
@@ -613,6 +757,17 @@ fn tc_egress(ctx: &TcContext) {
     let ifindex = ifindex_of(ctx);
     let p = match parse_tc(ctx) {
         Ok(p) => p,
+        Err(Skip::NotTcp) => {
+            let translated = tc_icmp(ctx, Toward::Client);
+            return count(
+                ifindex,
+                if translated {
+                    Counter::IcmpTranslated
+                } else {
+                    Counter::EgressPassed
+                },
+            );
+        }
         Err(s) => return count_skip(ifindex, s, Counter::EgressPassed),
     };
     let key = FlowKey::new(p.saddr, p.daddr, p.sport, p.dport);

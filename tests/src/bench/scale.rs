@@ -665,8 +665,7 @@ fn first_connection(ctx: &Ctx) -> Result<Part> {
     let topo = Topology::new(&TopologyOptions {
         stable: 1,
         canary: 1,
-        complete_client_checksums: false,
-        udp_echo: false,
+        ..Default::default()
     })?;
     // The clients open more new connections per second than the default
     // rate guard admits (a sixteenth of the table): it would shed SYNs

@@ -351,7 +351,7 @@ impl Running {
             stable: 2,
             canary: 1,
             complete_client_checksums: true,
-            udp_echo: false,
+            ..Default::default()
         })
         .context("building the network")?;
         let dir = TempDir::new(&topo.tag)?;
