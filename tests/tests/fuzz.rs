@@ -21,8 +21,9 @@
 //!
 //! What is asserted, per frame and program:
 //! - the verdict is the pass verdict (`XDP_PASS`, `TC_ACT_UNSPEC`): nothing is
-//!   ever dropped or aborted but a consistent SYN+FIN to a service on ingress,
-//!   which is dropped (`XDP_DROP`, `TC_ACT_SHOT`). A test run the kernel itself refuses (`EINVAL`)
+//!   ever dropped or aborted but, on ingress, a consistent SYN+FIN to a
+//!   service and the first fragment of a TCP datagram to a service, which
+//!   are dropped (`XDP_DROP`, `TC_ACT_SHOT`). A test run the kernel itself refuses (`EINVAL`)
 //!   is allowed only where golden.rs documents it (under 14 bytes; for skb
 //!   programs an IPv4 EtherType under 34 bytes, IPv6 under 54).
 //! - a frame that is not a consistent Ethernet/IPv4/TCP frame (the oracle
@@ -395,7 +396,9 @@ enum Class {
     NotIpv4,
     /// Fields that contradict each other.
     Malformed,
-    Fragment,
+    /// With the destination of a first fragment of TCP whose frame holds
+    /// its ports (dropped when that is a service).
+    Fragment(Option<SocketAddrV4>),
     NotTcp,
     Tcp(Parsed),
 }
@@ -436,7 +439,15 @@ fn classify(f: &[u8]) -> Class {
         return Class::Malformed;
     }
     if be16(20) & 0x3fff != 0 {
-        return Class::Fragment;
+        let l4 = 14 + ihl;
+        let first = be16(20) & 0x1fff == 0 && be16(20) & 0x2000 != 0;
+        let to = (first && f[23] == 6 && f.len() >= l4 + 4).then(|| {
+            SocketAddrV4::new(
+                Ipv4Addr::new(f[30], f[31], f[32], f[33]),
+                be16(l4 + 2) as u16,
+            )
+        });
+        return Class::Fragment(to);
     }
     if f[23] != 6 {
         return Class::NotTcp;
@@ -530,6 +541,8 @@ struct HookStats {
     deferred: u64,
     /// SYN+FIN frames to a service, dropped and counted `invalid`.
     invalid: u64,
+    /// First fragments to a service, dropped and counted `fragment_dropped`.
+    fragments: u64,
     /// Translated frames whose IPv4 and TCP checksums were valid before (and after).
     valid_checksums: u64,
 }
@@ -655,6 +668,21 @@ impl Fuzz {
             }
             _ => false,
         };
+        let fragment = match class {
+            Class::Fragment(Some(to)) if hook != Hook::TcEgress => self.service_at(to).is_some(),
+            _ => false,
+        };
+        if fragment {
+            self.stats[hook as usize].fragments += 1;
+            return if verdict == hook.drop() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "verdict {verdict:#x} for a first fragment to a service, expected {:#x} (drop)",
+                    hook.drop()
+                ))
+            };
+        }
         if invalid {
             self.stats[hook as usize].invalid += 1;
             let dropped = if hook == Hook::Xdp { 1 } else { 2 };
@@ -1346,7 +1374,9 @@ impl Fuzz {
         let total = self.dp.counter_totals().expect("reading counters");
         let get = |c: Counter| total.iter().find(|(k, _)| *k == c).map_or(0, |(_, n)| *n);
         let [x, t, e] = self.stats;
-        let passed = |s: HookStats| s.runs - s.translated - s.malformed - s.deferred - s.invalid;
+        let passed = |s: HookStats| {
+            s.runs - s.translated - s.malformed - s.deferred - s.invalid - s.fragments
+        };
         let expected = [
             (
                 "xdp_steered + xdp_steered_new",
@@ -1370,6 +1400,12 @@ impl Fuzz {
             ),
             ("no_backend", get(Counter::NoBackend), 0),
             ("invalid", get(Counter::Invalid), x.invalid + t.invalid),
+            (
+                "fragment_dropped",
+                get(Counter::FragmentDropped),
+                x.fragments + t.fragments,
+            ),
+            ("rewrite_failed", get(Counter::RewriteFailed), 0),
         ];
         for (name, got, want) in expected {
             assert_eq!(got, want, "counter {name}: all counters {total:?}");

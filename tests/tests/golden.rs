@@ -860,13 +860,8 @@ fn unrelated_frames() -> Vec<(&'static str, Vec<u8>)> {
             "TCP SYN to 10.0.0.99:80",
             Tcp4::syn(CLIENT, SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 99), 80)).build(),
         ),
-        (
-            "first fragment (MF) of a TCP SYN to VIP:80",
-            Tcp4::syn(CLIENT, VIP)
-                .payload(&[0x55; 64])
-                .fragment(true, 0)
-                .build(),
-        ),
+        // A first fragment to VIP:80 is dropped and counted (see
+        // a_first_fragment_to_a_service_is_dropped_and_counted).
         (
             // Bytes that look like a TCP header where a first fragment has it.
             "non-first fragment (offset 1480) to VIP:80",
@@ -1449,6 +1444,42 @@ fn a_syn_with_fin_is_dropped(hook: Hook) {
     // A plain SYN from the same client still opens its connection.
     let (_, backend) = k.predict(CLIENT);
     k.expect_translated(hook, &Tcp4::syn(CLIENT, VIP).build(), backend);
+}
+
+/// Fragments cannot be translated (only the first carries the ports); a
+/// first fragment of a datagram to a service is dropped and counted, so the
+/// loss shows (`fragment_dropped`) instead of the datagram vanishing on the
+/// node. Later fragments and fragments to other ports pass untouched.
+fn a_first_fragment_to_a_service_is_dropped_and_counted(hook: Hook) {
+    let mut k = Kanari::load(web(10, ""));
+    let (counters, stats) = (k.counters(), k.all_stats());
+    let request = Tcp4::new(CLIENT, VIP, TCP_ACK | TCP_PSH).payload(HTTP_GET);
+    let first = request.clone().fragment(true, 0).build();
+    let (verdict, _) = k.run(hook, &first);
+    assert_eq!(
+        verdict,
+        hook.drop(),
+        "{hook:?} verdict for a first fragment"
+    );
+    assert_eq!(
+        counter_delta(&counters, &k.counters()),
+        vec![(Counter::FragmentDropped, 1)]
+    );
+    assert_eq!(k.all_stats(), stats, "no backend saw it");
+    assert_eq!(k.conntrack().len(), 0, "no conntrack entry");
+    k.expect_untouched(
+        hook,
+        &request.clone().fragment(true, 185).build(),
+        "a later fragment",
+        hook.passed_counter(),
+    );
+    let other_port = Tcp4::new(CLIENT, SocketAddrV4::new(*VIP.ip(), 81), TCP_ACK);
+    k.expect_untouched(
+        hook,
+        &other_port.fragment(true, 0).build(),
+        "a first fragment to another port",
+        hook.passed_counter(),
+    );
 }
 
 /// A SYN sent again before any SYN-ACK counts as unanswered once per
@@ -2065,6 +2096,7 @@ through_each_ingress!(
     a_syn_sent_again_after_its_syn_ack_is_the_same_connection,
     a_shed_syn_on_a_live_tuple_leaves_its_connection,
     a_syn_with_fin_is_dropped,
+    a_first_fragment_to_a_service_is_dropped_and_counted,
     backend_rsts_count_as_refused_or_reset,
     http_exchanges_on_keep_alive_are_counted_one_by_one,
     a_status_line_split_across_segments_is_counted_once,

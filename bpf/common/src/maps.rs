@@ -518,13 +518,21 @@ pub enum Counter {
     /// unreachable, time exceeded), addressed to the VIP, sent on to the
     /// connection's backend with the quoted segment translated back.
     IcmpTranslated = 17,
+    /// The first fragment of a TCP datagram to a service VIP:port, dropped:
+    /// fragments cannot be translated (only the first carries the ports),
+    /// and passed on they would never reach a backend.
+    FragmentDropped = 18,
+    /// A translation the kernel's helpers failed halfway (an address
+    /// written, its port or checksum not): the packet is dropped rather
+    /// than sent on half-translated.
+    RewriteFailed = 19,
 }
 
 /// The `ifindex` of [`CounterKey`] under which the socket path counts.
 pub const SOCKET_IFINDEX: u32 = 0;
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::XdpSteered,
         Counter::XdpSteeredNew,
@@ -544,6 +552,8 @@ impl Counter {
         Counter::SocketSteered,
         Counter::SocketNoBackend,
         Counter::IcmpTranslated,
+        Counter::FragmentDropped,
+        Counter::RewriteFailed,
     ];
 
     #[inline(always)]
@@ -575,6 +585,8 @@ impl Counter {
             Counter::SocketSteered => "socket_steered",
             Counter::SocketNoBackend => "socket_no_backend",
             Counter::IcmpTranslated => "icmp_translated",
+            Counter::FragmentDropped => "fragment_dropped",
+            Counter::RewriteFailed => "rewrite_failed",
         }
     }
 }

@@ -234,6 +234,38 @@ pub unsafe fn parse_tcp4(start: usize, end: usize, frame_len: usize) -> Result<T
     })
 }
 
+/// The destination address and port of the first fragment of a TCP
+/// datagram (offset 0, more to come), when the frame holds its ports: a
+/// fragment of a connection to a VIP, which cannot be translated (the other
+/// fragments carry no ports) and is dropped and counted rather than left to
+/// be black-holed. `None` for anything else.
+///
+/// # Safety
+/// As for [`parse_tcp4`].
+#[inline(always)]
+pub unsafe fn first_fragment_dest(start: usize, end: usize) -> Option<(u32, u16)> {
+    let ip: *const Ipv4Header = ptr_at(start, end, ETH_HLEN).ok()?;
+    // SAFETY: bounds checked by ptr_at, alignment 1.
+    let ip = unsafe { *ip };
+    let ihl = (ip.version_ihl & 0x0f) as usize * 4;
+    let frag = u16::from_be_bytes(ip.frag);
+    if ip.version_ihl >> 4 != 4
+        || ihl < size_of::<Ipv4Header>()
+        || ip.proto != IPPROTO_TCP
+        || frag & 0x1fff != 0
+        || frag & 0x2000 == 0
+    {
+        return None;
+    }
+    let ports: *const [u8; 4] = ptr_at(start, end, ETH_HLEN + ihl).ok()?;
+    // SAFETY: bounds checked by ptr_at, alignment 1.
+    let ports = unsafe { *ports };
+    Some((
+        u32::from_ne_bytes(ip.daddr),
+        u16::from_ne_bytes([ports[2], ports[3]]),
+    ))
+}
+
 /// An ICMP error about a TCP segment, as far as translating it needs: the
 /// quoted segment's addresses and ports, and the checksums an edit must keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -524,6 +556,29 @@ mod tests {
         let mut short_doff = frame(&[], TCP_SYN, &[]);
         short_doff[34 + 12] = 4 << 4;
         assert_eq!(parse(&short_doff), Err(Skip::Malformed));
+    }
+
+    #[test]
+    fn a_first_tcp_fragment_names_its_destination() {
+        let dest = |f: &[u8]| {
+            let start = f.as_ptr() as usize;
+            unsafe { first_fragment_dest(start, start + f.len()) }
+        };
+        let mut first = frame(&[], TCP_SYN, &[]);
+        first[14 + 6] = 0x20; // more fragments, offset 0
+        assert_eq!(
+            dest(&first).map(|(a, p)| (ipv4(a), host_port(p))),
+            Some((Ipv4Addr::new(10, 0, 0, 100), 80))
+        );
+        let mut later = first.clone();
+        later[14 + 7] = 0x10; // offset 16 × 8
+        assert_eq!(dest(&later), None);
+        let whole = frame(&[], TCP_SYN, &[]);
+        assert_eq!(dest(&whole), None);
+        let mut udp = first.clone();
+        udp[14 + 9] = IPPROTO_UDP;
+        assert_eq!(dest(&udp), None);
+        assert_eq!(dest(&first[..14 + 20 + 3]), None);
     }
 
     /// An ICMP error of `kind` from 10.9.0.1 to 10.0.0.100 quoting the

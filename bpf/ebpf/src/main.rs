@@ -25,8 +25,11 @@
 //! are translated for the side they go to: toward the backend on ingress
 //! (path MTU discovery for its replies), toward the client on egress.
 //!
+//! The first fragment of a TCP datagram to a service is dropped and counted
+//! (fragments cannot be translated: only the first carries the ports).
+//!
 //! Everything else — other addresses and ports, ARP, IPv6, UDP, other ICMP,
-//! fragments, truncated or malformed frames — passes untouched.
+//! other fragments, truncated or malformed frames — passes untouched.
 //!
 //! The socket path (`socket_lb:`): `kanari_sock_connect4` (cgroup v2
 //! `connect4`) sends a connect() to a service VIP straight to a backend,
@@ -422,6 +425,17 @@ fn service_of(p: &Tcp4) -> Option<Service> {
         .map(|s| unsafe { *s })
 }
 
+/// The first fragment of a TCP datagram to a service (see
+/// `wire::first_fragment_dest`).
+#[inline(always)]
+fn is_service_fragment(start: usize, end: usize) -> bool {
+    // SAFETY: start..end is the packet (its linear area in TC).
+    match unsafe { wire::first_fragment_dest(start, end) } {
+        Some((addr, port)) => SERVICES.get_ptr(ServiceKey::tcp(addr, port)).is_some(),
+        None => false,
+    }
+}
+
 #[inline(always)]
 fn count_skip(ifindex: u32, s: Skip, passed: Counter) {
     count(
@@ -442,7 +456,8 @@ pub fn kanari_xdp_ingress(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Steers in XDP; `Some(Shed | Invalid)` when the packet must be dropped.
+/// Steers in XDP; `Some(Shed | Invalid | FragmentDropped)` when the packet
+/// must be dropped.
 #[inline(always)]
 fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
     let ifindex = ctx.ingress_ifindex() as u32;
@@ -463,6 +478,10 @@ fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
                 },
             );
             return None;
+        }
+        Err(Skip::Fragment) if is_service_fragment(start, end) => {
+            count(ifindex, Counter::FragmentDropped);
+            return Some(Counter::FragmentDropped);
         }
         Err(s) => {
             count_skip(ifindex, s, Counter::XdpPassed);
@@ -688,7 +707,8 @@ fn ifindex_of(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Steers in TC; `Some(Shed | Invalid)` when the packet must be dropped.
+/// Steers in TC; `Some(Shed | Invalid | FragmentDropped)` when the packet
+/// must be dropped.
 #[inline(always)]
 fn tc_ingress(ctx: &TcContext) -> Option<Counter> {
     let ifindex = ifindex_of(ctx);
@@ -705,6 +725,10 @@ fn tc_ingress(ctx: &TcContext) -> Option<Counter> {
                 },
             );
             return None;
+        }
+        Err(Skip::Fragment) if is_service_fragment(ctx.data(), ctx.data_end()) => {
+            count(ifindex, Counter::FragmentDropped);
+            return Some(Counter::FragmentDropped);
         }
         Err(s) => {
             count_skip(ifindex, s, Counter::TcPassed);
@@ -732,34 +756,40 @@ fn tc_ingress(ctx: &TcContext) -> Option<Counter> {
         (p.daddr, t.addr),
         (p.dport, t.port),
     );
-    if rewritten.is_ok() {
-        observe_ingress(&p, &t);
-        count_steered(
-            ifindex,
-            if t.created {
-                Counter::TcSteeredNew
-            } else {
-                Counter::TcSteered
-            },
-        );
+    if rewritten.is_err() {
+        count(ifindex, Counter::RewriteFailed);
+        return Some(Counter::RewriteFailed);
     }
+    observe_ingress(&p, &t);
+    count_steered(
+        ifindex,
+        if t.created {
+            Counter::TcSteeredNew
+        } else {
+            Counter::TcSteered
+        },
+    );
     None
 }
 
 #[classifier]
 pub fn kanari_tc_egress(ctx: TcContext) -> i32 {
-    tc_egress(&ctx);
+    if tc_egress(&ctx) {
+        return TC_ACT_SHOT;
+    }
     TC_ACT_UNSPEC
 }
 
+/// Reverse-translates in TC; `true` when the packet must be dropped (a
+/// translation failed halfway).
 #[inline(always)]
-fn tc_egress(ctx: &TcContext) {
+fn tc_egress(ctx: &TcContext) -> bool {
     let ifindex = ifindex_of(ctx);
     let p = match parse_tc(ctx) {
         Ok(p) => p,
         Err(Skip::NotTcp) => {
             let translated = tc_icmp(ctx, Toward::Client);
-            return count(
+            count(
                 ifindex,
                 if translated {
                     Counter::IcmpTranslated
@@ -767,17 +797,23 @@ fn tc_egress(ctx: &TcContext) {
                     Counter::EgressPassed
                 },
             );
+            return false;
         }
-        Err(s) => return count_skip(ifindex, s, Counter::EgressPassed),
+        Err(s) => {
+            count_skip(ifindex, s, Counter::EgressPassed);
+            return false;
+        }
     };
     let key = FlowKey::new(p.saddr, p.daddr, p.sport, p.dport);
     let Some(e) = CONNTRACK.get_ptr(key) else {
-        return count(ifindex, Counter::EgressPassed);
+        count(ifindex, Counter::EgressPassed);
+        return false;
     };
     // SAFETY: a value pointer from a successful lookup; copied at once.
     let e = unsafe { *e };
     if e.kind != CT_REVERSE {
-        return count(ifindex, Counter::EgressPassed);
+        count(ifindex, Counter::EgressPassed);
+        return false;
     }
     let rewritten = tc_rewrite(
         ctx,
@@ -788,10 +824,12 @@ fn tc_egress(ctx: &TcContext) {
         (p.sport, e.port),
     );
     if rewritten.is_err() {
-        return;
+        count(ifindex, Counter::RewriteFailed);
+        return true;
     }
     count(ifindex, Counter::TcReversed);
     observe_egress(ctx, &p, &e);
+    false
 }
 
 /// The backend's side of the connection: connect time, refusals, resets,
