@@ -424,6 +424,19 @@ pub fn families(view: &Snapshot) -> Vec<MetricFamily> {
             vec![gauge(&[], n as f64)],
         ));
     }
+    let expired = &view.conntrack_expired;
+    let mut samples: Vec<_> = kanari_common::maps::CtState::ALL
+        .iter()
+        .zip(expired.by_state)
+        .map(|(s, n)| counter(&[("state", s.name())], n))
+        .collect();
+    samples.push(counter(&[("state", "reverse_only")], expired.reverse));
+    fams.push(family(
+        "kanari_conntrack_expired_total",
+        "Connections whose conntrack entries the agent removed, idle past their state's timeout (conntrack.timeouts); reverse_only: a reply entry whose forward entry was gone.",
+        MetricType::COUNTER,
+        samples,
+    ));
     // The encoder refuses families without samples.
     fams.retain(|f| !f.get_metric().is_empty());
     fams
@@ -461,6 +474,7 @@ mod tests {
             "kanari_bytes_total",
             "kanari_datapath_packets_total",
             "kanari_conntrack_entries",
+            "kanari_conntrack_expired_total",
             "kanari_conntrack_capacity",
             "kanari_canary_weight_ratio",
             "kanari_datapath_write_failures_total",

@@ -77,6 +77,8 @@ pub struct Snapshot {
     pub counters: Arc<Vec<(String, Counter, u64)>>,
     /// Entries in the conntrack table (both directions), when last counted.
     pub conntrack_entries: Option<u64>,
+    /// Connections whose entries the agent removed, idle past their timeouts.
+    pub conntrack_expired: ConntrackExpired,
     /// The programs are attached and the configuration applied.
     pub ready: bool,
     /// Since when the kernel has not held what the agent wants, and why.
@@ -110,6 +112,25 @@ pub struct Snapshot {
 }
 
 /// Who leads the fleet and who reports in it.
+/// Connections the agent's conntrack walks removed, idle past their
+/// state's timeout (`kanari_conntrack_expired_total`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackExpired {
+    /// By state, in `CtState::ALL` order.
+    pub by_state: [u64; 4],
+    /// Reverse entries whose forward entry was already gone.
+    pub reverse: u64,
+}
+
+impl ConntrackExpired {
+    pub fn add(&mut self, scan: &crate::datapath::ConntrackScan) {
+        for (total, n) in self.by_state.iter_mut().zip(scan.expired) {
+            *total += n;
+        }
+        self.reverse += scan.expired_reverse;
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct FleetView {
     /// The leader when last read.
@@ -130,6 +151,7 @@ impl Snapshot {
             telemetry,
             counters: Arc::default(),
             conntrack_entries: None,
+            conntrack_expired: ConntrackExpired::default(),
             ready: false,
             disagreement: None,
             rollouts: Arc::default(),

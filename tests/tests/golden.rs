@@ -43,8 +43,8 @@ use kanari_common::{
     csum, hash, hist,
     http::{CLASS_2XX, CLASS_3XX, CLASS_4XX, CLASS_5XX, CLASS_NONE, CLASS_OTHER, CLASSES},
     maps::{
-        BackendStats, CT_F_HTTP, CT_FORWARD, CT_REVERSE, Counter, CtEntry, FROM_BACKEND, FlowKey,
-        Group, TO_BACKEND, programs,
+        BackendStats, CT_F_HTTP, CT_FORWARD, CT_REVERSE, Counter, CtEntry, CtState, FROM_BACKEND,
+        FlowKey, Group, TO_BACKEND, programs,
     },
     select,
     wire::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -645,8 +645,25 @@ fn assert_conntrack_has(k: &Kanari, client: SocketAddrV4, backend: SocketAddrV4)
     };
     let expected =
         |(addr, port), kind| CtEntry::new(kind, addr, port, group as u8, backend_id, svc.value.id);
-    assert_eq!(entry(reverse), expected(v, CT_REVERSE));
+    // Both entries carry the (monotonic) second a packet last touched them.
+    let now = monotonic_s();
+    let recent = |e: &CtEntry| {
+        assert!(
+            e.seen_s <= now && now - e.seen_s <= 5,
+            "{e:?} not seen lately (now {now})"
+        );
+        e.seen_s
+    };
+    let r = entry(reverse);
+    assert_eq!(
+        r,
+        CtEntry {
+            seen_s: recent(&r),
+            ..expected(v, CT_REVERSE)
+        }
+    );
     let f = entry(forward);
+    recent(&f);
     let http = k.service().protocol == config::Protocol::Http;
     assert_eq!(
         f,
@@ -657,6 +674,7 @@ fn assert_conntrack_has(k: &Kanari, client: SocketAddrV4, backend: SocketAddrV4)
             status_pos: f.status_pos,
             status_code: f.status_code,
             isn: f.isn,
+            seen_s: f.seen_s,
             ..expected(b, CT_FORWARD)
         }
     );
@@ -1482,6 +1500,97 @@ fn a_first_fragment_to_a_service_is_dropped_and_counted(hook: Hook) {
     );
 }
 
+/// Ends `client`'s connection through `backend`: a FIN each way (and their ACKs).
+fn close(k: &mut Kanari, hook: Hook, client: SocketAddrV4, backend: SocketAddrV4) {
+    k.send(
+        hook,
+        &Tcp4::new(client, VIP, TCP_FIN | TCP_ACK).build(),
+        backend,
+    );
+    let _ = k.answer(&reply(backend, client, TCP_FIN | TCP_ACK).build(), backend);
+    k.send(hook, &Tcp4::new(client, VIP, TCP_ACK).build(), backend);
+    assert_eq!(k.forward(client).state(), CtState::Closed);
+}
+
+/// The monotonic clock in seconds, as the kernel stamps entries.
+fn monotonic_s() -> u32 {
+    (kanari::datapath::monotonic_ns() / 1_000_000_000) as u32
+}
+
+/// The forward entry follows the connection through its states (what the
+/// agent ages it by), and both entries carry the time they were last seen.
+/// Only an ended connection's ports are chosen anew; one FIN is not an end.
+fn a_connection_goes_through_its_states_and_only_an_ended_one_is_reused(hook: Hook) {
+    let mut k = Kanari::load(web(0, ""));
+    let (_, backend) = k.predict(CLIENT);
+    let t0 = monotonic_s();
+    k.send(hook, &Tcp4::syn(CLIENT, VIP).build(), backend);
+    assert_eq!(k.forward(CLIENT).state(), CtState::SynSent);
+    for (key, e) in k.conntrack() {
+        assert!(
+            (t0..=monotonic_s()).contains(&e.seen_s),
+            "{key:?} seen at {} (now {t0})",
+            e.seen_s
+        );
+    }
+    k.answer(&syn_ack(backend, CLIENT), backend);
+    assert_eq!(k.forward(CLIENT).state(), CtState::Established);
+    k.send(
+        hook,
+        &Tcp4::new(CLIENT, VIP, TCP_FIN | TCP_ACK).build(),
+        backend,
+    );
+    assert_eq!(k.forward(CLIENT).state(), CtState::Closing);
+    // Half closed: a SYN on the tuple is still the connection's.
+    k.reconfigure(web(100, ""));
+    let reuse = Tcp4::syn(CLIENT, VIP).seq(0x5eed_0001).build();
+    k.send(hook, &reuse, backend)
+        .expect(sent(&reuse), "a SYN on a half-closed connection");
+    let _ = k.answer(&reply(backend, CLIENT, TCP_FIN | TCP_ACK).build(), backend);
+    assert_eq!(k.forward(CLIENT).state(), CtState::Closed);
+    k.send(hook, &reuse, CANARY[0]).expect(
+        Seen {
+            connections: 1,
+            ..sent(&reuse)
+        },
+        "a SYN on an ended connection's tuple: a new connection",
+    );
+    assert_eq!(k.forward(CLIENT).state(), CtState::SynSent);
+    assert_eq!(k.conntrack().len(), 2, "the old reverse entry is gone");
+}
+
+/// A SYN with a new sequence number on a live connection (a client port
+/// reused while the old connection lives on at the backend, or a sender
+/// sweeping ports) goes to the connection's backend and opens nothing,
+/// even after a weight change: the backend's challenge ACK makes the
+/// client reset, and only a RST ends the entry for a new choice.
+fn a_syn_on_a_live_connection_stays_on_its_backend_until_a_rst(hook: Hook) {
+    let mut k = Kanari::load(web(0, ""));
+    let backend = handshake(&mut k, hook, CLIENT);
+    k.reconfigure(web(100, ""));
+    let new_counter = k.counter(hook.new_counter());
+    let reuse = Tcp4::syn(CLIENT, VIP).seq(0x5eed_0001).build();
+    k.send(hook, &reuse, backend)
+        .expect(sent(&reuse), "a SYN on a live connection's tuple");
+    assert_eq!(k.counter(hook.new_counter()), new_counter, "nothing opened");
+    assert_eq!(k.forward(CLIENT).state(), CtState::Established);
+    // The client answers the backend's challenge ACK with a RST.
+    k.send(hook, &Tcp4::new(CLIENT, VIP, TCP_RST).build(), backend);
+    assert_eq!(k.forward(CLIENT).state(), CtState::Closed);
+    k.send(hook, &reuse, CANARY[0]).expect(
+        Seen {
+            connections: 1,
+            ..sent(&reuse)
+        },
+        "the SYN again after the RST: a new connection",
+    );
+    // A RST from the backend ends a connection as well.
+    let other = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
+    let canary = handshake(&mut k, hook, other);
+    let _ = k.answer(&reply(canary, other, TCP_RST).build(), canary);
+    assert_eq!(k.forward(other).state(), CtState::Closed);
+}
+
 /// A SYN sent again before any SYN-ACK counts as unanswered once per
 /// connection attempt, however often it is sent again; it keeps the backend
 /// (even across a weight change) and the first SYN's time; once answered, a
@@ -1540,8 +1649,9 @@ fn a_retransmitted_syn_is_unanswered_and_keeps_its_backend(hook: Hook) {
         )
         .one_connect_sample(since);
 
-    // An answered tuple used again (a new sequence number): a new
-    // connection, steered at today's weight.
+    // The connection ends (a FIN each way), and its tuple is used again (a
+    // new sequence number): a new connection, steered at today's weight.
+    close(&mut k, hook, CLIENT, backend);
     let since = Instant::now();
     let reuse = Tcp4::syn(CLIENT, VIP).seq(0x5eed_0001).build();
     k.send(hook, &reuse, CANARY[0]).expect(
@@ -1549,7 +1659,7 @@ fn a_retransmitted_syn_is_unanswered_and_keeps_its_backend(hook: Hook) {
             connections: 1,
             ..sent(&reuse)
         },
-        "a SYN reusing an answered tuple",
+        "a SYN reusing an ended connection's tuple",
     );
     let f = assert_conntrack_has(&k, CLIENT, CANARY[0]);
     assert!(f.syn_ns > first.syn_ns, "{f:?}");
@@ -1630,6 +1740,7 @@ fn a_shed_syn_on_a_live_tuple_leaves_its_connection(hook: Hook) {
     let syn = Tcp4::syn(CLIENT, VIP).build();
     k.send(hook, &syn, backend);
     k.answer(&syn_ack(backend, CLIENT), backend);
+    close(&mut k, hook, CLIENT, backend);
     let before = k.counters();
     let reuse = Tcp4::syn(CLIENT, VIP).seq(0x5eed_0001).build();
     let (verdict, _) = k.run(hook, &reuse);
@@ -2094,6 +2205,8 @@ through_each_ingress!(
     a_syn_ack_times_the_connect,
     a_retransmitted_syn_is_unanswered_and_keeps_its_backend,
     a_syn_sent_again_after_its_syn_ack_is_the_same_connection,
+    a_connection_goes_through_its_states_and_only_an_ended_one_is_reused,
+    a_syn_on_a_live_connection_stays_on_its_backend_until_a_rst,
     a_shed_syn_on_a_live_tuple_leaves_its_connection,
     a_syn_with_fin_is_dropped,
     a_first_fragment_to_a_service_is_dropped_and_counted,
@@ -2151,7 +2264,7 @@ mod tc_egress {
         );
     }
 
-    /// A client reuses an answered tuple and the new connection lands on
+    /// A client reuses an ended connection's tuple and the new one lands on
     /// another backend: the old backend's reverse entry goes, so its late RST
     /// is neither translated onto the new connection nor counted, and the new
     /// connection's SYN time survives for its own backend's SYN-ACK (a
@@ -2164,6 +2277,7 @@ mod tc_egress {
         let syn = Tcp4::syn(CLIENT, VIP).build();
         k.send(hook, &syn, old);
         k.answer(&syn_ack(old, CLIENT), old);
+        close(&mut k, hook, CLIENT, old);
         k.reconfigure(web(100, ""));
         let reuse = Tcp4::syn(CLIENT, VIP).seq(0x5eed_0001).build();
         k.send(hook, &reuse, CANARY[0]).expect(
@@ -2171,7 +2285,7 @@ mod tc_egress {
                 connections: 1,
                 ..sent(&reuse)
             },
-            "a SYN reusing the answered tuple",
+            "a SYN reusing the ended connection's tuple",
         );
         assert_eq!(k.conntrack().len(), 2, "the old reverse entry is gone");
 

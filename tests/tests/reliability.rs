@@ -655,8 +655,13 @@ fn an_upgraded_data_path_keeps_every_established_connection() {
     assert_eq!((failed, kept_failed), (0, 0));
     assert!(marker > 0, "the new build's programs are the ones running");
     b.stop().expect("kanari stops");
+    uninstall(&topo, &yaml);
+}
+
+/// `kanari uninstall --config` with `yaml`: removes the pinned data path.
+fn uninstall(topo: &Topology, yaml: &str) {
     let config = std::env::temp_dir().join(format!("kanari-test-{}-uninstall.yaml", topo.tag));
-    std::fs::write(&config, &yaml).expect("write config");
+    std::fs::write(&config, yaml).expect("write config");
     let out = std::process::Command::new(kanari_bin())
         .args(["uninstall", "--config"])
         .arg(&config)
@@ -761,4 +766,277 @@ fn a_removed_service_drains_its_established_connections() {
         })
         .expect("client thread");
     agent.stop().expect("kanari stops");
+}
+
+/// The sum of a metric's samples whose line starts with `prefix` (name and labels).
+fn metric_sum(topo: &Topology, prefix: &str) -> f64 {
+    metrics(topo)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// Polls `metric_sum(prefix)` until it reaches `at_least`, for at most
+/// `within`; sleeps on the caller's runtime, which keeps running its tasks
+/// (a dropped connection's socket is closed by them).
+async fn wait_metric(topo: &Topology, prefix: &str, at_least: f64, within: Duration) -> f64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = metric_sum(topo, prefix);
+        if v >= at_least || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The agent ages conntrack entries by their connection's state
+/// (`conntrack.timeouts`): ended connections free theirs after `closed`; an
+/// idle keep-alive connection keeps its entries through a gap shorter than
+/// `established`, and after a longer one — its entries gone — still answers
+/// from the same backend (the Maglev table finds it again).
+#[test]
+fn idle_entries_expire_by_state_and_a_live_connection_outlives_them() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let config = topo.config(0.0, "", "tc").replace(
+        "conntrack:\n  connections: 65536\n",
+        "conntrack:\n  connections: 65536\n  timeouts: {established: 4s, closed: 1s}\n",
+    );
+    assert!(config.contains("established: 4s"), "{config}");
+    let agent = Agent::start(&topo.node, &config).expect("kanari starts");
+    let closed = "kanari_conntrack_expired_total{state=\"closed\"}";
+    let established = "kanari_conntrack_expired_total{state=\"established\"}";
+    topo.client
+        .run_in(|| {
+            runtime().block_on(async {
+                let client = kanari_tests::topology::client_addr(7);
+                let mut kept = kanari_tests::client::Conn::open(client, VIP)
+                    .await
+                    .expect("a connection");
+                let first = kept.get().await.expect("answered");
+                // Twenty connections, each ended (a FIN each way).
+                for i in 0..20 {
+                    let c = kanari_tests::topology::client_addr(100 + i);
+                    kanari_tests::client::get_once(c, VIP)
+                        .await
+                        .expect("a one-request connection");
+                }
+                let t = Instant::now();
+                let n = wait_metric(&topo, closed, 20.0, Duration::from_secs(5)).await;
+                assert_eq!(
+                    n,
+                    20.0,
+                    "ended connections expired (after {:?})",
+                    t.elapsed()
+                );
+                // An idle gap shorter than the established timeout: the
+                // kept connection's entries stay.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let r = kept.get().await.expect("answered after 2 s idle");
+                assert_eq!(r.backend, first.backend);
+                assert_eq!(metric_sum(&topo, established), 0.0);
+                // Longer than it: the entries go, the connection lives on.
+                let n = wait_metric(&topo, established, 1.0, Duration::from_secs(8)).await;
+                assert_eq!(n, 1.0, "the idle connection's entries expired");
+                let r = kept
+                    .get()
+                    .await
+                    .expect("answered after its entries expired");
+                assert_eq!(r.backend, first.backend, "the same backend");
+            })
+        })
+        .expect("client thread");
+    agent.stop().expect("kanari stops");
+}
+
+/// `bpf(cmd, attr)`: the kernel's answer (a descriptor, 0, or -1 with errno).
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
+    // SAFETY: every attr given here is a `union bpf_attr` member for `cmd`,
+    // whose pointers are alive for the call.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>() as u32) }
+}
+
+/// Creates a pinned LRU hash map at `path` named `name` (raw `bpf()`: the
+/// layout of an earlier build, which no object here has).
+fn pin_lru_map(
+    path: &Path,
+    name: &str,
+    key: u32,
+    value: u32,
+    entries: u32,
+) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut map_name = [0u8; 16];
+    map_name[..name.len()].copy_from_slice(name.as_bytes());
+    let create = Create {
+        map_type: 9, // BPF_MAP_TYPE_LRU_HASH
+        key_size: key,
+        value_size: value,
+        max_entries: entries,
+        map_flags: 0,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+    };
+    let fd = bpf(0, &create); // BPF_MAP_CREATE
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just gave us.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let pin = Pin {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    let r = bpf(6, &pin); // BPF_OBJ_PIN
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// Writes `key` -> `value` into the map behind `fd` (raw `BPF_MAP_UPDATE_ELEM`).
+fn update_elem<K, V>(fd: &std::os::fd::OwnedFd, key: &K, value: &V) {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct Elem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let e = Elem {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: value as *const V as u64,
+        flags: 0,
+    };
+    let r = bpf(2, &e); // BPF_MAP_UPDATE_ELEM
+    assert_eq!(
+        r,
+        0,
+        "BPF_MAP_UPDATE_ELEM: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Upgrading from a build whose conntrack table was `KN_CT_V1` (entries
+/// without the time they were last seen): the new agent carries every entry
+/// over, so a connection established before the upgrade stays on its
+/// backend although the weight changed meanwhile (chosen anew, it would go
+/// to the canary), and the old table's pin goes.
+#[test]
+fn an_upgrade_from_the_previous_conntrack_layout_keeps_established_connections() {
+    use kanari_common::maps::{CtEntry, CtEntryV1, FlowKey};
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let at = |percent: f64| topo.config(percent, "", "tc");
+    let a = Agent::start_keeping(&topo.node, &at(0.0)).expect("kanari starts");
+    let client = kanari_tests::topology::client_addr(7);
+    let rt = runtime();
+    let mut kept = topo
+        .client
+        .run_in(|| rt.block_on(kanari_tests::client::Conn::open(client, VIP)))
+        .unwrap()
+        .expect("a connection");
+    let first = topo
+        .client
+        .run_in(|| rt.block_on(kept.get()))
+        .unwrap()
+        .expect("answered");
+    assert_eq!(topo.group_of(first.backend), Some(Group::Stable));
+    assert!(a.stop().expect("stops").status.success());
+
+    // The pins as the previous build left them: its table, not this one's.
+    let maps = topo.pin_dir().join("maps");
+    let current = maps.join("KN_CT_V2");
+    let entries: Vec<(FlowKey, CtEntry)> = {
+        let data = aya::maps::MapData::from_pin(&current).expect("the pinned conntrack");
+        let m: aya::maps::HashMap<_, FlowKey, CtEntry> = aya::maps::Map::LruHashMap(data)
+            .try_into()
+            .expect("a hash map");
+        m.iter().map(Result::unwrap).collect()
+    };
+    assert_eq!(entries.len(), 2, "the kept connection's two entries");
+    let old = pin_lru_map(&maps.join("KN_CT_V1"), "KN_CT_V1", 16, 40, 65_536 * 2);
+    for (k, e) in &entries {
+        let v1 = CtEntryV1 {
+            addr: e.addr,
+            port: e.port,
+            group: e.group,
+            kind: e.kind,
+            backend_id: e.backend_id,
+            service_id: e.service_id,
+            syn_ns: e.syn_ns,
+            req_ns: e.req_ns,
+            status_pos: e.status_pos,
+            flags: e.flags,
+            status_code: e.status_code,
+            isn: e.isn,
+        };
+        update_elem(&old, k, &v1);
+    }
+    drop(old);
+    std::fs::remove_file(&current).expect("unpinning this build's table");
+
+    let b = Agent::start_keeping(&topo.node, &at(100.0)).expect("kanari starts again");
+    let logs = b.logs().join("\n");
+    assert!(
+        logs.contains("carried the conntrack entries") && logs.contains("entries=2"),
+        "{logs}"
+    );
+    assert!(
+        !maps.join("KN_CT_V1").exists(),
+        "the old table's pin is removed"
+    );
+    let again = topo
+        .client
+        .run_in(|| rt.block_on(kept.get()))
+        .unwrap()
+        .expect("the kept connection answered after the upgrade");
+    assert_eq!(again.backend, first.backend, "on its backend still");
+    let fresh = topo
+        .client
+        .run_in(|| {
+            rt.block_on(kanari_tests::client::get_once(
+                kanari_tests::topology::client_addr(8),
+                VIP,
+            ))
+        })
+        .unwrap()
+        .expect("a new connection");
+    assert_eq!(
+        topo.group_of(fresh.backend),
+        Some(Group::Canary),
+        "{fresh:?}"
+    );
+    b.stop().expect("kanari stops");
+    uninstall(&topo, &at(100.0));
 }

@@ -12,6 +12,11 @@
 //!     mode: auto            # auto | xdp | tc
 //! conntrack:
 //!   connections: 262144     # connections tracked (LRU)
+//!   timeouts:               # an idle connection's entries are removed after
+//!     syn_sent: 60s         #   a SYN the backend has not answered
+//!     established: 6h
+//!     closing: 2m           #   one side sent a FIN
+//!     closed: 10s           #   both sent a FIN, or one a RST
 //! limits:
 //!   backends: 1024          # backends with kernel statistics, over all services
 //! metrics:
@@ -65,6 +70,9 @@ pub use webhooks::{
 /// Bounds of `conntrack.connections`.
 pub const MIN_CONNTRACK_CONNECTIONS: u32 = 1024;
 pub const MAX_CONNTRACK_CONNECTIONS: u32 = 16 * 1024 * 1024;
+/// Bounds of each of `conntrack.timeouts`.
+pub const MIN_CONNTRACK_TIMEOUT: Duration = Duration::from_secs(1);
+pub const MAX_CONNTRACK_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Upper bound of `limits.backends` (the size of the kernel's per-CPU statistics).
 pub const MAX_LIMIT_BACKENDS: u32 = 65_536;
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9477";

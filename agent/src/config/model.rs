@@ -12,11 +12,52 @@ use std::{
 use kanari_common::maps::Group;
 use serde::{Deserialize, Serialize};
 
+/// `conntrack.timeouts`: an entry idle (no packet either way) for longer
+/// than its connection's state allows is removed by the agent. Defaults
+/// as Cilium's: a connection idle for hours keeps its backend; a closed
+/// one frees its entry soon after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    /// A SYN the backend has not answered.
+    pub syn_sent: Duration,
+    pub established: Duration,
+    /// One side sent a FIN.
+    pub closing: Duration,
+    /// Both sides sent a FIN, or one a RST.
+    pub closed: Duration,
+}
+
+impl Default for ConntrackTimeouts {
+    fn default() -> Self {
+        Self {
+            syn_sent: Duration::from_secs(60),
+            established: Duration::from_secs(6 * 3600),
+            closing: Duration::from_secs(120),
+            closed: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ConntrackTimeouts {
+    /// The timeout of `state`.
+    pub fn of(&self, state: kanari_common::maps::CtState) -> Duration {
+        use kanari_common::maps::CtState;
+        match state {
+            CtState::SynSent => self.syn_sent,
+            CtState::Established => self.established,
+            CtState::Closing => self.closing,
+            CtState::Closed => self.closed,
+        }
+    }
+}
+
 /// A configuration that passed validation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub interfaces: Vec<Interface>,
     pub conntrack_connections: u32,
+    /// How long an idle connection's conntrack entries stay, by state.
+    pub conntrack_timeouts: ConntrackTimeouts,
     /// The new-connection rate guard: new connections recorded per second
     /// over the node (0: no limit). Past it, new connections are shed so a
     /// SYN flood cannot push established ones out of conntrack.

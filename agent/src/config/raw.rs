@@ -242,6 +242,8 @@ pub(super) struct RawConntrack {
     /// New connections recorded per second over the node; absent: a
     /// sixteenth of `connections`; 0: no limit.
     pub(super) new_per_second: Option<u32>,
+    #[serde(default)]
+    pub(super) timeouts: RawTimeouts,
 }
 
 impl Default for RawConntrack {
@@ -249,8 +251,19 @@ impl Default for RawConntrack {
         Self {
             connections: default_conntrack(),
             new_per_second: None,
+            timeouts: RawTimeouts::default(),
         }
     }
+}
+
+/// `conntrack.timeouts`: how long an idle connection's entries stay, by state.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTimeouts {
+    pub(super) syn_sent: Option<DurationField>,
+    pub(super) established: Option<DurationField>,
+    pub(super) closing: Option<DurationField>,
+    pub(super) closed: Option<DurationField>,
 }
 
 fn default_conntrack() -> u32 {

@@ -68,6 +68,27 @@ fn a_good_config_parses_with_defaults_filled_in() {
 }
 
 #[test]
+fn conntrack_timeouts_default_by_state_and_each_can_be_set() {
+    use kanari_common::maps::CtState;
+    let c = parse("k.yaml", "interfaces: [{name: eth0}]\n", &exists).unwrap();
+    let t = c.conntrack_timeouts;
+    assert_eq!(
+        CtState::ALL.map(|s| t.of(s).as_secs()),
+        [60, 6 * 3600, 120, 10]
+    );
+    let c = parse(
+        "k.yaml",
+        "interfaces: [{name: eth0}]\nconntrack: {timeouts: {established: 1h, closed: 2s}}\n",
+        &exists,
+    )
+    .unwrap();
+    let t = c.conntrack_timeouts;
+    assert_eq!(CtState::ALL.map(|s| t.of(s).as_secs()), [60, 3600, 120, 2]);
+    let e = parse_err("interfaces: [{name: eth0}]\nconntrack: {timeouts: {fin_wait: 2s}}\n");
+    assert!(e.to_string().contains("fin_wait"), "{e}");
+}
+
+#[test]
 fn defaults() {
     let c = parse("k.yaml", "interfaces: [{name: eth0}]\n", &exists).unwrap();
     assert_eq!(c.conntrack_connections, DEFAULT_CONNTRACK_CONNECTIONS);
@@ -133,6 +154,16 @@ fn bad_inputs_name_the_field_and_the_fix() {
             "interfaces: [{name: eth0}]\nconntrack: {connections: 10}\n".into(),
             "conntrack.connections",
             "outside",
+        ),
+        (
+            "interfaces: [{name: eth0}]\nconntrack: {timeouts: {closed: 500ms}}\n".into(),
+            "conntrack.timeouts.closed",
+            "outside 1s to 7days",
+        ),
+        (
+            "interfaces: [{name: eth0}]\nconntrack: {timeouts: {established: 8days}}\n".into(),
+            "conntrack.timeouts.established",
+            "outside 1s to 7days",
         ),
         (
             svc("").replace("10.0.0.100:80", "10.0.0.100"),

@@ -1,18 +1,22 @@
 //! From the file as written to a [`Config`]: every rule across fields and
 //! services, each failure naming the field and the fix.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use kanari_common::maps::{
     BASIS_POINTS, Group, MAX_BACKENDS_PER_GROUP, MAX_SEGMENTS, MAX_SERVICES,
 };
 
 use super::{
-    Cidr, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_ETCD_TTL, DEFAULT_LEASE_DURATION,
-    DEFAULT_LEASE_NAME, DEFAULT_RECORD_MAX_MB, DEFAULT_STATE_DIR, FieldError, Interface,
-    MAX_CONNTRACK_CONNECTIONS, MAX_ETCD_TTL, MAX_LEASE_DURATION, MAX_LIMIT_BACKENDS,
-    MAX_RECORD_MAX_MB, MAX_TICK, MIN_CONNTRACK_CONNECTIONS, MIN_ETCD_TTL, MIN_LEASE_DURATION,
-    MIN_TICK, Protocol, RecordTo, RolloutSpec, SegmentRule, Service, err, raw::RawConfig, rollout,
+    Cidr, Config, ConntrackTimeouts, DEFAULT_CONTROL_SOCKET, DEFAULT_ETCD_TTL,
+    DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_RECORD_MAX_MB, DEFAULT_STATE_DIR,
+    FieldError, Interface, MAX_CONNTRACK_CONNECTIONS, MAX_CONNTRACK_TIMEOUT, MAX_ETCD_TTL,
+    MAX_LEASE_DURATION, MAX_LIMIT_BACKENDS, MAX_RECORD_MAX_MB, MAX_TICK, MIN_CONNTRACK_CONNECTIONS,
+    MIN_CONNTRACK_TIMEOUT, MIN_ETCD_TTL, MIN_LEASE_DURATION, MIN_TICK, Protocol, RecordTo,
+    RolloutSpec, SegmentRule, Service, err, raw::RawConfig, rollout,
 };
 
 /// The salt of a service without one in the file: FNV-1a of its name, so a
@@ -106,6 +110,34 @@ pub(super) fn validate(
                 "{connections} is outside {MIN_CONNTRACK_CONNECTIONS} to {MAX_CONNTRACK_CONNECTIONS}"
             ),
         );
+    }
+
+    let defaults = ConntrackTimeouts::default();
+    let t = &raw.conntrack.timeouts;
+    let mut conntrack_timeouts = defaults;
+    for (name, field, slot) in [
+        ("syn_sent", &t.syn_sent, &mut conntrack_timeouts.syn_sent),
+        (
+            "established",
+            &t.established,
+            &mut conntrack_timeouts.established,
+        ),
+        ("closing", &t.closing, &mut conntrack_timeouts.closing),
+        ("closed", &t.closed, &mut conntrack_timeouts.closed),
+    ] {
+        if let Some(d) = field {
+            if !(MIN_CONNTRACK_TIMEOUT..=MAX_CONNTRACK_TIMEOUT).contains(&d.0) {
+                return err(
+                    format!("conntrack.timeouts.{name}"),
+                    format!(
+                        "{} is outside 1s to 7days (whole seconds; default {})",
+                        humantime::format_duration(d.0),
+                        humantime::format_duration(*slot)
+                    ),
+                );
+            }
+            *slot = Duration::from_secs(d.0.as_secs());
+        }
     }
 
     let max_backends = raw.limits.backends;
@@ -436,6 +468,7 @@ pub(super) fn validate(
     Ok(Config {
         interfaces,
         conntrack_connections: connections,
+        conntrack_timeouts,
         new_connections_per_second,
         max_backends,
         metrics_listen: raw.metrics.listen.0,

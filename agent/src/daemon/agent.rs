@@ -36,7 +36,7 @@ use crate::{
     plan::{self, Applied, Quarantine},
     record::{self, Differ, Recorder},
     rollout::{Action, Engine, Event, Store},
-    snapshot::{RolloutView, Snapshot, TickStats},
+    snapshot::{ConntrackExpired, RolloutView, Snapshot, TickStats},
     telemetry::{BackendKey, GroupName, Telemetry},
     verb::Verb,
 };
@@ -128,6 +128,8 @@ struct Agent {
     quarantine: Quarantine,
     counters: Arc<Vec<(String, kanari_common::maps::Counter, u64)>>,
     conntrack_entries: Option<u64>,
+    /// Connections the walks removed, idle past their timeouts.
+    conntrack_expired: ConntrackExpired,
     reload_failures: u64,
     write_failures: u64,
     /// Since when the kernel has not held what is wanted, and the last error.
@@ -283,7 +285,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     let reader = datapath.conntrack_reader()?;
     let walked = Instant::now();
     // Nothing is pending yet for this agent: the first walk counts sizes and ids.
-    let first = reader.scan(u64::MAX)?;
+    let first = reader.scan(u64::MAX, &config.conntrack_timeouts)?;
     let walk = walked.elapsed();
     let mut quarantine = Quarantine::default();
     // Ids in conntrack that nothing adopted owns: backends removed while no
@@ -316,6 +318,7 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         quarantine,
         counters: Arc::default(),
         conntrack_entries: Some(first.entries),
+        conntrack_expired: ConntrackExpired::default(),
         reload_failures: 0,
         write_failures: 0,
         disagreement: None,
@@ -337,12 +340,14 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
     // Until elected, a CanaryRelease's weight is the leader's (or stays).
     agent.leading(None);
     agent.tick();
+    agent.conntrack_expired.add(&first);
     conntrack::spawn(
         reader,
         agent.clock,
         conntrack_inputs,
         walk,
         agent.pending_after.clone(),
+        agent.config.conntrack_timeouts,
     )?;
     agent.ready = true;
     agent.publish();
@@ -409,6 +414,10 @@ impl Agent {
                 config.conntrack_connections != self.config.conntrack_connections,
             ),
             (
+                "conntrack.timeouts",
+                config.conntrack_timeouts != self.config.conntrack_timeouts,
+            ),
+            (
                 "limits.backends",
                 config.max_backends != self.config.max_backends,
             ),
@@ -434,6 +443,7 @@ impl Agent {
         }
         let config = Config {
             conntrack_connections: self.config.conntrack_connections,
+            conntrack_timeouts: self.config.conntrack_timeouts,
             max_backends: self.config.max_backends,
             metrics_listen: self.config.metrics_listen,
             control_socket: self.config.control_socket.clone(),
@@ -1051,6 +1061,7 @@ impl Agent {
         match scan {
             Ok(scan) => {
                 self.conntrack_entries = Some(scan.entries);
+                self.conntrack_expired.add(&scan);
                 self.count_timeouts(&scan);
                 let released = self
                     .quarantine
@@ -1181,6 +1192,7 @@ impl Agent {
             telemetry: self.telemetry.view().clone(),
             counters: self.counters.clone(),
             conntrack_entries: self.conntrack_entries,
+            conntrack_expired: self.conntrack_expired,
             ready: self.ready,
             disagreement: self.disagreement.clone(),
             rollouts: self.rollouts.1.clone(),

@@ -2,7 +2,10 @@
 //! `kanari_conntrack_entries`, for the backend ids entries still carry (a
 //! freed id is given out again only once no entry carries it), and for the
 //! requests and connection attempts left unanswered past their timeout —
-//! failures the kernel's counters cannot see, found while they hang. A walk
+//! failures the kernel's counters cannot see, found while they hang — and
+//! to remove the connections idle past their state's timeout
+//! (`conntrack.timeouts`), so closed and abandoned connections free their
+//! entries and live ones are not pushed out by the LRU. A walk
 //! visits every entry (`BPF_MAP_LOOKUP_BATCH`, ~0.3 µs each): on the tick it
 //! would delay the critical path by as much (0.64 s for a full
 //! million-connection table) and compete with the data path's own work.
@@ -19,7 +22,7 @@ use anyhow::{Context as _, Result};
 use tokio::sync::mpsc;
 
 use super::{Clock, Input};
-use crate::datapath::ConntrackReader;
+use crate::{config::ConntrackTimeouts, datapath::ConntrackReader};
 
 /// How often the conntrack table is walked, at most: a hung request is
 /// seen within this of its timeout.
@@ -44,6 +47,7 @@ pub(super) fn spawn(
     inputs: mpsc::Sender<Input>,
     mut walk: Duration,
     pending_ns: Arc<AtomicU64>,
+    timeouts: ConntrackTimeouts,
 ) -> Result<()> {
     std::thread::Builder::new()
         .name("kanari-ct-walk".into())
@@ -53,7 +57,7 @@ pub(super) fn spawn(
                 let started_ms = clock.now_ms();
                 let t = Instant::now();
                 let scan = reader
-                    .scan(pending_ns.load(Ordering::Relaxed))
+                    .scan(pending_ns.load(Ordering::Relaxed), &timeouts)
                     .map_err(|e| format!("{e:#}"));
                 walk = t.elapsed();
                 if inputs

@@ -24,8 +24,8 @@ use aya::{
 };
 use kanari_common::{
     maps::{
-        BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, Counter, CounterKey, CtEntry, FlowKey,
-        Group, Segment, SegmentKey, Service, ServiceKey, Settings, names, programs,
+        BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, Counter, CounterKey, CtEntry, CtState,
+        FlowKey, Group, Segment, SegmentKey, Service, ServiceKey, Settings, names, programs,
     },
     wire,
 };
@@ -34,7 +34,7 @@ use tracing::{info, warn};
 pub mod socket;
 
 use crate::{
-    config::{AttachMode, Cidr, Config, Interface},
+    config::{AttachMode, Cidr, Config, ConntrackTimeouts, Interface},
     pins::{Hook, Pins},
     plan::{Applied, AppliedService, MapOp},
 };
@@ -249,6 +249,16 @@ impl Datapath {
             );
         }
         if let Some(p) = &opts.pins {
+            match carry_over_conntrack(&mut ebpf, p) {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    entries = n,
+                    "carried the conntrack entries of the previous version's table over: its connections stay on their backends"
+                ),
+                Err(e) => warn!(
+                    "the previous version's conntrack entries were not carried over ({e:#}): its connections find their backends by hash"
+                ),
+            }
             let current: Vec<&str> = MAPS.iter().map(|(n, _, _)| *n).collect();
             for path in p.remove_other_maps(&current)? {
                 info!(pin = %path.display(), "removed the pin of a map layout this version no longer uses");
@@ -896,6 +906,12 @@ pub struct ConntrackScan {
     /// Requests and connection attempts still unanswered, older than the
     /// walk was asked about.
     pub pending: Vec<Pending>,
+    /// Connections whose entries the walk removed, idle past their state's
+    /// timeout, by [`CtState`] (in `CtState::ALL` order).
+    pub expired: [u64; 4],
+    /// Reverse entries removed on their own (their forward entry gone,
+    /// idle past the established timeout).
+    pub expired_reverse: u64,
 }
 
 /// A request, or a connection attempt, a backend has not answered yet.
@@ -923,18 +939,32 @@ pub fn monotonic_ns() -> u64 {
 
 impl ConntrackReader {
     /// Walks the whole table: how many entries it holds, which backend ids
-    /// they carry, and what has waited for an answer at least `pending_ns`.
-    pub fn scan(&self, pending_ns: u64) -> Result<ConntrackScan> {
+    /// they carry, and what has waited for an answer at least `pending_ns`;
+    /// removes the connections idle past their state's timeout in
+    /// `timeouts` (both entries), and reverse entries idle past the
+    /// established timeout.
+    pub fn scan(&self, pending_ns: u64, timeouts: &ConntrackTimeouts) -> Result<ConntrackScan> {
         use std::os::fd::AsFd as _;
         let at_ns = monotonic_ns();
         let mut out = ConntrackScan {
             at_ns,
             ..ConntrackScan::default()
         };
+        let now_s = (at_ns / 1_000_000_000) as u32;
         let old = |since: u64| since != 0 && at_ns.saturating_sub(since) >= pending_ns;
+        let mut doomed: Vec<(FlowKey, CtEntry)> = Vec::new();
         scan_lru(self.fd.as_fd(), |keys, values| {
             out.entries += keys.len() as u64;
             for (k, v) in keys.iter().zip(values) {
+                let timeout = if v.kind == kanari_common::maps::CT_FORWARD {
+                    timeouts.of(v.state())
+                } else {
+                    timeouts.established
+                };
+                if expired(v.seen_s, now_s, timeout) {
+                    doomed.push((*k, *v));
+                    continue;
+                }
                 out.backend_ids.insert(v.backend_id);
                 out.service_ids.insert(v.service_id);
                 if v.kind != kanari_common::maps::CT_FORWARD {
@@ -952,8 +982,87 @@ impl ConntrackReader {
                 }
             }
         })?;
+        let fd = self.fd.as_fd();
+        for (k, v) in doomed {
+            // Looked at again: a packet since the walk read it keeps it.
+            match lookup_ct(fd, &k) {
+                Some(now) if now.seen_s == v.seen_s && now.flags == v.flags => {}
+                _ => continue,
+            }
+            if !delete_ct(fd, &k) {
+                continue;
+            }
+            if v.kind == kanari_common::maps::CT_FORWARD {
+                // The reply direction: backend -> client.
+                let _ = delete_ct(fd, &FlowKey::new(v.addr, k.saddr, v.port, k.sport));
+                let i = CtState::ALL
+                    .iter()
+                    .position(|s| *s == v.state())
+                    .unwrap_or(0);
+                out.expired[i] += 1;
+            } else {
+                out.expired_reverse += 1;
+            }
+        }
         Ok(out)
     }
+}
+
+/// Whether an entry last seen at `seen_s` is idle past `timeout` at `now_s`
+/// (monotonic seconds; an entry seen "later" than now — a clock read before
+/// the packet's — is not).
+fn expired(seen_s: u32, now_s: u32, timeout: std::time::Duration) -> bool {
+    now_s.saturating_sub(seen_s) as u64 > timeout.as_secs()
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// `union bpf_attr`'s member for the `BPF_MAP_*_ELEM` commands.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn elem_call(
+    cmd: libc::c_long,
+    fd: std::os::fd::BorrowedFd<'_>,
+    key: &FlowKey,
+    value: Option<&mut CtEntry>,
+) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const FlowKey as u64,
+        value: value.map_or(0, |v| v as *mut CtEntry as u64),
+        flags: 0,
+    };
+    // SAFETY: attr points at a key (and a value buffer) of the map's sizes,
+    // alive for the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>() as u32,
+        ) == 0
+    }
+}
+
+/// The entry of `key` now, if there is one.
+fn lookup_ct(fd: std::os::fd::BorrowedFd<'_>, key: &FlowKey) -> Option<CtEntry> {
+    let mut v = CtEntry::new(0, 0, 0, 0, 0, 0);
+    elem_call(BPF_MAP_LOOKUP_ELEM, fd, key, Some(&mut v)).then_some(v)
+}
+
+/// Removes `key`'s entry; false when there was none.
+fn delete_ct(fd: std::os::fd::BorrowedFd<'_>, key: &FlowKey) -> bool {
+    elem_call(BPF_MAP_DELETE_ELEM, fd, key, None)
 }
 
 /// How many entries the LRU map behind `fd` holds: a walk of all of them.
@@ -992,6 +1101,41 @@ where
         .map(name)
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
     T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Copies the entries of a pinned `KN_CT_V1` (the conntrack layout before
+/// entries kept the time they were last seen) into this build's table,
+/// seen now, so an upgrade keeps every tracked connection on its backend
+/// (and its replies translated). The old pin is removed afterwards with the
+/// other maps this build does not use. Returns how many were carried over.
+fn carry_over_conntrack(ebpf: &mut Ebpf, pins: &Pins) -> Result<u64> {
+    use kanari_common::maps::CtEntryV1;
+    let path = pins.map(names::CONNTRACK_V1);
+    if check_layout(
+        &path,
+        names::CONNTRACK_V1,
+        size_of::<FlowKey>(),
+        size_of::<CtEntryV1>(),
+    )?
+    .is_none()
+    {
+        return Ok(0);
+    }
+    let old = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let old: HashMap<MapData, FlowKey, CtEntryV1> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(old))
+            .with_context(|| format!("{} is not a hash map", path.display()))?;
+    let entries: Vec<(FlowKey, CtEntryV1)> = old.iter().filter_map(Result::ok).collect();
+    let seen = (monotonic_ns() / 1_000_000_000) as u32;
+    let mut m: HashMap<&mut MapData, FlowKey, CtEntry> = map_mut(ebpf, names::CONNTRACK)?;
+    let mut carried = 0;
+    for (k, v) in entries {
+        if m.insert(k, v.upgrade(seen), 0).is_ok() {
+            carried += 1;
+        }
+    }
+    Ok(carried)
 }
 
 /// Refuses a pinned map whose layout is not this build's (a build that

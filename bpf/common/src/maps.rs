@@ -11,7 +11,10 @@ use core::mem::size_of;
 pub mod names {
     pub const SERVICES: &str = "KN_SERVICES_V1";
     pub const BACKENDS: &str = "KN_BACKENDS_V2";
-    pub const CONNTRACK: &str = "KN_CT_V1";
+    pub const CONNTRACK: &str = "KN_CT_V2";
+    /// The conntrack table of earlier versions (40-byte entries, no time
+    /// seen): its entries are carried over into `CONNTRACK` at start.
+    pub const CONNTRACK_V1: &str = "KN_CT_V1";
     pub const SEGMENTS: &str = "KN_SEGMENTS_V1";
     pub const COUNTERS: &str = "KN_COUNTERS_V2";
     pub const STATS: &str = "KN_STATS_V2";
@@ -254,6 +257,43 @@ pub const CT_REVERSE: u8 = 2;
 pub const CT_F_HTTP: u8 = 1 << 0;
 /// The pending SYN was sent again: `unanswered` counted for this attempt.
 pub const CT_F_RETRIED: u8 = 1 << 1;
+/// The client sent a FIN (forward entries).
+pub const CT_F_FIN_CLIENT: u8 = 1 << 2;
+/// The backend sent a FIN (forward entries).
+pub const CT_F_FIN_BACKEND: u8 = 1 << 3;
+/// Either side sent a RST (forward entries).
+pub const CT_F_RST: u8 = 1 << 4;
+
+/// Where a connection is in its life, as its forward entry tells it; the
+/// agent removes an entry idle for longer than its state's timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CtState {
+    /// The SYN went to the backend; no SYN-ACK yet.
+    SynSent,
+    Established,
+    /// One side sent a FIN.
+    Closing,
+    /// Both sides sent a FIN, or either a RST: the ports may be reused.
+    Closed,
+}
+
+impl CtState {
+    pub const ALL: [CtState; 4] = [
+        CtState::SynSent,
+        CtState::Established,
+        CtState::Closing,
+        CtState::Closed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            CtState::SynSent => "syn_sent",
+            CtState::Established => "established",
+            CtState::Closing => "closing",
+            CtState::Closed => "closed",
+        }
+    }
+}
 
 /// Value of `KN_CT_V1`.
 ///
@@ -287,6 +327,10 @@ pub struct CtEntry {
     /// which a retransmission of it repeats and a new connection on the
     /// same ports does not.
     pub isn: u32,
+    /// When a packet of this direction was last seen (monotonic seconds,
+    /// written at most once a second): the agent ages entries by it.
+    pub seen_s: u32,
+    pub _pad: u32,
 }
 
 impl CtEntry {
@@ -313,6 +357,69 @@ impl CtEntry {
             flags: 0,
             status_code: 0,
             isn: 0,
+            seen_s: 0,
+            _pad: 0,
+        }
+    }
+
+    /// Whether the connection has ended: its ports may open a new one.
+    #[inline(always)]
+    pub const fn closed(&self) -> bool {
+        self.flags & CT_F_RST != 0
+            || self.flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND)
+                == CT_F_FIN_CLIENT | CT_F_FIN_BACKEND
+    }
+
+    /// The state of a forward entry's connection.
+    pub const fn state(&self) -> CtState {
+        if self.closed() {
+            CtState::Closed
+        } else if self.syn_ns != 0 {
+            CtState::SynSent
+        } else if self.flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND) != 0 {
+            CtState::Closing
+        } else {
+            CtState::Established
+        }
+    }
+}
+
+/// The previous conntrack value (`KN_CT_V1`), read to carry its entries over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtEntryV1 {
+    pub addr: u32,
+    pub port: u16,
+    pub group: u8,
+    pub kind: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub syn_ns: u64,
+    pub req_ns: u64,
+    pub status_pos: u8,
+    pub flags: u8,
+    pub status_code: u16,
+    pub isn: u32,
+}
+
+impl CtEntryV1 {
+    /// The entry in today's layout, seen at `seen_s`.
+    pub const fn upgrade(&self, seen_s: u32) -> CtEntry {
+        CtEntry {
+            addr: self.addr,
+            port: self.port,
+            group: self.group,
+            kind: self.kind,
+            backend_id: self.backend_id,
+            service_id: self.service_id,
+            syn_ns: self.syn_ns,
+            req_ns: self.req_ns,
+            status_pos: self.status_pos,
+            flags: self.flags,
+            status_code: self.status_code,
+            isn: self.isn,
+            seen_s,
+            _pad: 0,
         }
     }
 }
@@ -637,7 +744,8 @@ const _: () =
     assert!(size_of::<BackendSet>() == 4 + 12 * MAX_BACKENDS_PER_GROUP + crate::maglev::SIZE + 1);
 const _: () = assert!(size_of::<BackendSet>().is_multiple_of(4));
 const _: () = assert!(size_of::<FlowKey>() == 16);
-const _: () = assert!(size_of::<CtEntry>() == 40);
+const _: () = assert!(size_of::<CtEntry>() == 48);
+const _: () = assert!(size_of::<CtEntryV1>() == 40);
 const _: () = assert!(
     size_of::<BackendStats>()
         == 17 * 8 + 4 * (crate::hist::TTFB_BUCKETS + crate::hist::CONNECT_BUCKETS)
@@ -658,6 +766,7 @@ mod pod {
     unsafe impl aya::Pod for BackendSet {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for CtEntryV1 {}
     unsafe impl aya::Pod for SegmentKey {}
     unsafe impl aya::Pod for Segment {}
     unsafe impl aya::Pod for BackendStats {}

@@ -132,6 +132,11 @@ impl Tcp4 {
         self.flags & TCP_RST != 0
     }
 
+    #[inline(always)]
+    pub fn is_fin(&self) -> bool {
+        self.flags & TCP_FIN != 0
+    }
+
     /// A SYN-ACK: the server's answer to a SYN.
     #[inline(always)]
     pub fn is_syn_ack(&self) -> bool {

@@ -58,12 +58,13 @@ use kanari_common::{
     http::{self, STATUS_LINE_LEN, StatusParse},
     maglev,
     maps::{
-        BACKEND_SET_SLOTS, Backend, BackendSet, BackendStats, Bucket, CT_F_HTTP, CT_F_RETRIED,
-        CT_FORWARD, CT_REVERSE, Counter, CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS,
-        DEFAULT_MAX_BACKENDS, DEFAULT_SOCKETS, FROM_BACKEND, FlowKey, Group,
-        MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES,
-        SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS, SOCKET_IFINDEX, Segment,
-        SegmentKey, Service, ServiceKey, Settings, SockEntry, TO_BACKEND, admit,
+        BACKEND_SET_SLOTS, Backend, BackendSet, BackendStats, Bucket, CT_F_FIN_BACKEND,
+        CT_F_FIN_CLIENT, CT_F_HTTP, CT_F_RETRIED, CT_F_RST, CT_FORWARD, CT_REVERSE, Counter,
+        CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS, DEFAULT_MAX_BACKENDS, DEFAULT_SOCKETS,
+        FROM_BACKEND, FlowKey, Group, MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS,
+        MAX_SERVICES, SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS,
+        SOCKET_IFINDEX, Segment, SegmentKey, Service, ServiceKey, Settings, SockEntry, TO_BACKEND,
+        admit,
     },
     select,
     wire::{
@@ -80,7 +81,7 @@ static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SE
 static BACKENDS: Array<BackendSet> = Array::with_max_entries(BACKEND_SET_SLOTS, 0);
 
 /// Sized by the agent from the configuration (two entries per connection).
-#[map(name = "KN_CT_V1")]
+#[map(name = "KN_CT_V2")]
 static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(2 * DEFAULT_CONNTRACK_CONNECTIONS, 0);
 
@@ -185,6 +186,22 @@ fn sock_stats(backend_id: u32) -> Option<&'static mut BackendStats> {
 fn now_ns() -> u64 {
     // SAFETY: no preconditions.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// The monotonic clock in whole seconds (conntrack's `seen_s`).
+#[inline(always)]
+fn now_s() -> u32 {
+    (now_ns() / 1_000_000_000) as u32
+}
+
+/// Marks an entry seen now: written at most once a second, so a busy
+/// connection does not write its entry's cache line on every packet.
+#[inline(always)]
+fn touch(e: &mut CtEntry) {
+    let now = now_s();
+    if e.seen_s != now {
+        e.seen_s = now;
+    }
 }
 
 /// `v` if it lies in `LO..=HI`, checked in assembly: the compiler cannot drop
@@ -299,7 +316,12 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
         // The connection's own SYN again (its sequence number): before the
         // SYN-ACK an unanswered attempt, after it a SYN-ACK lost on the way
         // to the client; either way the same connection on its backend.
-        let same = !syn || e.syn_ns != 0 || e.isn == p.seq;
+        // Another SYN on a connection that has not ended (no RST, not both
+        // FINs) goes to its backend too, as Linux conntrack does: the
+        // backend answers a challenge ACK, and the client's RST then ends
+        // the entry — so a sender sweeping client ports cannot re-split
+        // live connections.
+        let same = !syn || e.syn_ns != 0 || e.isn == p.seq || !e.closed();
         if e.kind == CT_FORWARD && !same {
             // Another SYN on an answered tuple: a new connection reusing the
             // ports, chosen again below once the guard admits it; the old
@@ -307,6 +329,12 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
             replaced = Some(FlowKey::new(e.addr, p.saddr, e.port, p.sport));
         }
         if e.kind == CT_FORWARD && same {
+            touch(e);
+            if p.is_rst() {
+                e.flags |= CT_F_RST;
+            } else if p.is_fin() {
+                e.flags |= CT_F_FIN_CLIENT;
+            }
             // A SYN again before any SYN-ACK: one unanswered attempt, counted once.
             let retried = syn && e.syn_ns != 0 && e.flags & CT_F_RETRIED == 0;
             if retried {
@@ -371,7 +399,7 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
         return Ok(t);
     }
     let reverse_key = FlowKey::new(addr, p.saddr, port, p.sport);
-    let reverse = CtEntry::new(
+    let mut reverse = CtEntry::new(
         CT_REVERSE,
         p.daddr,
         p.dport,
@@ -383,6 +411,12 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
     if svc.flags & SERVICE_F_HTTP != 0 {
         forward.flags |= CT_F_HTTP;
     }
+    if p.is_fin() {
+        forward.flags |= CT_F_FIN_CLIENT;
+    }
+    let seen = now_s();
+    forward.seen_s = seen;
+    reverse.seen_s = seen;
     if syn {
         forward.syn_ns = now_ns();
         forward.isn = p.seq;
@@ -805,16 +839,18 @@ fn tc_egress(ctx: &TcContext) -> bool {
         }
     };
     let key = FlowKey::new(p.saddr, p.daddr, p.sport, p.dport);
-    let Some(e) = CONNTRACK.get_ptr(key) else {
+    let Some(e) = CONNTRACK.get_ptr_mut(key) else {
         count(ifindex, Counter::EgressPassed);
         return false;
     };
-    // SAFETY: a value pointer from a successful lookup; copied at once.
-    let e = unsafe { *e };
+    // SAFETY: a value pointer from a successful lookup (see CtEntry on sharing).
+    let e = unsafe { &mut *e };
     if e.kind != CT_REVERSE {
         count(ifindex, Counter::EgressPassed);
         return false;
     }
+    touch(e);
+    let e = *e;
     let rewritten = tc_rewrite(
         ctx,
         IP_SADDR_OFF,
@@ -842,7 +878,7 @@ fn observe_egress(ctx: &TcContext, p: &Tcp4, reverse: &CtEntry) {
     s.packets[FROM_BACKEND] += 1;
     s.bytes[FROM_BACKEND] += p.l4_len as u64 + (p.l4_off - ETH_HLEN) as u64;
     let payload = p.payload_len();
-    if !p.is_syn_ack() && !p.is_rst() && payload == 0 {
+    if !p.is_syn_ack() && !p.is_rst() && !p.is_fin() && payload == 0 {
         return;
     }
     // The forward entry holds the connection's state: client -> VIP.
@@ -855,6 +891,12 @@ fn observe_egress(ctx: &TcContext, p: &Tcp4, reverse: &CtEntry) {
     // Only the backend the connection is on speaks for it.
     if f.kind != CT_FORWARD || f.addr != p.saddr || f.port != p.sport {
         return;
+    }
+    touch(f);
+    if p.is_rst() {
+        f.flags |= CT_F_RST;
+    } else if p.is_fin() {
+        f.flags |= CT_F_FIN_BACKEND;
     }
     let w = Watch {
         syn_ns: &mut f.syn_ns,
