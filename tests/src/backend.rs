@@ -166,7 +166,18 @@ pub async fn serve(
                     .strip_prefix("/bytes/")
                     .and_then(|n| n.parse::<usize>().ok())
                     .map(|n| n.min(16 << 20));
+                // `/delay/MS`: answered after MS milliseconds (at most a
+                // minute), as a long poll is.
+                let hold = req
+                    .uri()
+                    .path()
+                    .strip_prefix("/delay/")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .map(|ms| Duration::from_millis(ms.min(60_000)));
                 async move {
+                    if let Some(hold) = hold {
+                        tokio::time::sleep(hold).await;
+                    }
                     let n = stats.requests.fetch_add(1, Ordering::SeqCst);
                     let delay = b.delay();
                     if !delay.is_zero() {

@@ -1406,6 +1406,7 @@ impl Fuzz {
                 x.fragments + t.fragments,
             ),
             ("rewrite_failed", get(Counter::RewriteFailed), 0),
+            ("unrecorded", get(Counter::Unrecorded), 0),
         ];
         for (name, got, want) in expected {
             assert_eq!(got, want, "counter {name}: all counters {total:?}");

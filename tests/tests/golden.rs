@@ -43,8 +43,8 @@ use kanari_common::{
     csum, hash, hist,
     http::{CLASS_2XX, CLASS_3XX, CLASS_4XX, CLASS_5XX, CLASS_NONE, CLASS_OTHER, CLASSES},
     maps::{
-        BackendStats, CT_F_HTTP, CT_FORWARD, CT_REVERSE, Counter, CtEntry, CtState, FROM_BACKEND,
-        FlowKey, Group, TO_BACKEND, programs,
+        BackendStats, CT_F_HTTP, CT_F_UNCONFIRMED, CT_FORWARD, CT_REVERSE, Counter, CtEntry,
+        CtState, FROM_BACKEND, FlowKey, Group, TO_BACKEND, programs,
     },
     select,
     wire::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -668,7 +668,9 @@ fn assert_conntrack_has(k: &Kanari, client: SocketAddrV4, backend: SocketAddrV4)
     assert_eq!(
         f,
         CtEntry {
-            flags: if http { CT_F_HTTP } else { 0 },
+            // (An entry made from a later packet is unconfirmed until the
+            // backend speaks: see every_insert_is_guarded_….)
+            flags: if http { CT_F_HTTP } else { 0 } | f.flags & CT_F_UNCONFIRMED,
             syn_ns: f.syn_ns,
             req_ns: f.req_ns,
             status_pos: f.status_pos,
@@ -1726,6 +1728,46 @@ fn on_one_cpu() {
     }
 }
 
+/// Every insert is guarded, not only a SYN's (an ACK flood with random
+/// tuples would fill the table unguarded): past the guard's rate a packet
+/// of an unknown connection is sent where the hash says without an entry
+/// (`unrecorded`). An entry made from such a packet counts as not answered
+/// yet (aged as a SYN is) until the backend speaks on it.
+fn every_insert_is_guarded_and_an_unknown_connection_is_unconfirmed_until_answered(hook: Hook) {
+    on_one_cpu();
+    let mut k = Kanari::load(web(10, ""));
+    // One new connection a second (per CPU), a burst of one.
+    k.dp.set_guard(1).expect("the guard");
+    let (_, backend) = k.predict(CLIENT);
+    let ack = Tcp4::new(CLIENT, VIP, TCP_ACK).build();
+    k.expect_translated(hook, &ack, backend);
+    assert_eq!(
+        k.forward(CLIENT).state(),
+        CtState::SynSent,
+        "not confirmed yet"
+    );
+    let other = nth_client(1);
+    let (_, other_backend) = k.predict(other);
+    let before = k.counters();
+    k.expect_translated(hook, &Tcp4::new(other, VIP, TCP_ACK).build(), other_backend);
+    assert_eq!(
+        counter_delta(&before, &k.counters()),
+        vec![(hook.known_counter(), 1), (Counter::Unrecorded, 1)],
+        "past the guard: translated, not recorded"
+    );
+    assert_eq!(
+        k.conntrack().len(),
+        2,
+        "only the first connection's entries"
+    );
+    // The backend answers on the first: established.
+    let data = reply(backend, CLIENT, TCP_ACK | TCP_PSH)
+        .payload(b"HTTP/1.1 200 OK\r\n")
+        .build();
+    let _ = k.answer(&data, backend);
+    assert_eq!(k.forward(CLIENT).state(), CtState::Established);
+}
+
 /// A client reusing the ports of an answered connection (a SYN with another
 /// sequence number) while the guard sheds new connections: the SYN is
 /// dropped and the connection there keeps both entries — its backend's
@@ -2208,6 +2250,7 @@ through_each_ingress!(
     a_connection_goes_through_its_states_and_only_an_ended_one_is_reused,
     a_syn_on_a_live_connection_stays_on_its_backend_until_a_rst,
     a_shed_syn_on_a_live_tuple_leaves_its_connection,
+    every_insert_is_guarded_and_an_unknown_connection_is_unconfirmed_until_answered,
     a_syn_with_fin_is_dropped,
     a_first_fragment_to_a_service_is_dropped_and_counted,
     backend_rsts_count_as_refused_or_reset,

@@ -1040,3 +1040,81 @@ fn an_upgrade_from_the_previous_conntrack_layout_keeps_established_connections()
     b.stop().expect("kanari stops");
     uninstall(&topo, &at(100.0));
 }
+
+/// A long poll (the backend answers after 45 s of silence) waits while
+/// 10,240 one-request connections — ten times the table's 1,024 — come and
+/// go around it at 260/s. Ended connections' entries age out after
+/// `closed` (1 s), so the table never fills and the LRU never takes the
+/// idle connection's entries: its answer arrives, from the VIP.
+#[test]
+fn a_long_poll_reply_arrives_after_ten_table_turnovers() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if !require_root() {
+        return;
+    }
+    const TABLE: usize = 1024;
+    let topo = Topology::new(&TopologyOptions::default()).expect("topology");
+    let config = topo.config(0.0, "", "tc").replace(
+        "conntrack:\n  connections: 65536\n",
+        &format!(
+            "conntrack:\n  connections: {TABLE}\n  new_per_second: 100000\n  timeouts: {{closed: 1s}}\n"
+        ),
+    );
+    assert!(config.contains("closed: 1s"), "{config}");
+    let agent = Agent::start(&topo.node, &config).expect("kanari starts");
+    let poll = topo
+        .client
+        .spawn(move || {
+            runtime().block_on(async {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(
+                    std::net::SocketAddrV4::new(kanari_tests::topology::client_addr(7), 0).into(),
+                )?;
+                let mut s = socket.connect(VIP.into()).await?;
+                s.write_all(
+                    b"GET /delay/45000 HTTP/1.1\r\nHost: kanari\r\nConnection: close\r\n\r\n",
+                )
+                .await?;
+                let mut answer = Vec::new();
+                tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut answer))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no answer within 60 s"))??;
+                anyhow::Ok((
+                    String::from_utf8_lossy(&answer).into_owned(),
+                    Instant::now(),
+                ))
+            })
+        })
+        .expect("the long poll");
+    let started = Instant::now();
+    let load = Load::start(&topo.client, VIP, 260.0, 8, 1000).expect("load");
+    while started.elapsed() < Duration::from_secs(40) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let outcomes = load.stop();
+    let churn_ended = Instant::now();
+    let failed = outcomes
+        .iter()
+        .filter(|o| !matches!(o.result, Ok((_, 200))))
+        .count();
+    let (answer, answered_at) = poll
+        .join()
+        .expect("the long poll's thread")
+        .expect("in the client's namespace")
+        .expect("the long poll answered");
+    let expired = metric_sum(&topo, "kanari_conntrack_expired_total{state=\"closed\"}");
+    eprintln!(
+        "{} one-request connections ({failed} failed) through room for {TABLE}, {expired} expired as closed; the long poll answered {:?} after the churn",
+        outcomes.len(),
+        answered_at.saturating_duration_since(churn_ended)
+    );
+    assert!(
+        outcomes.len() >= 10 * TABLE,
+        "{} connections",
+        outcomes.len()
+    );
+    assert_eq!(failed, 0);
+    assert!(answered_at > churn_ended, "the answer came after the churn");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    agent.stop().expect("kanari stops");
+}

@@ -13,7 +13,7 @@
 //! conntrack:
 //!   connections: 262144     # connections tracked (LRU)
 //!   timeouts:               # an idle connection's entries are removed after
-//!     syn_sent: 60s         #   a SYN the backend has not answered
+//!     syn_sent: 10s         #   not answered by the backend yet
 //!     established: 6h
 //!     closing: 2m           #   one side sent a FIN
 //!     closed: 10s           #   both sent a FIN, or one a RST

@@ -13,12 +13,15 @@ use kanari_common::maps::Group;
 use serde::{Deserialize, Serialize};
 
 /// `conntrack.timeouts`: an entry idle (no packet either way) for longer
-/// than its connection's state allows is removed by the agent. Defaults
-/// as Cilium's: a connection idle for hours keeps its backend; a closed
-/// one frees its entry soon after.
+/// than its connection's state allows is removed by the agent. A
+/// connection idle for hours keeps its backend; a closed or unanswered one
+/// frees its entries within seconds: at the guard's default rate (a
+/// sixteenth of the table a second) such entries fill at most 10/16 of it,
+/// so live connections are not the LRU's to evict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConntrackTimeouts {
-    /// A SYN the backend has not answered.
+    /// A connection the backend has not answered yet (its SYN, or a later
+    /// packet of a connection without entry).
     pub syn_sent: Duration,
     pub established: Duration,
     /// One side sent a FIN.
@@ -30,7 +33,7 @@ pub struct ConntrackTimeouts {
 impl Default for ConntrackTimeouts {
     fn default() -> Self {
         Self {
-            syn_sent: Duration::from_secs(60),
+            syn_sent: Duration::from_secs(10),
             established: Duration::from_secs(6 * 3600),
             closing: Duration::from_secs(120),
             closed: Duration::from_secs(10),

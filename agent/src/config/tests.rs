@@ -74,7 +74,7 @@ fn conntrack_timeouts_default_by_state_and_each_can_be_set() {
     let t = c.conntrack_timeouts;
     assert_eq!(
         CtState::ALL.map(|s| t.of(s).as_secs()),
-        [60, 6 * 3600, 120, 10]
+        [10, 6 * 3600, 120, 10]
     );
     let c = parse(
         "k.yaml",
@@ -83,7 +83,7 @@ fn conntrack_timeouts_default_by_state_and_each_can_be_set() {
     )
     .unwrap();
     let t = c.conntrack_timeouts;
-    assert_eq!(CtState::ALL.map(|s| t.of(s).as_secs()), [60, 3600, 120, 2]);
+    assert_eq!(CtState::ALL.map(|s| t.of(s).as_secs()), [10, 3600, 120, 2]);
     let e = parse_err("interfaces: [{name: eth0}]\nconntrack: {timeouts: {fin_wait: 2s}}\n");
     assert!(e.to_string().contains("fin_wait"), "{e}");
 }

@@ -263,12 +263,18 @@ pub const CT_F_FIN_CLIENT: u8 = 1 << 2;
 pub const CT_F_FIN_BACKEND: u8 = 1 << 3;
 /// Either side sent a RST (forward entries).
 pub const CT_F_RST: u8 = 1 << 4;
+/// Made from a packet of a connection without entry (not a SYN), and the
+/// backend has not spoken on it since (forward entries): aged as a SYN
+/// sent, so a spoofed packet's entry does not stay for hours.
+pub const CT_F_UNCONFIRMED: u8 = 1 << 5;
 
 /// Where a connection is in its life, as its forward entry tells it; the
 /// agent removes an entry idle for longer than its state's timeout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CtState {
-    /// The SYN went to the backend; no SYN-ACK yet.
+    /// The backend has not answered yet: the SYN went to it and no SYN-ACK
+    /// came back, or the entry was made from a later packet of a connection
+    /// without one and the backend has not spoken on it since.
     SynSent,
     Established,
     /// One side sent a FIN.
@@ -374,7 +380,7 @@ impl CtEntry {
     pub const fn state(&self) -> CtState {
         if self.closed() {
             CtState::Closed
-        } else if self.syn_ns != 0 {
+        } else if self.syn_ns != 0 || self.flags & CT_F_UNCONFIRMED != 0 {
             CtState::SynSent
         } else if self.flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND) != 0 {
             CtState::Closing
@@ -633,13 +639,17 @@ pub enum Counter {
     /// written, its port or checksum not): the packet is dropped rather
     /// than sent on half-translated.
     RewriteFailed = 19,
+    /// A packet of a connection without entry (not a SYN) sent where the
+    /// hash says without recording it: the new-connection guard's rate was
+    /// spent (every insert is guarded, so an ACK flood cannot fill the table).
+    Unrecorded = 20,
 }
 
 /// The `ifindex` of [`CounterKey`] under which the socket path counts.
 pub const SOCKET_IFINDEX: u32 = 0;
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::XdpSteered,
         Counter::XdpSteeredNew,
@@ -661,6 +671,7 @@ impl Counter {
         Counter::IcmpTranslated,
         Counter::FragmentDropped,
         Counter::RewriteFailed,
+        Counter::Unrecorded,
     ];
 
     #[inline(always)]
@@ -694,6 +705,7 @@ impl Counter {
             Counter::IcmpTranslated => "icmp_translated",
             Counter::FragmentDropped => "fragment_dropped",
             Counter::RewriteFailed => "rewrite_failed",
+            Counter::Unrecorded => "unrecorded",
         }
     }
 }

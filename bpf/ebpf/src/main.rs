@@ -59,12 +59,12 @@ use kanari_common::{
     maglev,
     maps::{
         BACKEND_SET_SLOTS, Backend, BackendSet, BackendStats, Bucket, CT_F_FIN_BACKEND,
-        CT_F_FIN_CLIENT, CT_F_HTTP, CT_F_RETRIED, CT_F_RST, CT_FORWARD, CT_REVERSE, Counter,
-        CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS, DEFAULT_MAX_BACKENDS, DEFAULT_SOCKETS,
-        FROM_BACKEND, FlowKey, Group, MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS,
-        MAX_SERVICES, SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS,
-        SOCKET_IFINDEX, Segment, SegmentKey, Service, ServiceKey, Settings, SockEntry, TO_BACKEND,
-        admit,
+        CT_F_FIN_CLIENT, CT_F_HTTP, CT_F_RETRIED, CT_F_RST, CT_F_UNCONFIRMED, CT_FORWARD,
+        CT_REVERSE, Counter, CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS,
+        DEFAULT_MAX_BACKENDS, DEFAULT_SOCKETS, FROM_BACKEND, FlowKey, Group,
+        MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES,
+        SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS, SOCKET_IFINDEX, Segment,
+        SegmentKey, Service, ServiceKey, Settings, SockEntry, TO_BACKEND, admit,
     },
     select,
     wire::{
@@ -398,6 +398,14 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
         count(ifindex, Counter::Fallback);
         return Ok(t);
     }
+    // Every insert is guarded, not only a SYN's: a flood of ACKs with
+    // random tuples must not push live connections out either. Past the
+    // guard's rate such a packet is still sent where the hash says (a real
+    // connection's next packet records it), without an entry.
+    if !syn && !admit_new() {
+        count(ifindex, Counter::Unrecorded);
+        return Ok(t);
+    }
     let reverse_key = FlowKey::new(addr, p.saddr, port, p.sport);
     let mut reverse = CtEntry::new(
         CT_REVERSE,
@@ -420,8 +428,13 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
     if syn {
         forward.syn_ns = now_ns();
         forward.isn = p.seq;
-    } else if p.payload_len() > 0 {
-        forward.req_ns = now_ns();
+    } else {
+        // Not yet answered by the backend: aged as a SYN is (a spoofed
+        // packet's entry goes soon), until the backend speaks on it.
+        forward.flags |= CT_F_UNCONFIRMED;
+        if p.payload_len() > 0 {
+            forward.req_ns = now_ns();
+        }
     }
     if CONNTRACK.insert(reverse_key, reverse, 0).is_err()
         || CONNTRACK.insert(key, forward, 0).is_err()
@@ -895,8 +908,11 @@ fn observe_egress(ctx: &TcContext, p: &Tcp4, reverse: &CtEntry) {
     touch(f);
     if p.is_rst() {
         f.flags |= CT_F_RST;
-    } else if p.is_fin() {
-        f.flags |= CT_F_FIN_BACKEND;
+    } else {
+        f.flags &= !CT_F_UNCONFIRMED;
+        if p.is_fin() {
+            f.flags |= CT_F_FIN_BACKEND;
+        }
     }
     let w = Watch {
         syn_ns: &mut f.syn_ns,
