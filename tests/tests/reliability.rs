@@ -671,48 +671,80 @@ fn uninstall(topo: &Topology, yaml: &str) {
     assert!(out.status.success());
 }
 
-/// A pinned map keeps its size: an agent started with a larger
-/// `conntrack.connections` or `limits.backends` over an adopted data path
-/// says so, naming the field, and reports the sizes the kernel holds.
+/// A restart with a larger `conntrack.connections` and `limits.backends`
+/// takes effect: the pinned maps are made anew at the sizes configured,
+/// their contents carried over — a connection established before stays on
+/// its backend although the weight changed (chosen anew it would go to the
+/// canary), and the request counters carry on.
 #[test]
-fn an_adopted_data_path_keeps_its_map_sizes_and_says_so() {
+fn a_restart_with_larger_maps_resizes_them_keeping_connections_and_counters() {
     if !require_root() {
         return;
     }
     let topo = Topology::new(&TopologyOptions::default()).expect("topology");
-    let with = |connections: u32, backends: u32| {
-        topo.config(10.0, "", "tc").replacen(
+    let with = |connections: u32, backends: u32, percent: f64| {
+        topo.config(percent, "", "tc").replacen(
             "conntrack:\n  connections: 65536\n",
             &format!("conntrack:\n  connections: {connections}\nlimits:\n  backends: {backends}\n"),
             1,
         )
     };
-    let first = with(65_536, 8);
+    let first = with(65_536, 8, 0.0);
     assert!(first.contains("backends: 8"), "{first}");
     let a = Agent::start_keeping(&topo.node, &first).expect("kanari starts");
+    let rt = runtime();
+    let client = kanari_tests::topology::client_addr(7);
+    let mut kept = topo
+        .client
+        .run_in(|| rt.block_on(kanari_tests::client::Conn::open(client, VIP)))
+        .unwrap()
+        .expect("a connection");
+    let before = topo
+        .client
+        .run_in(|| rt.block_on(kept.get()))
+        .unwrap()
+        .expect("answered");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while requests_total(&topo) < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let counted = requests_total(&topo);
+    assert_eq!(counted, 1.0);
     assert!(a.stop().expect("stops").status.success());
-    let b = Agent::start(&topo.node, &with(131_072, 16)).expect("kanari starts again");
+
+    let second = with(131_072, 16, 100.0);
+    let b = Agent::start_keeping(&topo.node, &second).expect("kanari starts again");
     let logs = b.logs().join("\n");
-    assert!(
-        logs.contains("conntrack.connections")
-            && logs.contains("holds 65536 connections, not the 131072 configured"),
-        "{logs}"
-    );
-    assert!(
-        logs.contains("limits.backends")
-            && logs.contains("holds 8 backends, not the 16 configured"),
-        "{logs}"
-    );
+    for (map, from, to) in [("KN_CT_V2", 131_072, 262_144), ("KN_STATS_V2", 8, 16)] {
+        assert!(
+            logs.lines().any(|l| l.contains("resizing a pinned map")
+                && l.contains(&format!("map=\"{map}\""))
+                && l.contains(&format!("from={from} to={to}"))),
+            "{map} {from} -> {to} in:\n{logs}"
+        );
+    }
     let capacity = metrics(&topo)
         .lines()
         .find_map(|l| l.strip_prefix("kanari_conntrack_capacity "))
         .map(|v| v.trim().parse::<f64>().unwrap());
     assert_eq!(
         capacity,
-        Some(131_072.0),
-        "two entries per pinned connection"
+        Some(262_144.0),
+        "two entries per connection configured"
     );
+    let after = topo
+        .client
+        .run_in(|| rt.block_on(kept.get()))
+        .unwrap()
+        .expect("the kept connection answered after the resize");
+    assert_eq!(after.backend, before.backend, "on its backend still");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while requests_total(&topo) < 2.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(requests_total(&topo), 2.0, "the counters carried on");
     b.stop().expect("stops");
+    uninstall(&topo, &second);
 }
 
 /// Removing a service drains it: its established connections keep their

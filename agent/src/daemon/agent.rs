@@ -210,39 +210,9 @@ pub(super) fn run(setup: Setup) -> Result<ExitCode> {
         pins: Some(Pins::new(&config.pin_dir)),
         socket_lb: config.socket_lb.is_some(),
     })?;
-    // The sizes in force are the maps': an adopted map keeps its own.
-    let config = if datapath.sizes.max_backends != config.max_backends
-        || datapath.sizes.conntrack_connections != config.conntrack_connections
-    {
-        let listed: usize = config
-            .services
-            .iter()
-            .map(|s| s.stable.len() + s.canary.len())
-            .sum();
-        if listed > datapath.sizes.max_backends as usize {
-            error!(
-                "{}",
-                ConfigError {
-                    file: path.display().to_string(),
-                    field: "limits.backends".into(),
-                    message: format!(
-                        "the services list {listed} backends but the adopted statistics map holds {}; \
-                         list fewer, or make the data path anew: `kanari uninstall` (established \
-                         connections through it end), then start",
-                        datapath.sizes.max_backends
-                    ),
-                }
-            );
-            return Ok(ExitCode::from(EXIT_CONFIG));
-        }
-        Arc::new(Config {
-            max_backends: datapath.sizes.max_backends,
-            conntrack_connections: datapath.sizes.conntrack_connections,
-            ..Arc::unwrap_or_clone(config)
-        })
-    } else {
-        config
-    };
+    // The maps have the sizes configured: a pinned map of another size was
+    // made anew with its contents carried over (Datapath::load).
+    debug_assert_eq!(datapath.sizes.max_backends, config.max_backends);
     // Recording starts once the configuration is taken and the data path loaded.
     let recorder = match &config.record {
         Some(r) => {

@@ -127,7 +127,8 @@ pub struct Datapath {
     pins: Option<Pins>,
     /// The maps were pinned by an earlier agent and are reused.
     pub adopted: bool,
-    /// The sizes the maps have: those asked for, or an adopted map's own.
+    /// The sizes the maps have: those asked for (a pinned map of another
+    /// size is made anew, its contents carried over).
     pub sizes: Sizes,
 }
 
@@ -140,22 +141,66 @@ pub struct Sizes {
     pub max_backends: u32,
 }
 
-/// A size the configuration asks for, made the pinned map's when an
-/// adopted map has another (a pinned map cannot be resized), with a warning
-/// naming the field and the fix.
-fn adopt_size(configured: &mut u32, pinned: Option<u32>, field: &str, what: &str, unit: &str) {
-    let Some(pinned) = pinned.filter(|p| p != configured) else {
-        return;
-    };
-    warn!(
-        field,
-        configured = *configured,
-        pinned,
-        "the adopted {what} holds {pinned} {unit}, not the {configured} configured; it takes \
-         effect when the data path is made anew: stop kanari, run `kanari uninstall` \
-         (established connections through it end), start it"
-    );
-    *configured = pinned;
+/// The contents of a pinned map whose size the configuration changed: read
+/// before its pin goes (the loader then makes the map anew, at the size
+/// configured) and written into the new map after. A pinned map cannot be
+/// resized in place.
+enum Carried {
+    Conntrack(Vec<(FlowKey, CtEntry)>),
+    Stats(
+        &'static str,
+        Vec<(u32, aya::maps::PerCpuValues<BackendStats>)>,
+    ),
+}
+
+impl Carried {
+    /// Reads the pinned map `name` at `path` and removes its pin.
+    fn take(name: &'static str, path: &std::path::Path) -> Result<Carried> {
+        let data = MapData::from_pin(path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let carried = if name == names::CONNTRACK {
+            let m: HashMap<MapData, FlowKey, CtEntry> =
+                HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                    .with_context(|| format!("{} is not a hash map", path.display()))?;
+            Carried::Conntrack(m.iter().filter_map(Result::ok).collect())
+        } else {
+            let m: PerCpuArray<MapData, BackendStats> =
+                PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+                    .with_context(|| format!("{} is not a per-CPU array", path.display()))?;
+            let values = (0..m.len())
+                .filter_map(|i| Some((i, m.get(&i, 0).ok()?)))
+                .collect();
+            Carried::Stats(name, values)
+        };
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the pin {} to make it anew", path.display()))?;
+        Ok(carried)
+    }
+
+    /// Writes what was carried into the new map; how many entries went in.
+    fn put(self, ebpf: &mut Ebpf) -> Result<usize> {
+        match self {
+            Carried::Conntrack(entries) => {
+                let mut m: HashMap<&mut MapData, FlowKey, CtEntry> =
+                    map_mut(ebpf, names::CONNTRACK)?;
+                Ok(entries
+                    .into_iter()
+                    .filter(|(k, v)| m.insert(k, v, 0).is_ok())
+                    .count())
+            }
+            Carried::Stats(name, values) => {
+                let mut m: PerCpuArray<&mut MapData, BackendStats> = map_mut(ebpf, name)?;
+                let len = m.len();
+                let mut n = 0;
+                for (i, v) in values.into_iter().filter(|(i, _)| *i < len) {
+                    if m.set(i, v, 0).is_ok() {
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            }
+        }
+    }
 }
 
 impl Datapath {
@@ -188,10 +233,11 @@ impl Datapath {
             )
             .map_max_entries(names::STATS, opts.max_backends);
         let mut adopted = false;
-        let mut sizes = Sizes {
+        let sizes = Sizes {
             conntrack_connections: opts.conntrack_connections,
             max_backends: opts.max_backends,
         };
+        let mut carried = Vec::new();
         let paths: Vec<(&str, std::path::PathBuf)> = match &opts.pins {
             Some(p) => {
                 if let Some(w) = p.prepare()? {
@@ -204,22 +250,29 @@ impl Datapath {
                         entries.insert(name, n);
                     }
                 }
-                // A pinned map keeps its size: what is adopted is what the
-                // kernel holds, whatever the configuration now asks.
-                adopt_size(
-                    &mut sizes.conntrack_connections,
-                    entries.get(names::CONNTRACK).map(|n| n / 2),
-                    "conntrack.connections",
-                    "conntrack table",
-                    "connections",
-                );
-                adopt_size(
-                    &mut sizes.max_backends,
-                    entries.get(names::STATS).copied(),
-                    "limits.backends",
-                    "statistics map",
-                    "backends",
-                );
+                // A pinned map of another size than configured is made anew
+                // at the configured size, its contents carried over.
+                for (name, want, field) in [
+                    (
+                        names::CONNTRACK,
+                        opts.conntrack_connections.saturating_mul(2),
+                        "conntrack.connections",
+                    ),
+                    (names::STATS, opts.max_backends, "limits.backends"),
+                    (names::SOCK_STATS, opts.max_backends, "limits.backends"),
+                ] {
+                    let Some(&pinned) = entries.get(name).filter(|n| **n != want) else {
+                        continue;
+                    };
+                    carried.push(Carried::take(name, &p.map(name))?);
+                    info!(
+                        map = name,
+                        field,
+                        from = pinned,
+                        to = want,
+                        "resizing a pinned map to the configured size: its contents are carried over"
+                    );
+                }
                 MAPS.iter().map(|(n, _, _)| (*n, p.map(n))).collect()
             }
             None => Vec::new(),
@@ -247,6 +300,10 @@ impl Datapath {
             info!(
                 "adopting the pinned maps of a previous agent: conntrack, weights and counters carry on"
             );
+        }
+        for c in carried {
+            let n = c.put(&mut ebpf)?;
+            info!(entries = n, "carried over into the resized map");
         }
         if let Some(p) = &opts.pins {
             match carry_over_conntrack(&mut ebpf, p) {
