@@ -649,16 +649,16 @@ fn assert_conntrack_has(k: &Kanari, client: SocketAddrV4, backend: SocketAddrV4)
     let now = monotonic_s();
     let recent = |e: &CtEntry| {
         assert!(
-            e.seen_s <= now && now - e.seen_s <= 5,
+            e.seen <= now && now - e.seen <= 5,
             "{e:?} not seen lately (now {now})"
         );
-        e.seen_s
+        e.seen
     };
     let r = entry(reverse);
     assert_eq!(
         r,
         CtEntry {
-            seen_s: recent(&r),
+            seen: recent(&r),
             ..expected(v, CT_REVERSE)
         }
     );
@@ -676,7 +676,7 @@ fn assert_conntrack_has(k: &Kanari, client: SocketAddrV4, backend: SocketAddrV4)
             status_pos: f.status_pos,
             status_code: f.status_code,
             isn: f.isn,
-            seen_s: f.seen_s,
+            seen: f.seen,
             ..expected(b, CT_FORWARD)
         }
     );
@@ -1514,9 +1514,9 @@ fn close(k: &mut Kanari, hook: Hook, client: SocketAddrV4, backend: SocketAddrV4
     assert_eq!(k.forward(client).state(), CtState::Closed);
 }
 
-/// The monotonic clock in seconds, as the kernel stamps entries.
+/// The monotonic clock in `CtEntry::seen` units, as the kernel stamps entries.
 fn monotonic_s() -> u32 {
-    (kanari::datapath::monotonic_ns() / 1_000_000_000) as u32
+    kanari_common::maps::seen_at(kanari::datapath::monotonic_ns())
 }
 
 /// The forward entry follows the connection through its states (what the
@@ -1530,9 +1530,9 @@ fn a_connection_goes_through_its_states_and_only_an_ended_one_is_reused(hook: Ho
     assert_eq!(k.forward(CLIENT).state(), CtState::SynSent);
     for (key, e) in k.conntrack() {
         assert!(
-            (t0..=monotonic_s()).contains(&e.seen_s),
+            (t0..=monotonic_s()).contains(&e.seen),
             "{key:?} seen at {} (now {t0})",
-            e.seen_s
+            e.seen
         );
     }
     k.answer(&syn_ack(backend, CLIENT), backend);

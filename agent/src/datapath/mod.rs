@@ -1007,7 +1007,7 @@ impl ConntrackReader {
             at_ns,
             ..ConntrackScan::default()
         };
-        let now_s = (at_ns / 1_000_000_000) as u32;
+        let now = kanari_common::maps::seen_at(at_ns);
         let old = |since: u64| since != 0 && at_ns.saturating_sub(since) >= pending_ns;
         let mut doomed: Vec<(FlowKey, CtEntry)> = Vec::new();
         scan_lru(self.fd.as_fd(), |keys, values| {
@@ -1018,7 +1018,7 @@ impl ConntrackReader {
                 } else {
                     timeouts.established
                 };
-                if expired(v.seen_s, now_s, timeout) {
+                if expired(v.seen, now, timeout) {
                     doomed.push((*k, *v));
                     continue;
                 }
@@ -1043,7 +1043,7 @@ impl ConntrackReader {
         for (k, v) in doomed {
             // Looked at again: a packet since the walk read it keeps it.
             match lookup_ct(fd, &k) {
-                Some(now) if now.seen_s == v.seen_s && now.flags == v.flags => {}
+                Some(now) if now.seen == v.seen && now.flags == v.flags => {}
                 _ => continue,
             }
             if !delete_ct(fd, &k) {
@@ -1065,11 +1065,12 @@ impl ConntrackReader {
     }
 }
 
-/// Whether an entry last seen at `seen_s` is idle past `timeout` at `now_s`
-/// (monotonic seconds; an entry seen "later" than now — a clock read before
-/// the packet's — is not).
-fn expired(seen_s: u32, now_s: u32, timeout: std::time::Duration) -> bool {
-    now_s.saturating_sub(seen_s) as u64 > timeout.as_secs()
+/// Whether an entry last seen at `seen` is idle past `timeout` at `now`
+/// (both in `CtEntry::seen` units; an entry seen "later" than now — a clock
+/// read before the packet's — is not).
+fn expired(seen: u32, now: u32, timeout: std::time::Duration) -> bool {
+    let idle_ns = (now.saturating_sub(seen) as u64) << kanari_common::maps::SEEN_SHIFT;
+    idle_ns > timeout.as_nanos() as u64
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -1184,7 +1185,7 @@ fn carry_over_conntrack(ebpf: &mut Ebpf, pins: &Pins) -> Result<u64> {
         HashMap::try_from(aya::maps::Map::LruHashMap(old))
             .with_context(|| format!("{} is not a hash map", path.display()))?;
     let entries: Vec<(FlowKey, CtEntryV1)> = old.iter().filter_map(Result::ok).collect();
-    let seen = (monotonic_ns() / 1_000_000_000) as u32;
+    let seen = kanari_common::maps::seen_at(monotonic_ns());
     let mut m: HashMap<&mut MapData, FlowKey, CtEntry> = map_mut(ebpf, names::CONNTRACK)?;
     let mut carried = 0;
     for (k, v) in entries {

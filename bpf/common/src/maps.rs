@@ -24,6 +24,9 @@ pub mod names {
     pub const SETTINGS: &str = "KN_SETTINGS_V1";
     pub const GUARD: &str = "KN_GUARD_V1";
     pub const SOCKETS: &str = "KN_SOCKETS_V1";
+    /// The benchmarks' reference program's one map (VIP:port -> backend);
+    /// never pinned, never written by the agent.
+    pub const REFERENCE: &str = "KN_REFERENCE";
 }
 
 /// Program names (the function names in the eBPF object).
@@ -38,6 +41,9 @@ pub mod programs {
     pub const SOCK_GETPEERNAME4: &str = "kanari_sock_getpeername4";
     pub const SOCK_EGRESS: &str = "kanari_sock_egress";
     pub const SOCK_INGRESS: &str = "kanari_sock_ingress";
+    /// The benchmarks' reference: parse, one lookup, DNAT (never attached).
+    pub const REFERENCE_XDP: &str = "kanari_reference_xdp";
+    pub const REFERENCE_TC: &str = "kanari_reference_tc";
 }
 
 /// Canary weights are in basis points: 10000 = 100 %.
@@ -268,6 +274,17 @@ pub const CT_F_RST: u8 = 1 << 4;
 /// sent, so a spoofed packet's entry does not stay for hours.
 pub const CT_F_UNCONFIRMED: u8 = 1 << 5;
 
+/// `CtEntry::seen` is the monotonic clock's nanoseconds shifted right by
+/// this: units of 2^30 ns (1.074 s), a shift rather than a division on the
+/// packet path.
+pub const SEEN_SHIFT: u32 = 30;
+
+/// The `CtEntry::seen` of monotonic time `ns`.
+#[inline(always)]
+pub const fn seen_at(ns: u64) -> u32 {
+    (ns >> SEEN_SHIFT) as u32
+}
+
 /// Where a connection is in its life, as its forward entry tells it; the
 /// agent removes an entry idle for longer than its state's timeout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -333,9 +350,10 @@ pub struct CtEntry {
     /// which a retransmission of it repeats and a new connection on the
     /// same ports does not.
     pub isn: u32,
-    /// When a packet of this direction was last seen (monotonic seconds,
-    /// written at most once a second): the agent ages entries by it.
-    pub seen_s: u32,
+    /// When a packet of this direction was last seen, in [`SEEN_SHIFT`]
+    /// units of the monotonic clock (about a second; written at most once
+    /// a unit): the agent ages entries by it.
+    pub seen: u32,
     pub _pad: u32,
 }
 
@@ -363,7 +381,7 @@ impl CtEntry {
             flags: 0,
             status_code: 0,
             isn: 0,
-            seen_s: 0,
+            seen: 0,
             _pad: 0,
         }
     }
@@ -409,8 +427,8 @@ pub struct CtEntryV1 {
 }
 
 impl CtEntryV1 {
-    /// The entry in today's layout, seen at `seen_s`.
-    pub const fn upgrade(&self, seen_s: u32) -> CtEntry {
+    /// The entry in today's layout, seen at `seen`.
+    pub const fn upgrade(&self, seen: u32) -> CtEntry {
         CtEntry {
             addr: self.addr,
             port: self.port,
@@ -424,7 +442,7 @@ impl CtEntryV1 {
             flags: self.flags,
             status_code: self.status_code,
             isn: self.isn,
-            seen_s,
+            seen,
             _pad: 0,
         }
     }

@@ -48,7 +48,10 @@ use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns,
+        bpf_skb_load_bytes,
+    },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{SkBuffContext, SockAddrContext, TcContext, XdpContext},
@@ -64,7 +67,7 @@ use kanari_common::{
         DEFAULT_MAX_BACKENDS, DEFAULT_SOCKETS, FROM_BACKEND, FlowKey, Group,
         MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES,
         SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS, SOCKET_IFINDEX, Segment,
-        SegmentKey, Service, ServiceKey, Settings, SockEntry, TO_BACKEND, admit,
+        SegmentKey, Service, ServiceKey, Settings, SockEntry, TO_BACKEND, admit, seen_at,
     },
     select,
     wire::{
@@ -188,19 +191,21 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The monotonic clock in whole seconds (conntrack's `seen_s`).
+/// Now in conntrack's `seen` units, from the coarse monotonic clock (a
+/// tick's resolution is plenty for ageing, and it is cheaper to read).
 #[inline(always)]
-fn now_s() -> u32 {
-    (now_ns() / 1_000_000_000) as u32
+fn now_seen() -> u32 {
+    // SAFETY: no preconditions.
+    seen_at(unsafe { bpf_ktime_get_coarse_ns() })
 }
 
-/// Marks an entry seen now: written at most once a second, so a busy
-/// connection does not write its entry's cache line on every packet.
+/// Marks an entry seen now: written at most once a unit (about a second),
+/// so a busy connection does not write its entry's cache line on every packet.
 #[inline(always)]
 fn touch(e: &mut CtEntry) {
-    let now = now_s();
-    if e.seen_s != now {
-        e.seen_s = now;
+    let now = now_seen();
+    if e.seen != now {
+        e.seen = now;
     }
 }
 
@@ -422,9 +427,9 @@ fn steer(ifindex: u32, p: &Tcp4, svc: &Service) -> Result<Target, Counter> {
     if p.is_fin() {
         forward.flags |= CT_F_FIN_CLIENT;
     }
-    let seen = now_s();
-    forward.seen_s = seen;
-    reverse.seen_s = seen;
+    let seen = now_seen();
+    forward.seen = seen;
+    reverse.seen = seen;
     if syn {
         forward.syn_ns = now_ns();
         forward.isn = p.seq;
@@ -554,20 +559,8 @@ fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
             return matches!(c, Counter::Shed | Counter::Invalid).then_some(c);
         }
     };
-    let (Ok(ip), Ok(tcp)) = (
-        wire::ptr_at_mut::<Ipv4Header>(start, end, ETH_HLEN),
-        wire::ptr_at_mut::<TcpHeader>(start, end, p.l4_off),
-    ) else {
+    if !xdp_dnat(start, end, &p, t.addr, t.port) {
         return None;
-    };
-    // SAFETY: both headers were bounds-checked just above.
-    unsafe {
-        (*ip).daddr = t.addr.to_ne_bytes();
-        let ip_check = u16::from_ne_bytes((*ip).check);
-        (*ip).check = csum::replace4(ip_check, p.daddr, t.addr).to_ne_bytes();
-        (*tcp).dport = t.port.to_ne_bytes();
-        let check = csum::replace2(p.check, p.dport, t.port);
-        (*tcp).check = csum::replace4(check, p.daddr, t.addr).to_ne_bytes();
     }
     observe_ingress(&p, &t);
     count_steered(
@@ -579,6 +572,72 @@ fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
         },
     );
     None
+}
+
+/// Rewrites the destination of an XDP frame to `addr:port`, updating the
+/// IPv4 and TCP checksums incrementally (complete checksums only: see the
+/// partial-checksum deferral).
+#[inline(always)]
+fn xdp_dnat(start: usize, end: usize, p: &Tcp4, addr: u32, port: u16) -> bool {
+    let (Ok(ip), Ok(tcp)) = (
+        wire::ptr_at_mut::<Ipv4Header>(start, end, ETH_HLEN),
+        wire::ptr_at_mut::<TcpHeader>(start, end, p.l4_off),
+    ) else {
+        return false;
+    };
+    // SAFETY: both headers were bounds-checked just above.
+    unsafe {
+        (*ip).daddr = addr.to_ne_bytes();
+        let ip_check = u16::from_ne_bytes((*ip).check);
+        (*ip).check = csum::replace4(ip_check, p.daddr, addr).to_ne_bytes();
+        (*tcp).dport = port.to_ne_bytes();
+        let check = csum::replace2(p.check, p.dport, port);
+        (*tcp).check = csum::replace4(check, p.daddr, addr).to_ne_bytes();
+    }
+    true
+}
+
+/// The benchmarks' reference (never attached by the agent): the floor any
+/// splitter pays — the same parse, one hash lookup of the destination and
+/// a DNAT rewrite with incremental checksums; no conntrack, no observer, no
+/// counters. `cargo xtask bench -- --suite perpacket` sets its one entry.
+#[map(name = "KN_REFERENCE")]
+static REFERENCE: HashMap<ServiceKey, Backend> = HashMap::with_max_entries(16, 0);
+
+#[inline(always)]
+fn reference_target(p: &Tcp4) -> Option<(u32, u16)> {
+    // SAFETY: a value pointer from a successful lookup; copied at once.
+    let b = unsafe { *REFERENCE.get_ptr(ServiceKey::tcp(p.daddr, p.dport))? };
+    Some((b.addr, b.port))
+}
+
+#[xdp]
+pub fn kanari_reference_xdp(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // SAFETY: data..data_end is the packet.
+    if let Ok(p) = unsafe { wire::parse_tcp4(start, end, end - start) }
+        && let Some((addr, port)) = reference_target(&p)
+    {
+        xdp_dnat(start, end, &p, addr, port);
+    }
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn kanari_reference_tc(ctx: TcContext) -> i32 {
+    if let Ok(p) = parse_tc(&ctx)
+        && let Some((addr, port)) = reference_target(&p)
+    {
+        let _ = tc_rewrite(
+            &ctx,
+            IP_DADDR_OFF,
+            p.l4_off + TCP_DPORT_OFF,
+            p.l4_off + TCP_CHECK_OFF,
+            (p.daddr, addr),
+            (p.dport, port),
+        );
+    }
+    TC_ACT_UNSPEC
 }
 
 /// Parses a TC packet, pulling the headers into the linear area when they
