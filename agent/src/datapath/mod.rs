@@ -43,7 +43,7 @@ use crate::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kanari"));
 
 /// Every map, with the key and value sizes this build expects of it.
-const MAPS: [(&str, usize, usize); 10] = [
+const MAPS: [(&str, usize, usize); 11] = [
     (
         names::SERVICES,
         size_of::<ServiceKey>(),
@@ -58,6 +58,11 @@ const MAPS: [(&str, usize, usize); 10] = [
         size_of::<Segment>(),
     ),
     (names::COUNTERS, size_of::<CounterKey>(), size_of::<u64>()),
+    (
+        names::IF_COUNTERS,
+        size_of::<u32>(),
+        size_of::<kanari_common::maps::IfCounters>(),
+    ),
     (names::STATS, size_of::<u32>(), size_of::<BackendStats>()),
     (
         names::SOCK_STATS,
@@ -723,16 +728,29 @@ impl Datapath {
 
     /// The data-path counters by interface index, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(u32, Counter, u64)>> {
+        use kanari_common::maps::{IF_COUNTER_SLOTS, IfCounters};
+        let mut totals: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         let m: PerCpuHashMap<&MapData, CounterKey, u64> = map(&self.ebpf, names::COUNTERS)?;
-        let mut out = Vec::new();
         for r in m.iter() {
             let (k, per_cpu) = r.context("reading the data path counters")?;
-            if let Some(c) = Counter::from_u32(k.counter) {
-                out.push((k.ifindex, c, per_cpu.iter().sum()));
+            *totals.entry((k.ifindex, k.counter)).or_default() += per_cpu.iter().sum::<u64>();
+        }
+        let slots: PerCpuArray<&MapData, IfCounters> = map(&self.ebpf, names::IF_COUNTERS)?;
+        for ifindex in 0..IF_COUNTER_SLOTS {
+            let per_cpu = slots
+                .get(&ifindex, 0)
+                .context("reading the data path counters")?;
+            for (c, _) in Counter::ALL.iter().enumerate() {
+                let n: u64 = per_cpu.iter().map(|s| s.by_counter[c]).sum();
+                if n != 0 {
+                    *totals.entry((ifindex, c as u32)).or_default() += n;
+                }
             }
         }
-        out.sort_by_key(|(i, c, _)| (*i, *c as u32));
-        Ok(out)
+        Ok(totals
+            .into_iter()
+            .filter_map(|((i, c), n)| Some((i, Counter::from_u32(c)?, n)))
+            .collect())
     }
 
     /// The data-path counters summed over interfaces.

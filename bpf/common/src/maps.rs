@@ -17,6 +17,9 @@ pub mod names {
     pub const CONNTRACK_V1: &str = "KN_CT_V1";
     pub const SEGMENTS: &str = "KN_SEGMENTS_V1";
     pub const COUNTERS: &str = "KN_COUNTERS_V2";
+    /// Packet counters of interfaces with a small index, per CPU, in an
+    /// array (an index, not a hash lookup, on every packet).
+    pub const IF_COUNTERS: &str = "KN_IFCOUNT_V1";
     pub const STATS: &str = "KN_STATS_V2";
     /// The socket path's per-backend statistics (same layout and ids as
     /// `STATS`): kept apart so they can be told apart (`path` label).
@@ -63,6 +66,19 @@ pub const MAX_SEGMENTS: u32 = 16 * 1024;
 pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
 /// Interface x counter pairs in `KN_COUNTERS_V2`.
 pub const MAX_COUNTER_KEYS: u32 = 64 * 32;
+/// Interfaces with an index below this count in `KN_IFCOUNT_V1` (slot =
+/// ifindex; the socket path's 0 among them); the others in `KN_COUNTERS_V2`.
+pub const IF_COUNTER_SLOTS: u32 = 64;
+/// Counters per interface slot (room for [`Counter::COUNT`] and more).
+pub const COUNTERS_PER_SLOT: usize = 32;
+
+/// Value of `KN_IFCOUNT_V1`, a per-CPU array indexed by ifindex: one
+/// interface's packet counts by [`Counter`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IfCounters {
+    pub by_counter: [u64; COUNTERS_PER_SLOT],
+}
 /// Default number of connections the conntrack table holds. The map holds two
 /// entries per connection (forward and reverse).
 pub const DEFAULT_CONNTRACK_CONNECTIONS: u32 = 262_144;
@@ -781,6 +797,8 @@ const _: () = assert!(
         == 17 * 8 + 4 * (crate::hist::TTFB_BUCKETS + crate::hist::CONNECT_BUCKETS)
 );
 const _: () = assert!(size_of::<CounterKey>() == 8);
+const _: () = assert!(size_of::<IfCounters>() == 8 * COUNTERS_PER_SLOT);
+const _: () = assert!(Counter::COUNT as usize <= COUNTERS_PER_SLOT);
 const _: () = assert!(size_of::<Settings>() == 16);
 const _: () = assert!(size_of::<Bucket>() == 16);
 const _: () = assert!(size_of::<SegmentKey>() == 8);
@@ -801,6 +819,7 @@ mod pod {
     unsafe impl aya::Pod for Segment {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for IfCounters {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Bucket {}
 }

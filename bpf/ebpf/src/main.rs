@@ -64,8 +64,8 @@ use kanari_common::{
         BACKEND_SET_SLOTS, Backend, BackendSet, BackendStats, Bucket, CT_F_FIN_BACKEND,
         CT_F_FIN_CLIENT, CT_F_HTTP, CT_F_RETRIED, CT_F_RST, CT_F_UNCONFIRMED, CT_FORWARD,
         CT_REVERSE, Counter, CounterKey, CtEntry, DEFAULT_CONNTRACK_CONNECTIONS,
-        DEFAULT_MAX_BACKENDS, DEFAULT_SOCKETS, FROM_BACKEND, FlowKey, Group,
-        MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES,
+        DEFAULT_MAX_BACKENDS, DEFAULT_SOCKETS, FROM_BACKEND, FlowKey, Group, IF_COUNTER_SLOTS,
+        IfCounters, MAX_BACKENDS_PER_GROUP, MAX_COUNTER_KEYS, MAX_SEGMENTS, MAX_SERVICES,
         SERVICE_F_CONNECTION_AFFINITY, SERVICE_F_HTTP, SERVICE_F_SEGMENTS, SOCKET_IFINDEX, Segment,
         SegmentKey, Service, ServiceKey, Settings, SockEntry, TO_BACKEND, admit, seen_at,
     },
@@ -95,6 +95,10 @@ static SEGMENTS: LpmTrie<SegmentKey, Segment> =
 #[map(name = "KN_COUNTERS_V2")]
 static COUNTERS: PerCpuHashMap<CounterKey, u64> =
     PerCpuHashMap::with_max_entries(MAX_COUNTER_KEYS, 0);
+
+/// Counters of interfaces with a small index (see `IF_COUNTER_SLOTS`).
+#[map(name = "KN_IFCOUNT_V1")]
+static IF_COUNTS: PerCpuArray<IfCounters> = PerCpuArray::with_max_entries(IF_COUNTER_SLOTS, 0);
 
 /// Sized by the agent from the configuration (`limits.backends`).
 #[map(name = "KN_STATS_V2")]
@@ -158,6 +162,16 @@ fn count_steered(ifindex: u32, c: Counter) {
 
 #[inline(always)]
 fn count(ifindex: u32, c: Counter) {
+    if ifindex < IF_COUNTER_SLOTS {
+        if let Some(v) = IF_COUNTS.get_ptr_mut(ifindex) {
+            // SAFETY: this CPU's slot of a per-CPU array.
+            let v = unsafe { &mut *v };
+            if let Some(n) = v.by_counter.get_mut(c as usize) {
+                *n += 1;
+            }
+        }
+        return;
+    }
     let key = CounterKey {
         ifindex,
         counter: c as u32,
