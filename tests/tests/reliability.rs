@@ -658,6 +658,26 @@ fn an_upgraded_data_path_keeps_every_established_connection() {
     uninstall(&topo, &yaml);
 }
 
+/// A keep-alive connection from the client namespace to the VIP, driven
+/// by `rt` (it outlives agent restarts), and its first answer.
+fn kept_connection(
+    topo: &Topology,
+    rt: &tokio::runtime::Runtime,
+) -> (kanari_tests::client::Conn, kanari_tests::client::Reply) {
+    let client = kanari_tests::topology::client_addr(7);
+    let mut kept = topo
+        .client
+        .run_in(|| rt.block_on(kanari_tests::client::Conn::open(client, VIP)))
+        .unwrap()
+        .expect("a connection");
+    let first = topo
+        .client
+        .run_in(|| rt.block_on(kept.get()))
+        .unwrap()
+        .expect("answered");
+    (kept, first)
+}
+
 /// `kanari uninstall --config` with `yaml`: removes the pinned data path.
 fn uninstall(topo: &Topology, yaml: &str) {
     let config = std::env::temp_dir().join(format!("kanari-test-{}-uninstall.yaml", topo.tag));
@@ -693,17 +713,7 @@ fn a_restart_with_larger_maps_resizes_them_keeping_connections_and_counters() {
     assert!(first.contains("backends: 8"), "{first}");
     let a = Agent::start_keeping(&topo.node, &first).expect("kanari starts");
     let rt = runtime();
-    let client = kanari_tests::topology::client_addr(7);
-    let mut kept = topo
-        .client
-        .run_in(|| rt.block_on(kanari_tests::client::Conn::open(client, VIP)))
-        .unwrap()
-        .expect("a connection");
-    let before = topo
-        .client
-        .run_in(|| rt.block_on(kept.get()))
-        .unwrap()
-        .expect("answered");
+    let (mut kept, before) = kept_connection(&topo, &rt);
     let deadline = Instant::now() + Duration::from_secs(5);
     while requests_total(&topo) < 1.0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -991,18 +1001,8 @@ fn an_upgrade_from_the_previous_conntrack_layout_keeps_established_connections()
     let topo = Topology::new(&TopologyOptions::default()).expect("topology");
     let at = |percent: f64| topo.config(percent, "", "tc");
     let a = Agent::start_keeping(&topo.node, &at(0.0)).expect("kanari starts");
-    let client = kanari_tests::topology::client_addr(7);
     let rt = runtime();
-    let mut kept = topo
-        .client
-        .run_in(|| rt.block_on(kanari_tests::client::Conn::open(client, VIP)))
-        .unwrap()
-        .expect("a connection");
-    let first = topo
-        .client
-        .run_in(|| rt.block_on(kept.get()))
-        .unwrap()
-        .expect("answered");
+    let (mut kept, first) = kept_connection(&topo, &rt);
     assert_eq!(topo.group_of(first.backend), Some(Group::Stable));
     assert!(a.stop().expect("stops").status.success());
 

@@ -24,8 +24,8 @@ use aya::{
 };
 use kanari_common::{
     maps::{
-        BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, Counter, CounterKey, CtEntry, CtState,
-        FlowKey, Group, Segment, SegmentKey, Service, ServiceKey, Settings, names, programs,
+        BACKEND_SET_SLOTS, BackendSet, BackendStats, Bucket, Counter, CounterKey, CtEntry, FlowKey,
+        Group, Segment, SegmentKey, Service, ServiceKey, Settings, names, programs,
     },
     wire,
 };
@@ -740,7 +740,7 @@ impl Datapath {
             let per_cpu = slots
                 .get(&ifindex, 0)
                 .context("reading the data path counters")?;
-            for (c, _) in Counter::ALL.iter().enumerate() {
+            for c in 0..Counter::COUNT as usize {
                 let n: u64 = per_cpu.iter().map(|s| s.by_counter[c]).sum();
                 if n != 0 {
                     *totals.entry((ifindex, c as u32)).or_default() += n;
@@ -982,7 +982,7 @@ pub struct ConntrackScan {
     /// walk was asked about.
     pub pending: Vec<Pending>,
     /// Connections whose entries the walk removed, idle past their state's
-    /// timeout, by [`CtState`] (in `CtState::ALL` order).
+    /// timeout, by `kanari_common::maps::CtState` (its discriminant).
     pub expired: [u64; 4],
     /// Reverse entries removed on their own (their forward entry gone,
     /// idle past the established timeout).
@@ -1058,6 +1058,9 @@ impl ConntrackReader {
             }
         })?;
         let fd = self.fd.as_fd();
+        // Forward entries first: each takes its reverse entry with it, so a
+        // reverse entry removed on its own is one whose forward entry was gone.
+        doomed.sort_by_key(|(_, v)| v.kind != kanari_common::maps::CT_FORWARD);
         for (k, v) in doomed {
             // Looked at again: a packet since the walk read it keeps it.
             match lookup_ct(fd, &k) {
@@ -1070,11 +1073,7 @@ impl ConntrackReader {
             if v.kind == kanari_common::maps::CT_FORWARD {
                 // The reply direction: backend -> client.
                 let _ = delete_ct(fd, &FlowKey::new(v.addr, k.saddr, v.port, k.sport));
-                let i = CtState::ALL
-                    .iter()
-                    .position(|s| *s == v.state())
-                    .unwrap_or(0);
-                out.expired[i] += 1;
+                out.expired[v.state() as usize] += 1;
             } else {
                 out.expired_reverse += 1;
             }

@@ -302,18 +302,19 @@ pub const fn seen_at(ns: u64) -> u32 {
 }
 
 /// Where a connection is in its life, as its forward entry tells it; the
-/// agent removes an entry idle for longer than its state's timeout.
+/// agent removes an entry idle for longer than its state's timeout. The
+/// discriminants are the indexes of [`CtState::ALL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CtState {
     /// The backend has not answered yet: the SYN went to it and no SYN-ACK
     /// came back, or the entry was made from a later packet of a connection
     /// without one and the backend has not spoken on it since.
-    SynSent,
-    Established,
+    SynSent = 0,
+    Established = 1,
     /// One side sent a FIN.
-    Closing,
+    Closing = 2,
     /// Both sides sent a FIN, or either a RST: the ports may be reused.
-    Closed,
+    Closed = 3,
 }
 
 impl CtState {
@@ -869,6 +870,13 @@ mod tests {
             (0..1000).all(|_| admit(&mut Bucket::default(), 0, 0, 0)),
             "0 means no limit"
         );
+    }
+
+    #[test]
+    fn conntrack_states_are_indexed_in_order() {
+        for (i, s) in CtState::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+        }
     }
 
     #[test]

@@ -49,7 +49,9 @@ pub const fn choose_group(
     }
 }
 
-/// The index of the backend within a group of `len` (> 0) backends.
+/// Multiply-and-shift range reduction of a hash to `0..len` (`len` > 0).
+/// No longer how a backend is chosen (that is the set's Maglev table, see
+/// `crate::maglev`): kept as the baseline the remap tests compare with.
 ///
 /// Multiply-and-shift range reduction (Lemire) rather than `%`: as uniform
 /// for a well-mixed hash, cheaper, and the verifier can bound its result

@@ -502,6 +502,19 @@ fn is_service_fragment(start: usize, end: usize) -> bool {
     }
 }
 
+/// Counts a packet that is not TCP: an ICMP error translated, or passed.
+#[inline(always)]
+fn count_icmp(ifindex: u32, translated: bool, passed: Counter) {
+    count(
+        ifindex,
+        if translated {
+            Counter::IcmpTranslated
+        } else {
+            passed
+        },
+    );
+}
+
 #[inline(always)]
 fn count_skip(ifindex: u32, s: Skip, passed: Counter) {
     count(
@@ -535,14 +548,7 @@ fn xdp_ingress(ctx: &XdpContext) -> Option<Counter> {
             // SAFETY: as above.
             let e = unsafe { wire::parse_icmp4_error(start, end, end - start) };
             let translated = e.is_ok_and(|e| icmp_translate(start, end, &e, Toward::Backend));
-            count(
-                ifindex,
-                if translated {
-                    Counter::IcmpTranslated
-                } else {
-                    Counter::XdpPassed
-                },
-            );
+            count_icmp(ifindex, translated, Counter::XdpPassed);
             return None;
         }
         Err(Skip::Fragment) if is_service_fragment(start, end) => {
@@ -835,15 +841,7 @@ fn tc_ingress(ctx: &TcContext) -> Option<Counter> {
     let p = match parse_tc(ctx) {
         Ok(p) => p,
         Err(Skip::NotTcp) => {
-            let translated = tc_icmp(ctx, Toward::Backend);
-            count(
-                ifindex,
-                if translated {
-                    Counter::IcmpTranslated
-                } else {
-                    Counter::TcPassed
-                },
-            );
+            count_icmp(ifindex, tc_icmp(ctx, Toward::Backend), Counter::TcPassed);
             return None;
         }
         Err(Skip::Fragment) if is_service_fragment(ctx.data(), ctx.data_end()) => {
@@ -908,15 +906,7 @@ fn tc_egress(ctx: &TcContext) -> bool {
     let p = match parse_tc(ctx) {
         Ok(p) => p,
         Err(Skip::NotTcp) => {
-            let translated = tc_icmp(ctx, Toward::Client);
-            count(
-                ifindex,
-                if translated {
-                    Counter::IcmpTranslated
-                } else {
-                    Counter::EgressPassed
-                },
-            );
+            count_icmp(ifindex, tc_icmp(ctx, Toward::Client), Counter::EgressPassed);
             return false;
         }
         Err(s) => {
